@@ -1,0 +1,1 @@
+"""Triton kernels for threempose's hot loops, each beside its PyTorch reference (installed as ``threempose.kernels``)."""

@@ -1,0 +1,364 @@
+"""Typed JSON configs: loading, ``"extends"``, validation.
+
+A config file is a JSON object whose sections map onto the dataclasses below.
+Every key is checked on load: an unknown key, a value of the wrong type or a
+missing ``extends`` target raises :class:`ConfigError` naming the key and the
+file it came from. A config may start with ``"extends": "other.json"`` (a path
+relative to the extending file); the extending file's keys are merged over the
+base recursively (objects merge, everything else replaces).
+
+Usage::
+
+    cfg = load_config("configs/search-small.json")
+    cfg.model.channels, cfg.search.epochs
+    cfg = load_config("configs/search.json", overrides={"search": {"epochs": 1}})
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or has an unknown/badly typed key."""
+
+
+# --------------------------------------------------------------------------- #
+# Sections
+# --------------------------------------------------------------------------- #
+@dataclass
+class SyntheticConfig:
+    """The embedded synthetic COCO-format data set (generated on demand)."""
+
+    train_images: int = 64          # images in the train split
+    val_images: int = 16            # images in the val split
+    seed: int = 0                   # generation seed (byte-identical output per seed)
+    min_size: int = 256             # image side lengths are drawn in [min_size, max_size]
+    max_size: int = 640
+    max_people: int = 4             # 0..max_people stick figures per image
+    cache_dir: str = "~/.cache/threempose/synthetic"
+
+
+@dataclass
+class AugmentConfig:
+    """Random affine augmentation (thesis §4.1)."""
+
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    rotation: float = 30.0          # degrees, drawn uniformly in [-rotation, rotation]
+    translation: float = 40.0       # pixels (at input_size), in [-translation, translation]
+    flip: bool = True               # horizontal flip with probability 0.5 (COCO flip pairs)
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # where the warp runs
+
+
+@dataclass
+class DataConfig:
+    """Where images and annotations come from and how targets are made."""
+
+    dataset: Literal["synthetic", "coco"] = "synthetic"
+    root: str = "data/coco"         # COCO root: annotations/ and {split}/ image folders
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    input_size: int = 512           # square training crop
+    heatmap_stride: int = 4         # heatmaps/tags are at 1/4 of the input
+    sigma: float = 2.0              # Gaussian sigma in heatmap pixels
+    max_people: int = 30            # joint arrays for the AE loss hold up to this many people
+    num_joints: int = 17
+    batch_size: int = 8
+    num_workers: int = 2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The fabric supernet (thesis §3.1-3.3)."""
+
+    rows: int = 4
+    layers: int = 10
+    channels: int = 32              # C: row r has width C * 2**r
+    hidden: int = 2                 # H hidden nodes per cell
+    eels: list[int] = field(default_factory=lambda: [4, 7])
+    fuse_split: bool = True
+    num_joints: int = 17
+    ops: list[str] = field(default_factory=lambda: [
+        "identity", "conv", "avg_pool", "max_pool", "residual",
+        "sep_conv", "csi", "zoom_conv", "se"])
+    r_alpha: int = 2                # Dyn-EGS states for ops per edge (1..r_alpha ops)
+    r_beta: int = 3                 # Dyn-EGS states for inputs per cell (1..r_beta inputs)
+    sampling: Literal["dyn_egs", "argmax", "dense"] = "dyn_egs"
+    stem_blocks: int = 4            # residual (bottleneck) units in the HRNet stem
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher for the RDM student-teacher loss (thesis §3.4)."""
+
+    model: Literal["higherhrnet-w32", "threempose"] = "higherhrnet-w32"
+    checkpoint: Optional[str] = None   # required when the teacher loss is on
+    genotype: Optional[str] = None     # for a threempose teacher
+    layers: list[str] = field(default_factory=lambda: [
+        "stage2", "stage3", "stage4", "final"])
+
+
+@dataclass
+class LossConfig:
+    """Loss terms and weights (thesis §3.4, §4.1). A weight of 0 switches a term off."""
+
+    heatmap_weight: float = 1.0
+    grouping_weight: float = 1e-3
+    teacher_weight: float = 1.0
+    flops_weight: float = 1e-3
+    flops_target: float = 47.8        # T, GFLOPs (multiply-adds)
+    flops_exponent: float = 0.15      # w
+    flops_scale_start: float = 1e-4   # step schedule: x10 every flops_scale_every epochs ...
+    flops_scale_every: int = 3
+    flops_scale_max: float = 1.0      # ... capped here
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class SearchConfig:
+    """Architecture search (thesis §4.1 "Searching", PNFS §III-F)."""
+
+    strategy: Literal["bilevel", "synchronous", "random"] = "bilevel"
+    epochs: int = 35
+    weight_lr: float = 1e-3
+    arch_lr: float = 5e-3
+    arch_lr_milestones: list[int] = field(default_factory=lambda: [20, 25])
+    arch_lr_gamma: float = 0.5
+    arch_val_fraction: float = 0.5    # part of the train split held out for alpha/beta/m
+    tau_start: float = 10.0
+    tau_end: float = 0.001
+    grad_clip: Optional[float] = 5.0
+    max_steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """Training a derived network (thesis §4.1 "Training")."""
+
+    epochs: int = 300
+    lr: float = 1e-3
+    lr_milestones: list[int] = field(default_factory=lambda: [200, 260])
+    lr_gamma: float = 0.1
+    grad_clip: Optional[float] = None
+    max_steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class EELConfig:
+    """Dynamic-inference confidence at one early exit (thesis Eq. 3.4)."""
+
+    layer: int
+    c0: float = 1.0
+    c1: float = 1.0
+    c2: float = 1.0
+    threshold: float = 1.0
+
+
+@dataclass
+class InferConfig:
+    """Test-time settings (thesis §3.1.4, §4.1 "Testing")."""
+
+    short_side: int = 512
+    flip_test: bool = True
+    top_k: int = 30
+    detection_threshold: float = 0.1
+    tag_threshold: float = 1.0
+    adjust: bool = True
+    refine: bool = True
+    exit: str = "final"               # "4", "7", ..., "final" or "dynamic"
+    eels: list[EELConfig] = field(default_factory=lambda: [
+        EELConfig(layer=4, c0=1.0, c1=1.0, c2=1.0, threshold=1.0),
+        EELConfig(layer=7, c0=2.0, c1=1.0, c2=1.0, threshold=0.6)])
+
+
+@dataclass
+class RunConfig:
+    """Run-wide settings: seeds, devices, output directory, logging."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    kernels: Literal["auto", "triton", "reference"] = "auto"
+    log_every: int = 10
+    val_ap_images: int = 16           # images of the val split scored each epoch
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole threempose config (search, train or infer use what they need)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # passed to DeepSpeed as is
+    source: Optional[str] = None      # the file this config was loaded from (set by load_config)
+
+
+# --------------------------------------------------------------------------- #
+# Loading and validation
+# --------------------------------------------------------------------------- #
+def _merge(base: dict, over: dict) -> dict:
+    """Recursively merge ``over`` into a copy of ``base`` (objects merge, rest replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a JSON config, resolving ``extends`` chains (cycles are errors)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: 'extends' cycle: {' -> '.join(str(p) for p in chain + (path,))}")
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a JSON object, got {type(raw).__name__}")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: 'extends' must be a file name, got {base_name!r}")
+    base = _read_raw(path.parent / base_name, chain + (path,))
+    return _merge(base, raw)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{src}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, src)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else bad
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{src}: key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_convert(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {k: _convert(v, args[1], f"{key}.{k}", src) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key, src)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise bad
+        return value
+    raise TypeError(f"config schema uses an unsupported type {tp!r} for '{key}'")
+
+
+def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{src}: unknown key '{key}' (known keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            kwargs[f.name] = _convert(raw[f.name], hints[f.name], key, src)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{src}: required key '{key}' is missing")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Validate a plain dict (already merged) into a :class:`Config`."""
+    raw = dict(raw)
+    raw.pop("source", None)
+    cfg = _build(Config, raw, "", source)
+    cfg.source = source
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
+    """Load, merge (``extends``), override and validate a JSON config file.
+
+    ``overrides`` is a nested dict merged over the file's contents (used by
+    tests and command-line ``--set`` options).
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    if overrides:
+        raw = _merge(raw, overrides)
+    return config_from_dict(raw, str(path))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as a plain JSON-serialisable dict (``source`` dropped)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    return d
+
+
+def _check_semantics(cfg: Config, src: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m = cfg.model
+    if m.rows < 1 or m.layers < 1 or m.channels < 1 or m.hidden < 1:
+        raise ConfigError(f"{src}: model.rows, layers, channels and hidden must be >= 1")
+    for e in m.eels:
+        if not 1 <= e < m.layers:
+            raise ConfigError(f"{src}: model.eels entry {e} must be a layer in 1..{m.layers - 1}")
+    if cfg.data.augment.scale_min > cfg.data.augment.scale_max:
+        raise ConfigError(f"{src}: data.augment.scale_min must be <= scale_max")
+    if cfg.data.input_size % cfg.data.heatmap_stride:
+        raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
+    if not 0.0 < cfg.search.arch_val_fraction < 1.0:
+        raise ConfigError(f"{src}: search.arch_val_fraction must be in (0, 1)")

@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic data set, COCO keypoints, targets and augmentation."""

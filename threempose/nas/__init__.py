@@ -1,0 +1,1 @@
+"""The search space: candidate ops, cells, the fabric supernet, sampling, cost, genotypes."""
