@@ -1,0 +1,80 @@
+"""Atomic, tagged checkpoints.
+
+A checkpoint is a dict saved with ``torch.save`` through a temporary file and a
+rename (:func:`threempose.atomic.atomic_torch_save`), so an interrupted save
+leaves the previous file intact. It carries a format tag checked on load.
+
+What a resumable run puts in ``state`` (the caller's choice of keys; these are
+the conventional ones)::
+
+    model        model.state_dict() (weights; arch params included if registered)
+    arch         architecture parameters (alpha, beta, m) when kept separately
+    optimizers   {"weights": opt.state_dict(), "arch": ...}
+    schedulers   {"weights": sched.state_dict(), ...}
+    rng          threempose.engine.seeding.capture_rng_state()
+    epoch        epoch in progress (from 0)
+    step_in_epoch  steps of that epoch already done
+    global_step  steps done in the whole run
+    data_order   whatever restores the sampler's position (e.g. its seed/permutation)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from threempose.atomic import atomic_torch_save
+
+FORMAT = "threempose-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or not a threempose checkpoint."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Save ``state`` (a dict with string keys) to ``path`` atomically; return the path."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise TypeError("save_checkpoint: state must be a dict with string keys")
+    if "format" in state or "version" in state:
+        raise ValueError("save_checkpoint: 'format' and 'version' are reserved checkpoint keys")
+    path = Path(path)
+    atomic_torch_save(path, {"format": FORMAT, "version": VERSION, **state})
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
+                    required: Iterable[str] = ()) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: passed to ``torch.load`` (default: tensors on the CPU).
+        required: keys the caller needs; a missing one is a :class:`CheckpointError`.
+
+    Returns:
+        The saved ``state`` dict (without the format tag).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or holds "
+                              f"objects other than tensors and plain containers ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a threempose checkpoint (no '{FORMAT}' format tag); "
+                              f"pass a file written by a threempose search or train run")
+    if raw.get("version") != VERSION:
+        raise CheckpointError(f"{path} is a threempose checkpoint of format version "
+                              f"{raw.get('version')}, this threempose reads version {VERSION}")
+    state = {k: v for k, v in raw.items() if k not in ("format", "version")}
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing} (it has {sorted(state)})")
+    return state
