@@ -1,0 +1,177 @@
+"""COCO person-keypoints data set (pycocotools) with HigherHRNet-style targets.
+
+Standard layout (:func:`coco_split_paths`)::
+
+    root/annotations/person_keypoints_{split}.json
+    root/{split}/*.jpg
+
+or any image folder plus annotation file. Each sample is drawn from a key
+``(index, epoch)`` (a bare ``index`` means epoch 0): the augmentation is drawn
+from ``numpy.random.default_rng([seed, epoch, index])``, so it does not depend
+on worker count or order, and a resumed run sees the same samples.
+
+An image that fails to decode is skipped: the next image is returned in its
+place and the file is listed in the sample's ``"skipped"`` entry (and in
+:attr:`CocoKeypoints.skipped_files` of the process that read it); the loaders
+warn once per epoch with the names.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from threempose.config import DataConfig
+from threempose.data.augment import augment_sample, center_affine, draw_affine
+from threempose.data.targets import supervision_mask
+
+SampleKey = Union[int, tuple[int, int]]
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed or is not a COCO person-keypoints file."""
+
+
+def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """``(image_dir, annotation_file)`` of a split in the standard COCO layout."""
+    root = Path(root).expanduser()
+    return root / split, root / "annotations" / f"person_keypoints_{split}.json"
+
+
+def _read_annotations(path: Path, num_joints: int) -> dict:
+    """Load and check a COCO person-keypoints file; fill in missing ``num_keypoints``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "annotations", "categories")):
+        raise AnnotationError(f"{path}: not a COCO annotation file (needs lists 'images', "
+                              "'annotations' and 'categories')")
+    cats = [c for c in data["categories"] if isinstance(c, dict) and "keypoints" in c]
+    if not cats:
+        raise AnnotationError(f"{path}: not a COCO person-keypoints file: no category has 'keypoints' "
+                              "(use person_keypoints_*.json, not instances_*.json)")
+    if len(cats[0]["keypoints"]) != num_joints:
+        raise AnnotationError(f"{path}: category {cats[0].get('name')!r} has {len(cats[0]['keypoints'])} "
+                              f"keypoints, data.num_joints is {num_joints}")
+    cat_id = cats[0]["id"]
+    for i, img in enumerate(data["images"]):
+        if not all(k in img for k in ("id", "file_name", "width", "height")):
+            raise AnnotationError(f"{path}: images[{i}] lacks one of id, file_name, width, height")
+    data["annotations"] = [a for a in data["annotations"] if a.get("category_id") == cat_id]
+    for ann in data["annotations"]:
+        kpts = ann.get("keypoints")
+        if not isinstance(kpts, list) or len(kpts) != 3 * num_joints:
+            raise AnnotationError(f"{path}: annotation id {ann.get('id')} has no 'keypoints' list of "
+                                  f"{3 * num_joints} numbers; not a person-keypoints file")
+        ann.setdefault("num_keypoints", sum(1 for v in kpts[2::3] if v > 0))
+    return data
+
+
+class CocoKeypoints(Dataset):
+    """COCO person keypoints with targets at ``1 / heatmap_stride`` of the input.
+
+    Args:
+        image_dir: folder of the images named by the annotation file.
+        annotation_file: COCO person-keypoints JSON.
+        cfg: input size, stride, sigma, max people, joints, augmentation.
+        train: random augmentation (``cfg.augment``); else the centre/resize affine.
+        seed: augmentation seed.
+        raw: return decoded images and drawn affines for the GPU path
+            (:func:`threempose.data.augment_gpu.collate_raw`) instead of targets.
+
+    A sample (``raw=False``), with ``S = cfg.input_size`` and ``h = S / stride``:
+        ``image`` float32 ``[3, S, S]`` (ImageNet-normalised); ``heatmaps`` float32
+        ``[J, h, h]``; ``mask`` float32 ``[h, h]`` (0 = unsupervised); ``joints`` int64
+        ``[max_people, J, 2]`` ((y * h + x, visible)); ``affine`` float64 ``[2, 3]``
+        (source pixel -> input pixel); ``flipped`` bool ``[]``; ``image_id`` int64 ``[]``;
+        ``skipped`` list of files that failed to decode and were replaced.
+    With ``raw=True``: ``image`` uint8 ``[3, H, W]``; ``mask`` uint8 ``[H, W]``;
+    ``keypoints`` float64 ``[P, J, 3]`` (people with keypoints, source pixels);
+    ``affine``, ``flipped``, ``image_id``, ``skipped`` as above.
+
+    Raises (at construction): FileNotFoundError for a missing image folder,
+    annotation file or image file; AnnotationError for a malformed or
+    non-keypoint annotation file.
+    """
+
+    def __init__(self, image_dir: str | Path, annotation_file: str | Path, cfg: DataConfig, *,
+                 train: bool, seed: int = 0, raw: bool = False):
+        self.image_dir = Path(image_dir).expanduser()
+        self.annotation_file = Path(annotation_file).expanduser()
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.image_dir} "
+                                    f"(images of {self.annotation_file})")
+        data = _read_annotations(self.annotation_file, cfg.num_joints)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco.createIndex()
+        self.image_ids = sorted(self.coco.imgs)
+        missing = [self.coco.imgs[i]["file_name"] for i in self.image_ids
+                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image files of {self.annotation_file} are missing "
+                                    f"from {self.image_dir}, e.g. {missing[:3]}")
+        self.cfg, self.train, self.seed, self.raw = cfg, train, seed, raw
+        self.skipped_files: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        """File of the ``index``-th image (images are sorted by id)."""
+        return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+
+    def annotations(self, index: int) -> tuple[np.ndarray, list[dict]]:
+        """Of the ``index``-th image: keypoints ``[P, J, 3]`` float64 (source pixels) of
+        the people with keypoints (non-crowd, ``num_keypoints > 0``), and all its annotations."""
+        anns = self.coco.imgToAnns.get(self.image_ids[index], [])
+        kpts = [a["keypoints"] for a in anns if not a.get("iscrowd", 0) and a["num_keypoints"] > 0]
+        return np.asarray(kpts, np.float64).reshape(-1, self.cfg.num_joints, 3), anns
+
+    def _decode(self, index: int) -> Image.Image | None:
+        try:
+            with Image.open(self.image_path(index)) as f:
+                return f.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, epoch = (int(key), 0) if isinstance(key, (int, np.integer)) else key
+        skipped = []
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            image = self._decode(i)
+            if image is not None:
+                break
+            skipped.append(str(self.image_path(i)))
+        else:
+            raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
+        self.skipped_files.extend(skipped)
+        width, height = image.size
+        keypoints, anns = self.annotations(i)
+        mask = supervision_mask(anns, height, width)
+        if self.train:
+            affine = draw_affine(np.random.default_rng([self.seed, epoch, i]), width, height,
+                                 self.cfg.input_size, self.cfg.augment)
+        else:
+            affine = center_affine(width, height, self.cfg.input_size)
+        common = {"image_id": torch.tensor(self.image_ids[i]), "skipped": skipped}
+        if self.raw:
+            return {"image": torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(),
+                    "mask": torch.from_numpy(mask), "keypoints": torch.from_numpy(keypoints),
+                    "affine": torch.from_numpy(affine.matrix), "flipped": torch.tensor(affine.flipped),
+                    **common}
+        return {**augment_sample(image, mask, keypoints, affine, self.cfg), **common}

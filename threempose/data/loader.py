@@ -1,0 +1,208 @@
+"""DataLoaders from a :class:`~threempose.config.DataConfig`.
+
+Usage::
+
+    data = build_loaders(cfg.data, seed=cfg.run.seed, device=device)
+    for epoch in range(start_epoch, epochs):
+        data.train.set_epoch(epoch)                  # same order on a resumed run
+        for batch in data.train:
+            batch = data.prepare(batch)              # on device: image, heatmaps, mask, joints, ...
+    evaluate_keypoints(data.val_annotations, results, image_ids=data.val_image_ids)
+
+The sample order of an epoch depends on ``(seed, epoch)`` only, and so does every
+sample's augmentation (see :mod:`threempose.data.coco`), whatever the worker count.
+``data.augment.device`` picks where the warp runs: ``cpu`` (Pillow, per sample,
+in the workers), ``gpu`` (the batched torch path on ``device``, normally a GPU),
+``auto`` (``gpu`` when ``device`` is CUDA).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from threempose.config import DataConfig
+from threempose.data.augment_gpu import augment_batch, collate_raw
+from threempose.data.coco import CocoKeypoints, coco_split_paths
+from threempose.data.synthetic import ensure_synthetic
+
+
+_ARCH_SPLIT_STREAM = 2**31   # numpy seed-sequence entry of the train/arch split (epochs use [seed, epoch])
+
+
+class EpochSampler(Sampler):
+    """Yields sample keys ``(index, epoch)`` in an order fixed by ``(seed, epoch)``.
+
+    Args:
+        indices: data set indices to draw from.
+        seed: order seed.
+        shuffle: permute each epoch (else keep ``indices`` order).
+        rank, world_size: this process's share (every ``world_size``-th key from
+            ``rank``, the list padded by wrapping so all ranks get the same count).
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.indices = list(indices)
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use ``epoch``'s order, leaving out its first ``skip`` keys of this rank
+        (to resume part-way through an epoch)."""
+        self.epoch, self.skip = epoch, skip
+
+    def _per_rank(self) -> int:
+        return -(-len(self.indices) // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.indices
+        if self.shuffle:
+            order = [order[k] for k in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        if order:
+            order = (order * self.world_size)[: self._per_rank() * self.world_size]
+        mine = order[self.rank::self.world_size][self.skip:]
+        return iter([(i, self.epoch) for i in mine])
+
+    def __len__(self) -> int:
+        return max(0, self._per_rank() - self.skip)
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack CPU-path samples; ``skipped`` becomes one flat list of file names."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "skipped"}
+    batch["skipped"] = [name for s in samples for name in s["skipped"]]
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class PoseDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` that strips each batch's
+    ``skipped`` list and warns once per pass, naming the images that failed to decode."""
+
+    def __init__(self, dataset: CocoKeypoints, sampler: EpochSampler, **kwargs: Any):
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.skipped_files: list[str] = []
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Order of ``epoch``; skip its first ``skip_batches`` batches (resume part-way)."""
+        self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        skipped: list[str] = []
+        try:
+            for batch in super().__iter__():
+                skipped += batch.pop("skipped")
+                yield batch
+        finally:
+            if skipped:
+                self.skipped_files += skipped
+                names = ", ".join(sorted(set(skipped)))
+                warnings.warn(f"{len(skipped)} image reads failed to decode and were replaced by other "
+                              f"images: {names}", RuntimeWarning, stacklevel=2)
+
+
+@dataclass
+class DataLoaders:
+    """Loaders of one run and what an evaluator needs.
+
+    ``train`` (augmented, shuffled, last partial batch dropped), ``val`` (centre/resize,
+    in image-id order), ``arch`` (a held-out part of the train split for architecture
+    parameters, augmented; None unless asked for). ``val_annotations``, ``val_images``:
+    the val split's COCO file and image folder; ``val_image_ids``: its image ids.
+    """
+
+    train: PoseDataLoader
+    val: PoseDataLoader
+    arch: Optional[PoseDataLoader]
+    val_annotations: Path
+    val_images: Path
+    val_image_ids: list[int]
+    gpu_augment: bool
+    cfg: DataConfig
+    device: torch.device
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """A loader batch as training tensors on ``device``: ``image`` float32 ``[B, 3, S, S]``,
+        ``heatmaps`` float32 ``[B, J, h, h]``, ``mask`` float32 ``[B, h, h]``, ``joints`` int64
+        ``[B, max_people, J, 2]``, ``affine`` float64 ``[B, 2, 3]``, ``flipped`` bool ``[B]``,
+        ``image_id`` int64 ``[B]`` (warped here on the GPU path)."""
+        if self.gpu_augment:
+            return augment_batch(batch, self.cfg, self.device)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _split_paths(cfg: DataConfig, progress: bool) -> tuple[Path, Path, Path, Path]:
+    """``(train_images, train_annotations, val_images, val_annotations)`` of ``cfg``."""
+    if cfg.dataset == "synthetic":
+        s = ensure_synthetic(cfg.synthetic, progress=progress)
+        return s.train_images, s.train_annotations, s.val_images, s.val_annotations
+    train_images, train_ann = coco_split_paths(cfg.root, cfg.train_split)
+    val_images, val_ann = coco_split_paths(cfg.root, cfg.val_split)
+    missing = [p for p in (train_ann, train_images, val_ann, val_images) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"COCO data not found: {', '.join(str(p) for p in missing)} missing. Lay COCO out as "
+            f"{cfg.root}/annotations/person_keypoints_{cfg.train_split}.json, "
+            f"{cfg.root}/{cfg.train_split}/*.jpg "
+            f"(and likewise for {cfg.val_split}), or set data.root; configs/search-small.json uses the "
+            "embedded synthetic data set (data.dataset = \"synthetic\") and needs no download.")
+    return train_images, train_ann, val_images, val_ann
+
+
+def build_loaders(cfg: DataConfig, *, seed: int = 0, device: torch.device | str = "cpu",
+                  rank: int = 0, world_size: int = 1, arch_fraction: Optional[float] = None,
+                  progress: bool = True) -> DataLoaders:
+    """Train and val loaders (and ``arch`` when ``arch_fraction`` is given) for ``cfg``.
+
+    Args:
+        cfg: the data section of a config.
+        seed: order and augmentation seed (``run.seed``).
+        device: where :meth:`DataLoaders.prepare` puts batches (and warps, on the GPU path).
+        rank, world_size: this process's shard of every epoch (distributed runs).
+        arch_fraction: part of the train split held out as ``arch`` (``search.arch_val_fraction``);
+            the split is fixed by ``seed``.
+        progress: show a progress bar while the synthetic data set is generated.
+    Raises:
+        FileNotFoundError: COCO files missing (the message shows the expected layout).
+    """
+    device = torch.device(device)
+    gpu = cfg.augment.device == "gpu" or (cfg.augment.device == "auto" and device.type == "cuda")
+    train_images, train_ann, val_images, val_ann = _split_paths(cfg, progress)
+    train_set = CocoKeypoints(train_images, train_ann, cfg, train=True, seed=seed, raw=gpu)
+    val_set = CocoKeypoints(val_images, val_ann, cfg, train=False, seed=seed, raw=gpu)
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  collate_fn=collate_raw if gpu else collate_samples, pin_memory=device.type == "cuda",
+                  worker_init_fn=_worker_init if cfg.num_workers else None)
+
+    indices = list(range(len(train_set)))
+    arch = None
+    if arch_fraction is not None:
+        if not 0.0 < arch_fraction < 1.0:
+            raise ValueError(f"arch_fraction must be in (0, 1), got {arch_fraction}")
+        perm = np.random.default_rng([seed, _ARCH_SPLIT_STREAM]).permutation(len(indices)).tolist()
+        cut = len(perm) - max(1, round(arch_fraction * len(perm)))
+        indices, held_out = sorted(perm[:cut]), sorted(perm[cut:])
+        arch = PoseDataLoader(train_set, EpochSampler(held_out, seed + 1, True, rank, world_size),
+                              drop_last=True, **common)
+    train = PoseDataLoader(train_set, EpochSampler(indices, seed, True, rank, world_size),
+                           drop_last=True, **common)
+    for name, loader in (("train", train), ("arch", arch)):
+        if loader is not None and len(loader) == 0:
+            raise ValueError(f"{train_ann}: the {name} loader gets {len(loader.sampler)} images per "
+                             f"process, fewer than data.batch_size {cfg.batch_size}; lower the batch size "
+                             "or add images")
+    val = PoseDataLoader(val_set, EpochSampler(range(len(val_set)), seed, False, rank, world_size),
+                         drop_last=False, **common)
+    return DataLoaders(train=train, val=val, arch=arch, val_annotations=val_ann, val_images=val_images,
+                       val_image_ids=list(val_set.image_ids), gpu_augment=gpu, cfg=cfg, device=device)
