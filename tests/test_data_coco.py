@@ -66,7 +66,7 @@ def test_val_samples_use_the_centre_affine(synthetic_set):
     for p in range(kpts.shape[0]):
         for j in range(17):
             x, y, v = kpts[p, j]
-            u, w = (a.matrix @ [x, y, 1.0]) / 4
+            u, w = ((a.matrix @ [x, y, 1.0]) + 0.5) / 4 - 0.5    # crop -> heatmap pixel centres
             cx, cy = int(np.floor(u + 0.5)), int(np.floor(w + 0.5))
             if v > 0 and 0 <= cx < 16 and 0 <= cy < 16:
                 expected.add((j, cy * 16 + cx))

@@ -67,11 +67,12 @@ def test_joints_array_packs_people_with_targets_and_truncates():
     assert joints_array(pts, 8, 8, max_people=6)[0, 2:3, 1].tolist() == [[6 * 8 + 5, 1]]
 
 
-def test_make_targets_divides_crop_pixels_by_the_stride():
+def test_make_targets_maps_crop_pixel_centres_to_heatmap_pixel_centres():
+    # (x + 0.5) / 4 - 0.5: crop x = 41 -> 9.875, y = 22 -> 5.125
     kpts = _points([{9: (41.0, 22.0, 2)}])
     heatmaps, joints = make_targets(kpts, stride=4, heatmap_size=16, sigma=1.5, max_people=3)
-    np.testing.assert_allclose(heatmaps[0, 9].numpy(), _gaussian(16, 16, 10.25, 5.5, 1.5), atol=1e-6)
-    assert joints[0, 0, 9].tolist() == [6 * 16 + 10, 1]      # round(5.5) = 6, round(10.25) = 10
+    np.testing.assert_allclose(heatmaps[0, 9].numpy(), _gaussian(16, 16, 9.875, 5.125, 1.5), atol=1e-6)
+    assert joints[0, 0, 9].tolist() == [5 * 16 + 10, 1]      # round(5.125) = 5, round(9.875) = 10
 
 
 def test_segmentation_mask_reads_polygons_and_both_rle_forms():

@@ -100,8 +100,8 @@ class TeacherConfig:
     """The teacher for the RDM student-teacher loss (thesis §3.4)."""
 
     model: Literal["higherhrnet-w32", "threempose"] = "higherhrnet-w32"
-    checkpoint: Optional[str] = None   # required when the teacher loss is on
-    genotype: Optional[str] = None     # for a threempose teacher
+    checkpoint: Optional[str] = None   # HigherHRNet .pth or a threempose model.pt; needed when
+                                       # the teacher loss is on
     layers: list[str] = field(default_factory=lambda: [
         "stage2", "stage3", "stage4", "final"])
 
@@ -168,7 +168,9 @@ class InferConfig:
 
     short_side: int = 512
     flip_test: bool = True
-    top_k: int = 30
+    top_k: int = 30                   # candidates per joint
+    nms_kernel: int = 5               # heatmap NMS max-pool window (at the decoding resolution)
+    project_to_input: bool = True     # decode at the input resolution (HigherHRNet's PROJECT2IMAGE)
     detection_threshold: float = 0.1
     tag_threshold: float = 1.0
     adjust: bool = True

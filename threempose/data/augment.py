@@ -110,9 +110,12 @@ def transform_keypoints(keypoints: Tensor, matrix: Tensor, flipped: Tensor) -> T
     return torch.where(flipped[:, None, None, None], out[:, :, perm], out)
 
 
-def heatmap_matrix(matrix: np.ndarray, stride: int) -> np.ndarray:
-    """``[2, 3]`` source pixel -> heatmap pixel (``crop / stride``) from a crop matrix."""
-    return matrix / stride
+def heatmap_matrix(matrix, stride: int):
+    """``[..., 2, 3]`` source pixel -> heatmap pixel from a crop matrix (array or tensor),
+    following :func:`threempose.data.targets.crop_to_heatmap`."""
+    out = matrix / stride
+    out[..., 2] += 0.5 / stride - 0.5
+    return out
 
 
 def normalize(image: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from threempose.config import DataConfig
-from threempose.data.augment import normalize, transform_keypoints
+from threempose.data.augment import heatmap_matrix, normalize, transform_keypoints
 from threempose.data.targets import make_targets
 
 
@@ -95,7 +95,8 @@ def augment_batch(batch: dict[str, Any], cfg: DataConfig, device: torch.device |
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
     matrix, flipped = moved["affine"], moved["flipped"]
     image = _warp(moved["image"].float(), moved["size"], matrix, size)
-    mask = _warp(moved["mask"][:, None].float(), moved["size"], matrix / stride, size // stride)[:, 0]
+    mask = _warp(moved["mask"][:, None].float(), moved["size"], heatmap_matrix(matrix, stride),
+                 size // stride)[:, 0]
     keypoints = transform_keypoints(moved["keypoints"], matrix, flipped)
     heatmaps, joints = make_targets(keypoints, stride, size // stride, cfg.sigma, cfg.max_people)
     return {"image": normalize(image), "heatmaps": heatmaps, "mask": (mask > 0.5).float(),

@@ -3,8 +3,11 @@
 Conventions:
 
 * Pixel centres sit at integer coordinates (COCO keypoints are pixel indices).
-* A crop pixel ``x`` sits at heatmap coordinate ``x / stride`` (HigherHRNet's
-  convention; a decoder maps a heatmap position back with ``* stride``).
+* A crop pixel ``x`` sits at heatmap coordinate ``(x + 0.5) / stride - 0.5``: pixel
+  centres of the two grids line up as bilinear resampling and strided pooling place
+  them (the "unbiased" convention; :func:`crop_to_heatmap`). The decoder maps back
+  with the inverse, ``(h + 0.5) * stride - 0.5`` (:mod:`threempose.decode.resize`), and
+  a flipped output lines up exactly with the unflipped one.
 * A joint is a *target* when its visibility flag is > 0 (labelled, occluded or
   not) and its nearest heatmap cell ``floor(x + 0.5), floor(y + 0.5)`` lies
   inside the map; every other joint is dropped from all targets.
@@ -92,6 +95,11 @@ def joints_array(points: Tensor, height: int, width: int, max_people: int) -> Te
     return out
 
 
+def crop_to_heatmap(points, stride: int):
+    """Crop-pixel coordinates ``[..., 2]`` (tensor or array) -> heatmap coordinates."""
+    return (points + 0.5) / stride - 0.5
+
+
 def make_targets(keypoints: Tensor, stride: int, heatmap_size: int, sigma: float,
                  max_people: int) -> tuple[Tensor, Tensor]:
     """Heatmaps and joints arrays from keypoints in crop pixels.
@@ -104,7 +112,7 @@ def make_targets(keypoints: Tensor, stride: int, heatmap_size: int, sigma: float
     Returns:
         ``(heatmaps float32 [B, J, h, h], joints int64 [B, max_people, J, 2])``.
     """
-    points = torch.cat([keypoints[..., :2] / stride, keypoints[..., 2:]], dim=-1)
+    points = torch.cat([crop_to_heatmap(keypoints[..., :2], stride), keypoints[..., 2:]], dim=-1)
     return (render_heatmaps(points, heatmap_size, heatmap_size, sigma),
             joints_array(points, heatmap_size, heatmap_size, max_people))
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from threempose.atomic import atomic_torch_save
 
@@ -33,6 +34,21 @@ VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or not a threempose checkpoint."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """A checkpoint's state_dict does not fit the model.
+
+    ``missing`` and ``unexpected`` list keys; ``shape_mismatches`` holds
+    ``(key, checkpoint_shape, model_shape)`` tuples. The message lists the first of each.
+    """
+
+    def __init__(self, message: str, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
+                 shape_mismatches: Sequence[tuple[str, tuple, tuple]] = ()) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.shape_mismatches = list(shape_mismatches)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -78,3 +94,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing} (it has {sorted(state)})")
     return state
+
+_SHOW = 10  # mismatches listed per category in error messages
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
+    """Raise :class:`StateDictMismatchError` (naming ``source``) listing missing/unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [(k, tuple(sd[k].shape), tuple(expected[k].shape))
+              for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"{source} does not fit {type(model).__name__} "
+             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} shape mismatches):"]
+
+    def section(title: str, items: list[str]) -> None:
+        if items:
+            more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+            lines.append(f"  {title}{more}:")
+            lines.extend(f"    {s}" for s in items[:_SHOW])
+
+    section("missing keys", missing)
+    section("unexpected keys", unexpected)
+    section("shape mismatches (checkpoint vs model)",
+            [f"{k}: {list(a)} vs {list(b)}" for k, a, b in shapes])
+    raise StateDictMismatchError("\n".join(lines), missing, unexpected, shapes)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threempose.config import TeacherConfig
-from threempose.engine.checkpoint import CheckpointError
+from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, check_state_dict
 from threempose.flops import count_params, model_gflops
 from threempose.models.hrnet_blocks import (
     BN_MOMENTUM,
@@ -61,21 +61,6 @@ __all__ = [
 # Stage layout of HRNet (both W32 and W48): modules per stage, blocks per branch.
 _STAGE_MODULES = {2: 1, 3: 4, 4: 3}
 _BLOCKS_PER_BRANCH = 4
-
-
-class StateDictMismatchError(CheckpointError):
-    """A checkpoint's state_dict does not fit the model.
-
-    ``missing`` and ``unexpected`` list keys; ``shape_mismatches`` holds
-    ``(key, checkpoint_shape, model_shape)`` tuples. The message lists the first of each.
-    """
-
-    def __init__(self, message: str, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
-                 shape_mismatches: Sequence[tuple[str, tuple, tuple]] = ()) -> None:
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.shape_mismatches = list(shape_mismatches)
 
 
 class HigherHRNet(nn.Module):
@@ -272,7 +257,6 @@ def higherhrnet_w32(checkpoint: str | Path | None = None) -> HigherHRNet:
 # ---------------------------------------------------------------------- #
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 _KEY_PREFIXES = ("module.", "_orig_mod.")
-_SHOW = 10  # mismatches listed per category in error messages
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -317,31 +301,6 @@ def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, Tenso
     return sd
 
 
-def _mismatch_report(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
-    """Raise :class:`StateDictMismatchError` listing missing/unexpected keys and shape mismatches."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [(k, tuple(sd[k].shape), tuple(expected[k].shape))
-              for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if not (missing or unexpected or shapes):
-        return
-    lines = [f"{source} does not fit {type(model).__name__} "
-             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} shape mismatches):"]
-
-    def section(title: str, items: list[str]) -> None:
-        if items:
-            more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-            lines.append(f"  {title}{more}:")
-            lines.extend(f"    {s}" for s in items[:_SHOW])
-
-    section("missing keys", missing)
-    section("unexpected keys", unexpected)
-    section("shape mismatches (checkpoint vs model)",
-            [f"{k}: {list(a)} vs {list(b)}" for k, a, b in shapes])
-    raise StateDictMismatchError("\n".join(lines), missing, unexpected, shapes)
-
-
 def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load weights from ``path`` into ``model`` (strict) and return ``model``.
 
@@ -367,7 +326,7 @@ def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.d
     except Exception as e:  # corrupt/truncated file, not a torch file, ...
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {e}") from None
     sd = unwrap_state_dict(obj, str(path))
-    _mismatch_report(model, sd, str(path))
+    check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=True)
     return model
 

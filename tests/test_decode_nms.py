@@ -1,0 +1,59 @@
+"""Heatmap NMS by max-pooling and deterministic top-k candidates."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from threempose.decode.heatmap_nms import max_pool_same, nms_heatmaps, top_k_candidates, top_k_indices
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_max_pool_equals_torch_max_pool2d(kernel):
+    rng = np.random.default_rng(kernel)
+    maps = rng.integers(0, 5, (3, 11, 14)).astype(np.float32)     # small integers: many plateaus
+    expected = F.max_pool2d(torch.from_numpy(maps)[None], kernel, stride=1, padding=kernel // 2)[0]
+    np.testing.assert_array_equal(max_pool_same(maps, kernel), expected.numpy())
+
+
+def test_nms_keeps_window_maxima_and_plateaus():
+    hm = np.zeros((1, 7, 9), np.float32)
+    hm[0, 3, 2] = 1.0          # isolated peak
+    hm[0, 3, 3] = 0.6          # its neighbour: suppressed
+    hm[0, 1, 7] = hm[0, 1, 8] = 0.8   # a two-pixel plateau: both kept
+    hm[0, 3, 6] = 0.5          # 2 rows below the plateau: a maximum of its 3x3 window, not of 5x5
+    out3, out5 = nms_heatmaps(hm, 3)[0], nms_heatmaps(hm, 5)[0]
+    assert {tuple(p) for p in np.argwhere(out3 > 0)} == {(3, 2), (1, 7), (1, 8), (3, 6)}
+    assert {tuple(p) for p in np.argwhere(out5 > 0)} == {(3, 2), (1, 7), (1, 8)}
+    assert out3[3, 2] == 1.0 and out3[1, 7] == 0.8
+    with pytest.raises(ValueError, match="odd"):
+        nms_heatmaps(hm, 4)
+
+
+def test_top_k_sorts_by_value_then_index():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 4, (5, 40)).astype(np.float32)      # heavy ties
+    for k in (1, 7, 40, 60):
+        got = top_k_indices(values, k)
+        for row, idx in zip(values, got):
+            expected = sorted(range(row.size), key=lambda i: (-row[i], i))[:k]
+            assert idx.tolist() == expected
+
+
+def test_candidates_carry_their_tags_and_locations():
+    num_joints, h, w = 2, 9, 12
+    ys, xs = np.mgrid[0:h, 0:w]
+    hm = np.zeros((num_joints, h, w), np.float32)
+    peaks = {0: [(2, 3, 0.9), (8, 6, 0.5)], 1: [(10, 1, 0.7)]}    # (x, y, value)
+    for j, pts in peaks.items():
+        for x, y, v in pts:
+            hm[j, y, x] = v
+    tags = np.stack([xs * 100.0 + ys, -(xs * 100.0 + ys)]).astype(np.float32)   # L = 2
+    tags = np.broadcast_to(tags, (num_joints, 2, h, w)).copy()
+    c = top_k_candidates(hm, tags, k=3, nms_kernel=3)
+    assert c.vals.shape == (2, 3) and c.tags.shape == (2, 3, 2) and c.locs.shape == (2, 3, 2)
+    np.testing.assert_array_equal(c.locs[0, :2], [[2, 3], [8, 6]])
+    np.testing.assert_allclose(c.vals[0], [0.9, 0.5, 0.0])
+    np.testing.assert_array_equal(c.locs[1, 0], [10, 1])
+    x, y = c.locs[..., 0], c.locs[..., 1]
+    np.testing.assert_array_equal(c.tags[..., 0], x * 100 + y)
+    np.testing.assert_array_equal(c.tags[..., 1], -(x * 100 + y))

@@ -1,0 +1,102 @@
+"""Heatmap non-maximum suppression by max-pooling, and the top-k candidates per joint.
+
+As in HigherHRNet's ``HeatmapParser.nms``/``top_k``: a pixel survives when it equals
+the maximum of its ``kernel x kernel`` neighbourhood (so every pixel of a flat
+plateau at a local maximum survives), every other pixel becomes 0; then the k
+largest surviving values of each joint map are the candidates. Unlike
+``torch.topk``, ties are broken deterministically: equal values are taken in
+increasing row-major pixel index (y, then x).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The top-k candidates of each joint type.
+
+    vals: float32 [J, K] heatmap values, descending per joint.
+    tags: float32 [J, K, L] the tag vectors at those pixels.
+    locs: int64 [J, K, 2] their (x, y) pixel indices.
+    K = min(k, h * w).
+    """
+
+    vals: np.ndarray
+    tags: np.ndarray
+    locs: np.ndarray
+
+
+def max_pool_same(maps: np.ndarray, kernel: int) -> np.ndarray:
+    """Stride-1 max-pooling with "same" padding (out-of-image pixels ignored).
+
+    maps: float [J, h, w]; kernel: odd window size. Returns [J, h, w]: each pixel's
+    maximum over its kernel x kernel window, computed separably (rows, then columns),
+    equal to ``torch.nn.functional.max_pool2d(maps, kernel, 1, kernel // 2)``.
+    """
+    src = out = maps
+    for axis in (2, 1):
+        out = src.copy()
+        for s in range(1, kernel // 2 + 1):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(None, -s), slice(s, None)
+            np.maximum(out[tuple(hi)], src[tuple(lo)], out=out[tuple(hi)])
+            np.maximum(out[tuple(lo)], src[tuple(hi)], out=out[tuple(lo)])
+        src = out
+    return out
+
+
+def nms_heatmaps(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
+    """Zero every pixel that is not the maximum of its kernel x kernel window.
+
+    heatmaps: float32 [J, h, w]. kernel: odd window size (HigherHRNet uses 5 at
+    the 512-pixel input resolution). Returns float32 [J, h, w].
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"the NMS kernel must be an odd positive size, got {kernel}")
+    det = np.asarray(heatmaps, dtype=np.float32)
+    if det.ndim != 3:
+        raise ValueError(f"heatmaps must be [J, h, w], got shape {det.shape}")
+    return np.where(max_pool_same(det, kernel) == det, det, np.float32(0))
+
+
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row of ``values`` [J, N] -> int64 [J, min(k, N)].
+
+    Sorted by value descending; equal values by increasing index.
+    """
+    num = values.shape[1]
+    k = min(k, num)
+    kth = torch.topk(torch.from_numpy(np.ascontiguousarray(values)), k, dim=1, sorted=True).values[:, -1].numpy()
+    out = np.empty((values.shape[0], k), dtype=np.int64)
+    for j, row in enumerate(values):
+        above = np.flatnonzero(row > kth[j])
+        ties = np.flatnonzero(row == kth[j])[: k - above.size]
+        chosen = np.concatenate([above, ties])
+        out[j] = chosen[np.lexsort((chosen, -row[chosen]))]
+    return out
+
+
+def top_k_candidates(heatmaps: np.ndarray, tags: np.ndarray, k: int, nms_kernel: int) -> Candidates:
+    """NMS, then the k best candidates per joint with their tags and locations.
+
+    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] (tag maps channel-first).
+    Returns :class:`Candidates` (K = min(k, h*w)).
+    """
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    det = nms_heatmaps(heatmaps, nms_kernel)
+    num_joints, h, w = det.shape
+    if tags.ndim != 4 or tags.shape[0] != num_joints or tags.shape[2:] != (h, w):
+        raise ValueError(f"tags must be [J, L, h, w] matching heatmaps {det.shape}, got {tags.shape}")
+    flat_idx = top_k_indices(det.reshape(num_joints, h * w), k)
+    rows = np.arange(num_joints)[:, None]
+    vals = det.reshape(num_joints, h * w)[rows, flat_idx]
+    flat_tags = tags.reshape(num_joints, tags.shape[1], h * w)
+    cand_tags = np.stack([flat_tags[j][:, flat_idx[j]].T for j in range(num_joints)])
+    locs = np.stack([flat_idx % w, flat_idx // w], axis=-1)
+    return Candidates(vals=vals.astype(np.float32), tags=cand_tags.astype(np.float32), locs=locs)
