@@ -1,0 +1,119 @@
+"""The derived network: only the genotype's modules, lazy early exits, static GFLOPs per exit
+equal to FlopCounterMode, and the thesis architecture end to end."""
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from threempose.config import ModelConfig
+from threempose.nas import cell as cell_module
+from threempose.nas import ops as ops_module
+from threempose.nas.derived import DerivedNet
+from threempose.nas.fabric import Supernet
+from threempose.nas.fuse_split import FuseSplit
+from threempose.nas.genotype import Genotype
+
+THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
+TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are dispatch-bound: one intra-op thread is faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def genotype() -> Genotype:
+    torch.manual_seed(0)
+    return Supernet(ModelConfig(**TINY))(torch.randn(2, 3, 32, 32), tau=1.0, seed=21).genotype
+
+
+@pytest.fixture(scope="module")
+def net(genotype) -> DerivedNet:
+    torch.manual_seed(0)
+    return DerivedNet(genotype, stem_blocks=1).eval()
+
+
+def test_contains_exactly_the_genotypes_ops_and_paths(genotype, net):
+    live = [c for c in genotype.cells if not c.pruned]
+    expected = collections.Counter(ops_module.OPS[o] for c in live for edge in c.edges for o in edge)
+    expected.update(cell_module.PATHS[p] for c in live for p in c.inputs)
+    kinds = set(ops_module.OPS.values()) | set(cell_module.PATHS.values())
+    found = collections.Counter(type(m) for m in net.cells.modules() if type(m) in kinds)
+    assert found == expected
+    assert sorted(int(k) for k in net.cells) == [c.index for c in live]
+
+
+def test_state_dict_keys_are_a_subset_of_the_supernets(genotype, net):
+    torch.manual_seed(0)
+    supernet = Supernet(ModelConfig(**TINY)).state_dict()
+    for key, value in net.state_dict().items():
+        assert key in supernet and supernet[key].shape == value.shape, key
+
+
+@pytest.mark.parametrize("hw", [(64, 48), (45, 59)])
+def test_forward_returns_every_exit(net, hw):
+    with torch.no_grad():
+        exits = net(torch.randn(1, 3, *hw))
+    assert [e.layer for e in exits] == [2, 3, 4]
+    assert all(e.heatmaps.shape == (1, 17, (hw[0] + 3) // 4, (hw[1] + 3) // 4) for e in exits)
+
+
+def test_iter_exits_runs_later_layers_only_when_asked(genotype, net):
+    called = []
+    hooks = [m.register_forward_hook(lambda *_, key=k: called.append(key))
+             for k, m in [*((f"cell{k}", c) for k, c in net.cells.items()),
+                          *((f"split{k}", b.split) for k, b in net.exits.items() if b.split is not None)]]
+    try:
+        with torch.no_grad():
+            exits = net.iter_exits(torch.randn(1, 3, 32, 32))
+            first = next(exits)
+            assert first.layer == 2
+            assert called == [f"cell{c.index}" for c in genotype.cells if not c.pruned and c.layer <= 2]
+            second = next(exits)
+            assert second.layer == 3
+            assert "split2" in called and "split3" not in called
+            assert not any(f"cell{c.index}" in called for c in genotype.cells if c.layer == 4)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("hw", [(64, 48), (45, 59)])
+def test_exit_gflops_equal_flop_counter_up_to_each_exit(net, hw):
+    static = net.exit_gflops(hw)
+    assert list(static) == [2, 3, 4]
+    x = torch.randn(1, 3, *hw)
+    for n_exits, layer in enumerate(static, start=1):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            exits = net.iter_exits(x)
+            for _ in range(n_exits):
+                next(exits)
+        assert static[layer] == pytest.approx(counter.get_total_flops() / 2 / 1e9, rel=1e-9)
+    assert static[2] < static[3] < static[4]
+
+
+def test_exit_params_add_up_to_the_whole_network(net):
+    params = net.exit_params()
+    assert params[4] == sum(p.numel() for p in net.parameters())
+    split = sum(p.numel() for b in net.exits.values() if b.split is not None for p in b.split.parameters())
+    assert params[2] < params[3] < params[4] and split > 0
+
+
+def test_thesis_genotype_builds_and_runs():
+    torch.manual_seed(0)
+    net = DerivedNet(Genotype.load(THESIS)).eval()
+    assert "2" not in net.cells and len(net.cells) == 36          # cell 2 is pruned
+    assert isinstance(net.exits["4"], FuseSplit) and net.exits["10"].split is None
+    assert len(net.exits["4"].rows) == 4 and net.exits["10"].rows == [0, 1, 2, 3]
+    with torch.no_grad():
+        exits = net(torch.randn(1, 3, 64, 96))
+    assert [(e.layer, tuple(e.heatmaps.shape), tuple(e.tags.shape)) for e in exits] == [
+        (layer, (1, 17, 16, 24), (1, 17, 16, 24)) for layer in (4, 7, 10)]
+    assert all(torch.isfinite(e.heatmaps).all() for e in exits)

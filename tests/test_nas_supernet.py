@@ -1,0 +1,177 @@
+"""The supernet: exit shapes at any input size, discrete sampled forwards (op calls counted),
+gradients to every architecture parameter, reproducible samples, and expected GFLOPs equal to
+FlopCounterMode on the derived network of the same sample."""
+import math
+
+import pytest
+import torch
+
+from threempose.config import ModelConfig
+from threempose.flops import measure_gflops
+from threempose.nas.derived import DerivedNet
+from threempose.nas.fabric import Supernet
+from threempose.nas.genotype import INPUT_NAMES
+
+TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are dispatch-bound: one intra-op thread is faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_supernet(**over) -> Supernet:
+    torch.manual_seed(0)
+    return Supernet(ModelConfig(**{**TINY, **over}))
+
+
+@pytest.fixture(scope="module")
+def net() -> Supernet:
+    return tiny_supernet()
+
+
+@pytest.mark.parametrize("hw", [(64, 48), (50, 70), (37, 45)])
+def test_exits_have_quarter_scale_maps_for_any_input_size(net, hw):
+    out = net(torch.randn(2, 3, *hw), tau=1.0, seed=1)
+    assert [e.layer for e in out.exits] == [2, 3, 4]
+    expected = (2, 17, math.ceil(hw[0] / 4), math.ceil(hw[1] / 4))
+    for e in out.exits:
+        assert e.heatmaps.shape == expected and e.tags.shape == expected
+    live = [c for c in out.genotype.cells if not c.pruned]
+    assert len(out.cell_outputs) == len(live)
+    for c, y in zip(live, out.cell_outputs):
+        assert y.shape == (2, 4 * 2 ** c.row, math.ceil(hw[0] / 2 ** (c.row + 2)),
+                           math.ceil(hw[1] / 2 ** (c.row + 2)))
+
+
+@pytest.mark.parametrize("mode", ["argmax", "dense"])
+def test_other_sampling_modes_run(mode):
+    net = tiny_supernet(sampling=mode)
+    assert net.sampling == mode
+    out = net(torch.randn(2, 3, 40, 36), tau=1.0)
+    assert [tuple(e.heatmaps.shape) for e in out.exits] == [(2, 17, 10, 9)] * 3
+
+
+def test_without_fuse_split_heads_read_row_0():
+    net = tiny_supernet(fuse_split=False)
+    assert len(net.exits) == 0
+    out = net(torch.randn(2, 3, 32, 32), tau=1.0, seed=0)
+    assert [tuple(e.heatmaps.shape) for e in out.exits] == [(2, 17, 8, 8)] * 3
+    # row 1-2 cells of the last layer feed nothing and are never built
+    assert {"9", "10"}.isdisjoint(net.cells.keys())
+
+
+def count_calls(net: Supernet):
+    calls, handles = [], []
+    for index, cell in net.cells.items():
+        for e, ops in enumerate(cell.edges):
+            for name, op in ops.items():
+                handles.append(op.register_forward_hook(
+                    lambda *_, key=(int(index), e, name): calls.append(key)))
+        for name, path in cell.inputs.items():
+            handles.append(path.register_forward_hook(
+                lambda *_, key=(int(index), "path", name): calls.append(key)))
+    return calls, handles
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_forward_computes_exactly_the_chosen_ops_and_paths(net, seed):
+    sample = net.sample(tau=1.0, seed=seed)
+    calls, handles = count_calls(net)
+    try:
+        out = net(torch.randn(2, 3, 32, 32), tau=1.0, seed=seed)
+    finally:
+        for h in handles:
+            h.remove()
+    expected = []
+    for cell in out.genotype.cells:
+        if cell.pruned:
+            continue
+        expected += [(cell.index, "path", p) for p in cell.inputs]
+        for e, ops in enumerate(cell.edges):
+            assert 1 <= len(ops) <= 2                   # r_alpha = 2
+            assert sorted(net.ops.index(o) for o in ops) == sample.ops[cell.index][e]
+            expected += [(cell.index, e, o) for o in ops]
+        assert [INPUT_NAMES.index(p) for p in cell.inputs] == sample.paths[cell.index]
+    assert sorted(calls, key=str) == sorted(expected, key=str)   # each chosen module once, nothing else
+
+
+def test_forced_state_picks_top_two_ops_of_alpha():
+    net = tiny_supernet()
+    with torch.no_grad():
+        net.arch.alpha.copy_(torch.tensor([0.0, 40.0, 0.0, 0.0, 0.0, 80.0, 0.0, 0.0, 0.0]))  # sep_conv > conv
+        net.arch.m_alpha.copy_(torch.tensor([0.0, 60.0]))                                   # state 1: 2 ops
+    out = net(torch.randn(2, 3, 32, 32), tau=1.0, seed=4)
+    assert {tuple(ops) for c in out.genotype.cells for ops in c.edges} == {("conv", "sep_conv")}
+
+
+def test_one_backward_reaches_every_architecture_parameter(net):
+    net.zero_grad()
+    out = net(torch.randn(2, 3, 32, 32), tau=1.0, seed=3)
+    loss = sum(e.heatmaps.square().mean() + e.tags.square().mean() for e in out.exits) + out.gflops
+    loss.backward()
+    for p in net.arch_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_same_seed_same_architecture_and_output(net):
+    x = torch.randn(2, 3, 32, 32)
+    a, b = net(x, tau=1.0, seed=11), net(x, tau=1.0, seed=11)
+    assert a.genotype == b.genotype
+    torch.testing.assert_close(a.exits[-1].heatmaps, b.exits[-1].heatmaps)
+    assert any(net(x, tau=1.0, seed=s).genotype != a.genotype for s in (12, 13, 14))
+    # without a seed, the supernet's own generator: two fresh supernets draw the same sequence
+    n1, n2 = tiny_supernet(), tiny_supernet()
+    assert [n1(x, tau=1.0).genotype for _ in range(2)] == [n2(x, tau=1.0).genotype for _ in range(2)]
+
+
+@pytest.mark.parametrize("seed, hw", [(0, (64, 48)), (5, (50, 70)), (9, (36, 36))])
+def test_expected_gflops_match_flop_counter_on_the_derived_network(net, seed, hw):
+    out = net(torch.randn(2, 3, *hw), tau=1.0, seed=seed)
+    derived = DerivedNet(out.genotype, num_joints=17, stem_blocks=1)
+    measured = measure_gflops(lambda: derived(torch.randn(1, 3, *hw)))
+    assert out.gflops.item() == pytest.approx(measured, rel=0.02)
+    assert out.gflops.item() == pytest.approx(derived.exit_gflops(hw)[4], rel=1e-6)
+
+
+def test_argmax_gflops_match_the_derived_genotype(net):
+    net.sampling = "argmax"
+    try:
+        out = net(torch.randn(1, 3, 48, 40), tau=1.0)
+    finally:
+        net.sampling = "dyn_egs"
+    assert out.genotype == net.derive()
+    measured = measure_gflops(lambda: DerivedNet(net.derive(), stem_blocks=1)(torch.randn(1, 3, 48, 40)))
+    assert out.gflops.item() == pytest.approx(measured, rel=0.02)
+
+
+def test_parameter_groups_are_disjoint_and_cover_the_model(net):
+    arch, weights = net.arch_parameters(), net.weight_parameters()
+    assert {id(p) for p in arch}.isdisjoint(id(p) for p in weights)
+    assert len(arch) + len(weights) == len(list(net.parameters()))
+    assert [tuple(p.shape) for p in arch] == [(11, 3, 9), (11, 3), (11, 3, 2), (11, 3)]
+
+
+def test_derive_follows_the_parameters():
+    net = tiny_supernet()
+    with torch.no_grad():
+        net.arch.alpha[..., net.ops.index("zoom_conv")] = 5.0
+        net.arch.beta[:, INPUT_NAMES.index("parallel")] = 5.0
+    g = net.derive()
+    live = [c for c in g.cells if not c.pruned]
+    assert all(ops == ["zoom_conv"] for c in live for ops in c.edges)
+    # a cell with a parallel neighbour takes it; a new row's first cell takes its copy's source
+    assert all(c.inputs == (["above"] if c.row == c.layer else ["parallel"]) for c in live)
+
+
+def test_bad_model_configs_are_errors_naming_the_key():
+    with pytest.raises(ValueError, match="model.r_alpha"):
+        Supernet(ModelConfig(**TINY, ops=["conv", "identity"], r_alpha=3))
+    with pytest.raises(ValueError, match="model.ops"):
+        Supernet(ModelConfig(**TINY, ops=["conv", "dilated"]))
+    with pytest.raises(ValueError, match="unknown sampling mode"):
+        tiny_supernet().sample(1.0, 0, mode="random")

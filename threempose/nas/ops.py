@@ -1,0 +1,190 @@
+"""The nine candidate operations of a cell edge (thesis §3.2.2).
+
+Every op maps ``[B, C, H, W] -> [B, C, H, W]`` (same width and size) and has
+``macs(h, w)``: multiply-adds for one ``h x w`` image (see :mod:`threempose.nas.cost`).
+
+========== ============================================================ ===================
+name       what it computes                                             multiply-adds
+========== ============================================================ ===================
+identity   ``x``                                                        0
+conv       3x3 conv - BN - ReLU                                         9 C^2 HW
+avg_pool   3x3 average pool, stride 1 (padding not counted)            0
+max_pool   3x3 max pool, stride 1                                       0
+residual   HRNet basic block: two 3x3 conv-BN, identity shortcut, ReLU 18 C^2 HW
+sep_conv   depthwise 3x3 - BN - ReLU - pointwise 1x1 - BN - ReLU        (9 C + C^2) HW
+csi        conv-sigmoid * identity: ``x * sigmoid(BN(conv1x1(x)))``    C^2 HW
+zoom_conv  FasterSeg's zoomed conv: bilinear resize to ceil(H/2) x       9 C^2 ceil(H/2) ceil(W/2)
+           ceil(W/2), 3x3 conv - BN, bilinear resize back, ReLU
+se         squeeze-and-excite: ``x * sigmoid(W2 relu(W1 mean_hw(x)))``  2 C (C/4)
+========== ============================================================ ===================
+
+Usage::
+
+    op = make_op("zoom_conv", 64)
+    y = op(x)                      # x: [B, 64, H, W] -> y: [B, 64, H, W]
+    op.macs(H, W)                  # == FlopCounterMode count / 2 for one image
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from threempose.models.hrnet_blocks import BasicBlock
+from threempose.nas.cost import conv_macs, convs_macs
+
+SE_REDUCTION = 4  # squeeze width = max(1, C // SE_REDUCTION)
+
+
+def conv_bn(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+            relu: bool = True) -> nn.Sequential:
+    """``kernel x kernel`` conv (padding ``kernel // 2``, no bias) - BN [- ReLU]."""
+    layers = [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups,
+                        bias=False),
+              nn.BatchNorm2d(out_ch)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Identity(nn.Identity):
+    """``x -> x``. Costs nothing."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def macs(self, h: int, w: int) -> int:
+        return 0
+
+
+class Conv(nn.Sequential):
+    """3x3 conv - BN - ReLU, ``C -> C``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(*conv_bn(channels, channels, 3))
+
+    def macs(self, h: int, w: int) -> int:
+        return convs_macs(self, h, w)
+
+
+class AvgPool(nn.AvgPool2d):
+    """3x3 average pool, stride 1, padding 1 (border averages exclude the padding)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(3, stride=1, padding=1, count_include_pad=False)
+
+    def macs(self, h: int, w: int) -> int:
+        return 0
+
+
+class MaxPool(nn.MaxPool2d):
+    """3x3 max pool, stride 1, padding 1."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(3, stride=1, padding=1)
+
+    def macs(self, h: int, w: int) -> int:
+        return 0
+
+
+class Residual(BasicBlock):
+    """HRNet's basic residual block, ``relu(x + BN(conv3x3(relu(BN(conv3x3(x))))))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels)
+
+    def macs(self, h: int, w: int) -> int:
+        return convs_macs(self, h, w)
+
+
+class SepConv(nn.Sequential):
+    """Depthwise-separable conv: depthwise 3x3 - BN - ReLU - pointwise 1x1 - BN - ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(*conv_bn(channels, channels, 3, groups=channels),
+                         *conv_bn(channels, channels, 1))
+
+    def macs(self, h: int, w: int) -> int:
+        return convs_macs(self, h, w)
+
+
+class CSI(nn.Module):
+    """Conv-Sigmoid * Identity: a per-pixel, per-channel gate ``x * sigmoid(BN(conv1x1(x)))``.
+
+    The thesis gives every other convolutional op a kernel size ("Conv (3x3)", "Zoom
+    Convolution (3x3)", ...) and this one none; a pointwise gate is also what makes the
+    thesis' own Table A.1 architecture cost what its Tables 4.1/4.3 report (parameters within
+    5%, where a 3x3 gate gives 26% more).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gate = conv_bn(channels, channels, 1, relu=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x).sigmoid()
+
+    def macs(self, h: int, w: int) -> int:
+        return convs_macs(self.gate, h, w)
+
+
+class ZoomConv(nn.Module):
+    """Zoomed conv (FasterSeg): resize ``H x W -> ceil(H/2) x ceil(W/2)`` (bilinear),
+    3x3 conv - BN, resize back to ``H x W``, ReLU. A 3x3 conv's receptive field doubled
+    at a quarter of its cost."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv_bn(channels, channels, 3, relu=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        y = F.interpolate(x, size=(math.ceil(h / 2), math.ceil(w / 2)), mode="bilinear",
+                          align_corners=False)
+        y = F.interpolate(self.conv(y), size=(h, w), mode="bilinear", align_corners=False)
+        return F.relu(y)
+
+    def macs(self, h: int, w: int) -> int:
+        return convs_macs(self.conv, math.ceil(h / 2), math.ceil(w / 2))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excite (Hu et al.): ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``,
+    squeeze width ``max(1, C // 4)``; the FCs are 1x1 convs with bias."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        squeeze = max(1, channels // SE_REDUCTION)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        return x * self.fc2(F.relu(self.fc1(s))).sigmoid()
+
+    def macs(self, h: int, w: int) -> int:
+        return conv_macs(self.fc1, 1, 1) + conv_macs(self.fc2, 1, 1)
+
+
+OPS: dict[str, Callable[[int], nn.Module]] = {
+    "identity": Identity,
+    "conv": Conv,
+    "avg_pool": AvgPool,
+    "max_pool": MaxPool,
+    "residual": Residual,
+    "sep_conv": SepConv,
+    "csi": CSI,
+    "zoom_conv": ZoomConv,
+    "se": SqueezeExcite,
+}
+OP_NAMES: tuple[str, ...] = tuple(OPS)  # the genotype's op names, in alpha's column order by default
+
+
+def make_op(name: str, channels: int) -> nn.Module:
+    """Build candidate op ``name`` for ``channels``-wide features (``[B,C,H,W] -> [B,C,H,W]``)."""
+    try:
+        return OPS[name](channels)
+    except KeyError:
+        raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}") from None
