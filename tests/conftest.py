@@ -1,0 +1,17 @@
+"""Test-session setup shared by the whole suite.
+
+Triton kernels on a CPU-only machine: Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit``
+kernel is *decorated*, i.e. when ``threempose.kernels`` is first imported. pytest imports this
+file before it collects any test module, so setting the variable here (only when no CUDA
+device is present, and only if the caller did not set it) makes the kernel tests run the real
+Triton kernel code in Triton's CPU interpreter. With a GPU, the kernels compile for it as usual.
+The ``auto`` backend still sends CPU tensors to the PyTorch reference, so other tests are
+unaffected.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
