@@ -15,3 +15,16 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny test models are dispatch-bound: one intra-op thread is faster on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,18 +14,6 @@ from threempose.losses import (NonFiniteLossError, PoseLoss, ae_loss, flops_loss
                                flops_loss_scale, heatmap_loss, teacher_loss)
 
 
-def _has_rdm_pearson() -> bool:
-    try:
-        from threempose.kernels import rdm_pearson  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_rdm_pearson = pytest.mark.skipif(
-    not _has_rdm_pearson(), reason="threempose.kernels.rdm_pearson is not in this tree yet")
-
-
 # --------------------------------------------------------------------------- #
 # heatmap
 # --------------------------------------------------------------------------- #
@@ -223,7 +211,6 @@ def test_teacher_loss_reduces_max_over_student_mean_over_teacher(monkeypatch):
     assert got.item() == pytest.approx(_teacher_reference(student, teacher), abs=1e-6)
 
 
-@needs_rdm_pearson
 def test_teacher_loss_matches_numpy_pdist_corrcoef():
     rng = np.random.default_rng(2)
     student = [rng.normal(size=(5, 4, 3, 3)), rng.normal(size=(5, 8, 2, 2)), rng.normal(size=(5, 6))]
@@ -233,7 +220,6 @@ def test_teacher_loss_matches_numpy_pdist_corrcoef():
     assert got.item() == pytest.approx(_teacher_reference(student, teacher), abs=1e-5)
 
 
-@needs_rdm_pearson
 def test_teacher_loss_is_zero_when_student_copies_teacher_and_grad_reaches_student():
     rng = np.random.default_rng(3)
     t = torch.tensor(rng.normal(size=(6, 4, 2, 2)), dtype=torch.float32)

@@ -19,15 +19,6 @@ THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pos
 TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dispatch-bound: one intra-op thread is faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def genotype() -> Genotype:
     torch.manual_seed(0)

@@ -15,15 +15,6 @@ from threempose.nas.genotype import INPUT_NAMES
 TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dispatch-bound: one intra-op thread is faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_supernet(**over) -> Supernet:
     torch.manual_seed(0)
     return Supernet(ModelConfig(**{**TINY, **over}))

@@ -20,15 +20,6 @@ THESIS = ROOT / "configs" / "genotypes" / "3m-pose-thesis.json"
 TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dispatch-bound: one intra-op thread is faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_genotype(tmp_path_factory) -> Path:
     torch.manual_seed(0)

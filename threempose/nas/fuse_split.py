@@ -112,12 +112,18 @@ class FuseSplit(nn.Module):
 
 
 class Head(nn.Module):
-    """1x1 conv (with bias) ``C -> 2J``: ``[B, C, h, w] -> (heatmaps, tags)``, each ``[B, J, h, w]``."""
+    """1x1 conv (with bias) ``C -> 2J``: ``[B, C, h, w] -> (heatmaps, tags)``, each ``[B, J, h, w]``.
+
+    Initialised as HigherHRNet's final layers (weights N(0, 0.001), bias 0), so the first
+    heatmaps are ~0 rather than ~0.5 everywhere (which would take many steps to unlearn).
+    """
 
     def __init__(self, channels: int, num_joints: int) -> None:
         super().__init__()
         self.num_joints = num_joints
         self.conv = nn.Conv2d(channels, 2 * num_joints, 1)
+        nn.init.normal_(self.conv.weight, std=0.001)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = self.conv(x)

@@ -1,0 +1,186 @@
+"""Search and training runs end to end on tiny synthetic data: strategies, outputs, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from threempose.config import load_config
+from threempose.engine.distributed import DistContext
+from threempose.engine.metrics import read_metrics
+from threempose.model_file import load_model_file
+from threempose.nas.fabric import Supernet
+from threempose.nas.genotype import Genotype
+from threempose.search import SearchJob, step_seed
+from threempose.train import TrainJob
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, cache: Path, **sections) -> Path:
+    """A search config a 2-core CPU runs in seconds (64x64 crops, a 2x3 fabric, C=4)."""
+    raw = {
+        "extends": str(ROOT / "configs" / "search-small.json"),
+        "run": {"out_dir": str(tmp_path / "runs"), "log_every": 1, "val_ap_images": 2, "progress": False},
+        "data": {"input_size": 64, "batch_size": 4,
+                 "synthetic": {"train_images": 24, "val_images": 4, "min_size": 64, "max_size": 96,
+                               "max_people": 2, "cache_dir": str(cache)}},
+        "model": {"rows": 2, "layers": 3, "channels": 4, "eels": [2], "stem_blocks": 0},
+        "search": {"epochs": 2, "arch_lr_milestones": [1]},
+        "infer": {"short_side": 64},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+def run_search(config: Path, resume=None):
+    job = SearchJob(load_config(config), DistContext())
+    return job, job.run(resume=resume)
+
+
+def arch_tensors(job):
+    return [p.detach().clone() for p in job.supernet.arch_parameters()]
+
+
+def complete_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_step_seed_depends_only_on_run_seed_step_and_phase():
+    assert step_seed(3, 10, 0) == step_seed(3, 10, 0)
+    assert len({step_seed(3, 10, 0), step_seed(3, 10, 1), step_seed(3, 11, 0), step_seed(4, 10, 0)}) == 4
+
+
+def test_bilevel_search_writes_every_output_and_updates_arch(tmp_path, cache):
+    job, artifacts = run_search(tiny_config(tmp_path, cache))
+    run = job.run_dir
+    genotype = Genotype.load(artifacts["genotype"])
+    assert genotype.rows == 2 and genotype.layers == 3
+    profile = json.loads(Path(artifacts["profile"]).read_text())
+    assert profile["gflops"] > 0 and [e["layer"] for e in profile["exits"]] == [2, 3]
+    assert (run.checkpoints_dir / "epoch_001.pt").is_file() and run.last_checkpoint.is_file()
+    assert sorted(p.name for p in run.arch_dir.iterdir())[:2] == ["epoch_001.json", "epoch_002.json"]
+    rows = read_metrics(run.metrics_path)
+    steps = [r for r in rows if "total" in r]
+    for key in ("heatmap", "push", "pull", "flops", "gflops", "tau", "lr", "arch_lr", "images_per_s"):
+        assert key in steps[-1], key
+    assert any("val/AP" in r for r in rows)
+    assert steps[0]["tau"] > steps[-1]["tau"]                        # the temperature anneals
+    assert any(float(p.abs().sum()) > 0 for p in arch_tensors(job))  # alpha/beta/m moved from 0
+    assert list(run.tensorboard_dir.iterdir())
+
+
+def test_random_strategy_keeps_the_architecture_fixed(tmp_path, cache):
+    job = SearchJob(load_config(tiny_config(tmp_path, cache, search={"strategy": "random", "epochs": 1})),
+                    DistContext())
+    before = arch_tensors(job)
+    job.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, arch_tensors(job)))
+    assert any(float(a.abs().sum()) > 0 for a in before)             # a random draw, not zeros
+
+
+def test_synchronous_strategy_updates_arch_with_the_weights(tmp_path, cache):
+    job = SearchJob(load_config(tiny_config(tmp_path, cache, search={"strategy": "synchronous", "epochs": 1})),
+                    DistContext())
+    assert len(job.weights.optimizer.param_groups) == 2 and job.arch_opt is None
+    job.run()
+    assert any(float(p.abs().sum()) > 0 for p in arch_tensors(job))
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, cache):
+    cfg = load_config(tiny_config(tmp_path, cache, loss={"teacher_weight": 1.0,
+                                                         "teacher": {"checkpoint": str(tmp_path / "nope.pth")}}))
+    with pytest.raises(FileNotFoundError, match="nope.pth.*teacher_weight"):
+        SearchJob(cfg, DistContext())
+
+
+def test_search_with_a_threempose_teacher(tmp_path, cache):
+    """The teacher loss runs with a trained threempose model as the teacher."""
+    config = tiny_config(tmp_path, cache, search={"epochs": 1})
+    _, artifacts = run_search(config)
+    train_job = TrainJob(load_config(config, overrides={"train": {"epochs": 1}}), DistContext(),
+                         Genotype.load(artifacts["genotype"]))
+    model = train_job.run()["model"]
+    cfg = load_config(config, overrides={"loss": {"teacher_weight": 1.0, "teacher": {
+        "model": "threempose", "checkpoint": str(model)}}})
+    job = SearchJob(cfg, DistContext())
+    job.run()
+    rows = [r for r in read_metrics(job.run_dir.metrics_path) if "teacher" in r]
+    assert rows and all(0.0 <= r["teacher"] <= 2.0 for r in rows)
+
+
+def test_train_writes_a_loadable_model_and_checks_the_genotype_on_resume(tmp_path, cache):
+    config = tiny_config(tmp_path, cache, train={"epochs": 2, "lr_milestones": [1]})
+    cfg = load_config(config)
+    small = Supernet(cfg.model).derive()
+    job = TrainJob(load_config(config), DistContext(), small)
+    artifacts = job.run()
+    net, infer = load_model_file(artifacts["model"])
+    assert net.genotype.to_dict() == small.prune().to_dict() and infer["short_side"] == 64
+    assert job.scheduler.get_last_lr()[0] == pytest.approx(1e-4)     # /10 at epoch 1
+    other = Genotype.from_dict({**small.to_dict(), "channels": 8})
+    with pytest.raises(RuntimeError, match="different genotype"):
+        TrainJob(load_config(config), DistContext(), other).run(resume=str(job.run_dir.path))
+
+
+def test_killed_search_resumes_to_the_same_result(tmp_path, cache):
+    """SIGKILL mid-epoch, --resume: same genotype and final metrics as an uninterrupted run."""
+    config = tiny_config(tmp_path, cache, search={"epochs": 3, "arch_lr_milestones": [2]},
+                         data={"synthetic": {"train_images": 48, "val_images": 4, "min_size": 64,
+                                             "max_size": 96, "max_people": 2, "cache_dir": str(cache)}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "threempose" / "search.py"), "--config", str(config)]
+    full = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    full_dir = Path(full.stdout.split("run directory: ")[1].strip())
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs"
+    deadline = time.time() + 300
+    killed_dir = None
+    while time.time() < deadline and killed_dir is None:
+        found = [d for d in runs.iterdir() if d != full_dir and (d / "checkpoints" / "epoch_001.pt").exists()]
+        if found:
+            killed_dir = found[0]
+            # Let epoch 2 start, then kill mid-epoch.
+            start = complete_lines(killed_dir / "metrics.jsonl")
+            while complete_lines(killed_dir / "metrics.jsonl") < start + 2 and proc.poll() is None:
+                time.sleep(0.05)
+        time.sleep(0.05)
+    assert killed_dir is not None and proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "genotype.json").exists()
+
+    resumed = subprocess.run(cmd + ["--resume", str(killed_dir)], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    assert Genotype.load(killed_dir / "genotype.json").to_dict() == Genotype.load(full_dir / "genotype.json").to_dict()
+
+    def last_values(run_dir):
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in rows]
+
+    assert last_values(killed_dir) == last_values(full_dir)
+
+
+def test_resume_with_a_different_config_names_the_key(tmp_path, cache):
+    config = tiny_config(tmp_path, cache, search={"epochs": 1})
+    job, _ = run_search(config)
+    cfg = load_config(config, overrides={"search": {"epochs": 2}})
+    with pytest.raises(RuntimeError, match="search.epochs"):
+        SearchJob(cfg, DistContext()).run(resume=str(job.run_dir.path))

@@ -1,0 +1,160 @@
+"""The epoch loop shared by search and training.
+
+:class:`EpochJob` owns what every run does the same way: the run directory
+(created by rank 0 and shared with the other ranks), resuming from its last
+checkpoint, the progress bar, metrics every ``run.log_every`` steps, a NaN
+guard (the loss raises :class:`~threempose.losses.NonFiniteLossError`), and a
+checkpoint at the end of every epoch. A job (``SearchJob``, ``TrainJob``)
+provides the model-specific parts:
+
+* :meth:`epoch_batches` - the batches of one epoch (their order depends only on
+  the seed and the epoch, so a resumed epoch sees the same data);
+* :meth:`train_step` - one optimisation step, returning scalars to log;
+* :meth:`end_epoch` - validation and snapshots after an epoch;
+* :meth:`state_dict` / :meth:`load_state_dict` - everything a resume needs;
+* :meth:`finish` - the final artifacts (genotype, profile, weights).
+
+Checkpoints are taken at epoch boundaries: a run killed mid-epoch resumes at
+the start of that epoch with every RNG, optimizer and scheduler restored, and
+so ends exactly as an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch.distributed as dist
+
+from threempose.config import Config
+from threempose.engine.distributed import DistContext
+from threempose.engine.metrics import MetricsLogger
+from threempose.engine.progress import EpochProgress, progress_enabled
+from threempose.engine.run_dir import RunDir
+from threempose.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+
+class EpochJob:
+    """Template of a resumable, multi-rank epoch loop (see the module docstring)."""
+
+    kind = "job"                     # "search" or "train"; stored in checkpoints
+
+    def __init__(self, cfg: Config, ctx: DistContext, epochs: int):
+        self.cfg, self.ctx, self.epochs = cfg, ctx, epochs
+        self.epoch = 0               # next epoch to run
+        self.global_step = 0
+        self.run_dir: Optional[RunDir] = None
+        self.metrics: Optional[MetricsLogger] = None
+
+    # ---- to be provided by a job ------------------------------------------ #
+    def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
+        """``(batches, number of batches)`` of ``epoch``."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any, epoch: int, step: int) -> dict[str, float]:
+        """One step; returns scalars to log, with ``"images"`` (images processed)."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """After ``epoch``: validation metrics (logged by rank 0)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save_collective(self, epoch: int) -> None:
+        """Called on every rank before rank 0 writes the epoch checkpoint (DeepSpeed's
+        sharded optimizer state is saved here, by all ranks together)."""
+
+    def finish(self) -> dict[str, Path]:
+        """Write final artifacts; returns ``{name: path}`` to report."""
+        return {}
+
+    # ---- the loop --------------------------------------------------------- #
+    def open_run_dir(self, resume: Optional[str]) -> RunDir:
+        """Create (or reopen for ``--resume``) the run directory on rank 0; share its path."""
+        path = None
+        if self.ctx.is_main:
+            run_dir = (RunDir.open_for_resume(resume, self.cfg) if resume
+                       else RunDir.create(self.cfg))
+            path = str(run_dir.path)
+        if self.ctx.world_size > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        return RunDir(path)
+
+    def full_state(self) -> dict[str, Any]:
+        """The job's state plus the loop's own (epoch, step, RNG)."""
+        return {"kind": self.kind, "epoch": self.epoch, "global_step": self.global_step,
+                "step_in_epoch": 0, "rng": capture_rng_state(), **self.state_dict()}
+
+    def resume_from(self, run_dir: RunDir) -> None:
+        state = run_dir.load_last_checkpoint(required=("kind", "epoch", "global_step", "rng"))
+        if state["kind"] != self.kind:
+            raise RuntimeError(f"{run_dir.last_checkpoint} is a {state['kind']} checkpoint, "
+                               f"not a {self.kind} one")
+        self.load_state_dict(state)
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        restore_rng_state(state["rng"])
+
+    def log(self, **scalars: float) -> None:
+        if self.metrics is not None:
+            self.metrics.log(self.global_step, **scalars)
+
+    def say(self, message: str) -> None:
+        """A line of progress output on rank 0 (stderr, so stdout stays machine-readable)."""
+        if self.ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def run(self, resume: Optional[str] = None) -> dict[str, Path]:
+        """Run (or resume) all epochs; return the artifacts of :meth:`finish`."""
+        seed_everything(self.cfg.run.seed)   # the same on every rank
+        self.run_dir = self.open_run_dir(resume)
+        resumed = resume is not None and self.run_dir.has_checkpoint
+        if resumed:
+            self.resume_from(self.run_dir)
+            self.say(f"[threempose] resuming {self.run_dir.path} at epoch {self.epoch + 1}/{self.epochs}")
+        else:
+            self.say(f"[threempose] {self.kind} run directory: {self.run_dir.path}")
+        # Lines logged after the checkpoint (by the killed run) are dropped; they are re-run.
+        self.metrics = MetricsLogger(self.run_dir, rank=self.ctx.rank,
+                                     purge_from_step=self.global_step + 1 if resumed else None)
+        show_bar = progress_enabled(self.cfg.run.progress, self.ctx.rank)
+        try:
+            while self.epoch < self.epochs:
+                self._run_epoch(show_bar)
+                self.epoch += 1
+                self.save_collective(self.epoch)
+                if self.ctx.is_main:
+                    self.run_dir.save_checkpoint(self.full_state(), epoch=self.epoch)
+                self.ctx.barrier()
+            return self.finish()
+        finally:
+            self.metrics.close()
+
+    def _run_epoch(self, show_bar: bool) -> None:
+        epoch = self.epoch
+        batches, n = self.epoch_batches(epoch)
+        started = time.perf_counter()
+        images = 0
+        with EpochProgress(epoch, self.epochs, n, enabled=show_bar) as bar:
+            for step, batch in enumerate(batches):
+                scalars = self.train_step(batch, epoch, step)
+                self.global_step += 1
+                images += int(scalars.get("images", 0))
+                bar.update(int(scalars.get("images", 0)), scalars, scalars.get("gflops"))
+                if self.global_step % self.cfg.run.log_every == 0 or step == n - 1:
+                    self.log(epoch=epoch, images_per_s=bar.images_per_second(), **scalars)
+        seconds = time.perf_counter() - started
+        val = self.end_epoch(epoch)
+        if val:
+            self.log(epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+        self.say(f"[threempose] epoch {epoch + 1}/{self.epochs} done in {seconds:.1f} s "
+                 f"({images * self.ctx.world_size / max(seconds, 1e-9):.1f} images/s)"
+                 + (f": {summary}" if summary else ""))

@@ -1,0 +1,121 @@
+"""Stepping the network weights: torch Adam in one process, a DeepSpeed engine under the launcher.
+
+Mixed precision is ``run.amp`` (``bf16``/``fp16`` through ``torch.autocast``, with a
+GradScaler for fp16) on CUDA devices in both cases; on the CPU it is off. The config's
+``deepspeed`` section is handed to DeepSpeed with ``train_micro_batch_size_per_gpu`` set
+to ``data.batch_size``, ``gradient_accumulation_steps`` 1 and ``gradient_clipping`` from
+the job when the section does not set it. Its own ``fp16``/``bf16`` switches must stay
+off: they would cast the architecture parameters too.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from threempose.config import Config, ConfigError
+from threempose.engine.distributed import DistContext
+
+DEEPSPEED_DIR = "deepspeed"
+
+
+def deepspeed_config(cfg: Config, grad_clip: Optional[float]) -> dict[str, Any]:
+    """The DeepSpeed config of a run (see the module docstring); rejects its fp16/bf16."""
+    ds = dict(cfg.deepspeed)
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f"{cfg.source}: deepspeed.{key}.enabled must be false; use run.amp "
+                              f"(\"{key}\") for mixed precision, which keeps architecture parameters fp32")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds.pop("train_batch_size", None)
+    if grad_clip and "gradient_clipping" not in ds:
+        ds["gradient_clipping"] = grad_clip
+    return ds
+
+
+class WeightOptimizer:
+    """Adam over ``param_groups`` of ``module``; ``model`` is what the job calls forward on."""
+
+    def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, ctx: DistContext,
+                 grad_clip: Optional[float] = None):
+        self.ctx, self.grad_clip = ctx, grad_clip
+        self.params = [p for g in param_groups for p in g["params"]]
+        cuda = ctx.device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp) if cuda else None
+        optimizer = torch.optim.Adam(param_groups)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.engine = None
+        if ctx.launched:
+            import deepspeed
+
+            self.engine, optimizer, _, _ = deepspeed.initialize(
+                model=module, optimizer=optimizer, config=deepspeed_config(cfg, grad_clip))
+            self.model = self.engine
+        else:
+            self.model = module
+        self.optimizer = optimizer
+
+    def autocast(self):
+        """The forward's autocast context (a no-op without ``run.amp`` or on the CPU)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward ``loss`` into the weights, clip, and take one optimizer step."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def lr(self, group: int = 0) -> float:
+        return float(self.optimizer.param_groups[group]["lr"])
+
+    def set_lr(self, value: float, group: int = 0) -> None:
+        self.optimizer.param_groups[group]["lr"] = value
+
+    # ---- checkpoints -------------------------------------------------------- #
+    def save_collective(self, run_dir, epoch: int) -> None:
+        """DeepSpeed: every rank saves its optimizer shard under ``checkpoints/deepspeed``."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(Path(run_dir.checkpoints_dir) / DEEPSPEED_DIR),
+                                        tag=f"epoch_{epoch:03d}")
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return {"deepspeed": True}      # the shards are in checkpoints/deepspeed/epoch_NNN
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], run_dir=None, epoch: Optional[int] = None) -> None:
+        """Restore; under DeepSpeed from the shards of ``epoch`` in ``run_dir``."""
+        if bool(state.get("deepspeed")) != (self.engine is not None):
+            raise RuntimeError("the checkpoint was written with%s DeepSpeed; resume it the same way "
+                               "(launcher or plain python)" % ("" if state.get("deepspeed") else "out"))
+        if self.engine is not None:
+            path, _ = self.engine.load_checkpoint(str(Path(run_dir.checkpoints_dir) / DEEPSPEED_DIR),
+                                                  tag=f"epoch_{epoch:03d}")
+            if path is None:
+                raise RuntimeError(f"no DeepSpeed checkpoint epoch_{epoch:03d} under "
+                                   f"{run_dir.checkpoints_dir}/{DEEPSPEED_DIR}")
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

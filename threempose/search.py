@@ -1,0 +1,267 @@
+"""Architecture search (thesis §3.2-3.4, §4.1 "Searching"; PNFS §III-F).
+
+    python threempose/search.py --config configs/search-small.json
+    deepspeed threempose/search.py --config configs/search.json        # all local GPUs
+    deepspeed --hostfile hosts threempose/search.py --config ...       # many machines
+    python threempose/search.py --config ... --resume runs/search-small-20261123-101500
+
+Strategies (``search.strategy``):
+
+* ``bilevel`` - first-order bilevel: each step updates alpha/beta/m on a batch of the
+  held-out part of the train split (``search.arch_val_fraction``), then the weights on a
+  train batch; two Adam optimizers (weights: ``search.weight_lr`` constant; arch:
+  ``search.arch_lr`` decayed by ``arch_lr_gamma`` at ``arch_lr_milestones``).
+* ``synchronous`` - one Adam over weights and arch parameters (PNFS).
+* ``random`` - the architecture is drawn once at random and fixed; only weights train
+  (PNFS' random-sampling baseline).
+
+Every rank draws the same Gumbel sample (the seed is a function of run seed and step) and
+architecture gradients are averaged over ranks, so the architecture parameters are
+identical on every rank at every step. Under the DeepSpeed launcher the weights are
+stepped by a DeepSpeed engine (ZeRO stage etc. from the config's ``deepspeed`` section).
+The run ends with ``genotype.json`` and ``profile.json`` in the run directory.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    # `python threempose/search.py`: drop this folder from sys.path (its modules would shadow
+    # the standard library's, e.g. `profile`) and import the installed package instead.
+    import sys
+    from pathlib import Path
+
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from threempose.config import Config
+from threempose.data.loader import build_loaders
+from threempose.engine.distributed import DistContext
+from threempose.engine.job import EpochJob
+from threempose.engine.launch import job_arguments, run_job, steps_per_epoch, take
+from threempose.engine.validate import validation_ap
+from threempose.engine.weights import WeightOptimizer
+from threempose.kernels import set_backend
+from threempose.losses import PoseLoss
+from threempose.nas.derived import DerivedNet
+from threempose.nas.dyn_egs import MAX_SEED, gumbel_tau
+from threempose.nas.fabric import Supernet
+from threempose.profile import profile_genotype
+from threempose.teacher import Teacher, build_teacher
+
+ARCH_SEED_STRIDE = 1_000_003
+
+
+def step_seed(run_seed: int, global_step: int, phase: int) -> int:
+    """The Gumbel seed of one forward: a function of (run seed, step, phase) only, so every
+    rank (and a resumed run) draws the same architecture. ``phase`` 0 = weights, 1 = arch."""
+    return (run_seed * ARCH_SEED_STRIDE + 2 * global_step + phase) % MAX_SEED
+
+
+class SearchJob(EpochJob):
+    """One architecture search (see the module docstring)."""
+
+    kind = "search"
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        super().__init__(cfg, ctx, cfg.search.epochs)
+        s = cfg.search
+        set_backend(cfg.run.kernels)
+        self.device = ctx.device
+        self.data = build_loaders(
+            cfg.data, seed=cfg.run.seed, device=self.device, rank=ctx.rank, world_size=ctx.world_size,
+            arch_fraction=s.arch_val_fraction if s.strategy == "bilevel" else None,
+            progress=ctx.is_main)
+        torch.manual_seed(cfg.run.seed)                       # identical initial weights on all ranks
+        self.supernet = Supernet(cfg.model).to(self.device)
+        self.arch_params = self.supernet.arch_parameters()
+        if s.strategy == "random":
+            self._draw_random_architecture()
+        self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)
+        self.loss = PoseLoss(cfg.loss)
+        groups = [{"params": self.supernet.weight_parameters(), "lr": s.weight_lr}]
+        if s.strategy == "synchronous":
+            groups.append({"params": self.arch_params, "lr": s.arch_lr})
+        self.weights = WeightOptimizer(self.supernet, groups, cfg, ctx, grad_clip=s.grad_clip)
+        self.arch_opt = self.arch_sched = None
+        if s.strategy == "bilevel":
+            self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
+            self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
+                                                                   s.arch_lr_gamma)
+        self.ctx.broadcast_([p.data for p in self.supernet.parameters()])
+
+    # ---- architecture ------------------------------------------------------ #
+    def _draw_random_architecture(self) -> None:
+        """PNFS' random baseline: alpha/beta/m drawn once from N(0, 1) (seeded), then fixed."""
+        g = torch.Generator().manual_seed(self.cfg.run.seed + 12345)
+        with torch.no_grad():
+            for p in self.arch_params:
+                p.copy_(torch.randn(p.shape, generator=g))
+                p.requires_grad_(False)
+        self.supernet.sampling = "argmax"
+
+    def tau(self, epoch: int, step: int, steps: int) -> float:
+        s = self.cfg.search
+        return gumbel_tau((epoch + step / max(steps, 1)) / max(s.epochs, 1), s.tau_start, s.tau_end)
+
+    # ---- the loop's hooks ---------------------------------------------------- #
+    def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
+        self.data.train.set_epoch(epoch)
+        n = steps_per_epoch(len(self.data.train), self.cfg.search.max_steps_per_epoch)
+        if self.data.arch is None:
+            return take(self.data.train, n), n
+        return take(zip(self.data.train, _cycle(self.data.arch, epoch)), n), n
+
+    def _forward_loss(self, batch: dict, epoch: int, tau: float, seed: int):
+        images = batch["image"]
+        with self.weights.autocast():
+            out = self.supernet(images, tau=tau, seed=seed)
+            teacher_feats = self.teacher.features(images) if self.teacher is not None else None
+            total, terms = self.loss(out.exits, batch, step=self.global_step, gflops=out.gflops,
+                                     epoch=epoch, student_feats=out.cell_outputs,
+                                     teacher_feats=teacher_feats)
+        return total, terms, out
+
+    def train_step(self, batch: Any, epoch: int, step: int) -> dict[str, float]:
+        steps = len(self.data.train)
+        tau = self.tau(epoch, step, steps)
+        scalars: dict[str, float] = {"tau": tau}
+        if self.arch_opt is not None:
+            train_batch, arch_batch = batch
+            arch_batch = self.data.prepare(arch_batch)
+            total, terms, _ = self._forward_loss(arch_batch, epoch, tau,
+                                                 step_seed(self.cfg.run.seed, self.global_step, 1))
+            grads = torch.autograd.grad(total, self.arch_params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
+            self.ctx.all_reduce_mean_(grads)
+            for p, g in zip(self.arch_params, grads):
+                p.grad = g
+            self.arch_opt.step()
+            self.arch_opt.zero_grad(set_to_none=True)
+            scalars["arch/total"] = float(terms["total"])
+        else:
+            train_batch = batch
+        train_batch = self.data.prepare(train_batch)
+        freeze_arch = self.arch_opt is not None or self.cfg.search.strategy == "random"
+        with _no_grad_for(self.arch_params if freeze_arch else []):
+            total, terms, out = self._forward_loss(train_batch, epoch, tau,
+                                                   step_seed(self.cfg.run.seed, self.global_step, 0))
+            self.weights.step(total)
+        scalars.update({k: float(v) for k, v in terms.items() if "/" not in k})
+        scalars.update(gflops=float(out.gflops.detach()), images=float(train_batch["image"].shape[0]),
+                       lr=self.weights.lr(), arch_lr=self._arch_lr())
+        return scalars
+
+    def _arch_lr(self) -> float:
+        if self.arch_opt is not None:
+            return self.arch_opt.param_groups[0]["lr"]
+        return self.weights.lr(group=1) if self.cfg.search.strategy == "synchronous" else 0.0
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        if self.arch_sched is not None:
+            self.arch_sched.step()
+        if self.cfg.search.strategy == "synchronous":
+            self.weights.set_lr(_multistep(self.cfg.search.arch_lr, self.cfg.search.arch_lr_milestones,
+                                           self.cfg.search.arch_lr_gamma, epoch + 1), group=1)
+        metrics = {"gflops_argmax": self.derived_gflops()}
+        if self.ctx.is_main:
+            self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
+            if self.cfg.run.val_ap_images:
+                metrics.update(self.validate())
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """AP of the current argmax architecture on the val subset."""
+        net, mode = self.supernet, self.supernet.sampling
+        net.eval()
+        net.sampling = "argmax"
+        try:
+            def exit_fn(x):
+                last = net(x, tau=1.0).exits[-1]
+                return last.heatmaps, last.tags
+            stats = validation_ap(exit_fn, self.data, self.cfg.infer, self.cfg.run.val_ap_images)
+        finally:
+            net.sampling = mode
+            net.train()
+        return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
+
+    def derived_gflops(self) -> float:
+        """GFLOPs (multiply-adds) of the current argmax architecture at the training input size."""
+        genotype = self.supernet.derive()
+        size = self.cfg.data.input_size
+        return DerivedNet(genotype, self.cfg.model.num_joints,
+                          self.cfg.model.stem_blocks).exit_gflops((size, size))[genotype.exit_layers[-1]]
+
+    def arch_snapshot(self) -> dict[str, Any]:
+        return {"genotype": self.supernet.derive().to_dict(),
+                **{name: p.detach().cpu().tolist() for name, p in
+                   zip(("alpha", "beta", "m_alpha", "m_beta"), self.arch_params)}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.supernet.state_dict(),
+                "weights": self.weights.state_dict(),
+                "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
+                "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.supernet.load_state_dict(state["model"])
+        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
+        if self.arch_opt is not None:
+            self.arch_opt.load_state_dict(state["arch_optimizer"])
+            self.arch_sched.load_state_dict(state["arch_scheduler"])
+
+    def save_collective(self, epoch: int) -> None:
+        self.weights.save_collective(self.run_dir, epoch)
+
+    def finish(self) -> dict[str, Path]:
+        if not self.ctx.is_main:
+            return {}
+        genotype = self.supernet.derive()
+        genotype_path = self.run_dir.artifact("genotype.json")
+        genotype.save(genotype_path)
+        size = self.cfg.data.input_size
+        profile = {"input_size": size, **profile_genotype(genotype, (size, size), self.cfg.model.num_joints,
+                                                          self.cfg.model.stem_blocks)}
+        return {"genotype": genotype_path, "profile": self.run_dir.write_json("profile.json", profile)}
+
+
+# --------------------------------------------------------------------------- #
+def _cycle(loader, epoch: int) -> Iterator[Any]:
+    """Endless batches of ``loader`` (the arch split is smaller than the train split)."""
+    k = 0
+    while True:
+        loader.set_epoch(epoch * 1000 + k)
+        yield from loader
+        k += 1
+
+
+def _multistep(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
+    return base * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+@contextlib.contextmanager
+def _no_grad_for(params: list[torch.nn.Parameter]):
+    """Temporarily stop gradients to ``params`` (the arch parameters during a weight step)."""
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, s in zip(params, saved):
+            p.requires_grad_(s)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = job_arguments("threempose.search", __doc__.split("\n\n")[0]).parse_args(argv)
+    return run_job(args, SearchJob)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
