@@ -28,3 +28,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton path (compiled on a GPU, interpreted on the CPU) and count launches."""
+    import torch
+
+    from threempose.kernels import backend, use_backend
+
+    if not (torch.cuda.is_available() or backend.interpreting()):
+        pytest.fail("no GPU and no TRITON_INTERPRET=1: tests/conftest.py did not take effect")
+    backend.launch_counts.clear()
+    with use_backend("triton"):
+        yield

@@ -12,24 +12,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from devices import DEV, gpu
 
 from threempose.kernels import (backend, gumbel_noise, gumbel_noise_reference, gumbel_topk,
                                 gumbel_topk_reference, use_backend)
 
 gmod = importlib.import_module("threempose.kernels.gumbel_topk")
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: checks the compiled kernels "
-                                               "in bf16 (the interpreter runs on this machine)")
-
-
-@pytest.fixture
-def triton_backend():
-    if not (HAS_CUDA or backend.interpreting()):
-        pytest.fail("no GPU and no TRITON_INTERPRET=1: tests/conftest.py did not take effect")
-    backend.launch_counts.clear()
-    with use_backend("triton"):
-        yield
 
 
 # Random123 tests/kat_vectors (DEShawResearch/random123): counter, key, output words (hex).

@@ -7,22 +7,10 @@ order) up to 1e-6, backward 1e-5 (block-wise vs whole-tensor dot products); bflo
 """
 import pytest
 import torch
+from devices import DEV, HAS_CUDA, gpu
 
 from threempose.kernels import backend, mixed_op_sum, mixed_op_sum_reference, use_backend
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: checks the compiled kernels "
-                                               "in bf16 (the interpreter runs on this machine)")
-
-
-@pytest.fixture
-def triton_backend():
-    if not (HAS_CUDA or backend.interpreting()):
-        pytest.fail("no GPU and no TRITON_INTERPRET=1: tests/conftest.py did not take effect")
-    backend.launch_counts.clear()
-    with use_backend("triton"):
-        yield
 
 
 def _closed_form(outputs, weights, gy):

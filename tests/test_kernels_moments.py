@@ -12,24 +12,17 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from devices import DEV, gpu
 
 from threempose.kernels import backend, heatmap_moments, heatmap_moments_reference, use_backend
 
 mmod = importlib.import_module("threempose.kernels.moments")
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: checks the compiled kernels "
-                                               "in bf16 (the interpreter runs on this machine)")
 
 
 @pytest.fixture(params=[2048, 64], ids=["one-segment", "many-segments"])
-def triton_backend(request, monkeypatch):
-    if not (HAS_CUDA or backend.interpreting()):
-        pytest.fail("no GPU and no TRITON_INTERPRET=1: tests/conftest.py did not take effect")
+def triton_backend(triton_backend, request, monkeypatch):
     monkeypatch.setattr(mmod, "_SEG", request.param)
-    backend.launch_counts.clear()
-    with use_backend("triton"):
-        yield request.param
+    return request.param
 
 
 def _scipy(h):

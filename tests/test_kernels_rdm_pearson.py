@@ -10,25 +10,17 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from devices import DEV, gpu
 from scipy.spatial.distance import pdist
 
 from threempose.kernels import backend, rdm_pearson, rdm_pearson_reference, use_backend
 
 rmod = importlib.import_module("threempose.kernels.rdm_pearson")
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: checks the compiled kernels "
-                                               "in bf16 (the interpreter runs on this machine)")
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
-    if not (HAS_CUDA or backend.interpreting()):
-        pytest.fail("no GPU and no TRITON_INTERPRET=1: tests/conftest.py did not take effect")
+def triton_backend(triton_backend, monkeypatch):
     monkeypatch.setattr(rmod, "_CHUNK", 64)     # several chunks per tensor even at tiny sizes
-    backend.launch_counts.clear()
-    with use_backend("triton"):
-        yield
 
 
 def _tensors(B, seed, dtype=torch.float32):
