@@ -1,0 +1,165 @@
+"""python -m threempose.infer: results, per-image records, drawings, summary, and bad input."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from threempose.data.synthetic import generate
+from threempose.engine.checkpoint import load_checkpoint, save_checkpoint
+from threempose.evaluate import evaluate_keypoints
+from threempose.infer import main, name_image_id
+from threempose.model_file import save_model_file
+
+from test_predictor import tiny_infer, tiny_net
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model_file(path, tiny_net(), dataclasses.asdict(tiny_infer()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three synthetic images with COCO annotations (ids 1..3, files 000001.jpg ...)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    annotations = generate(root, 3, seed=6, min_size=64, max_size=96, max_people=2)
+    return root / "images", annotations
+
+
+@pytest.fixture
+def images(tmp_path, data):
+    """The synthetic images plus a text file and a truncated JPEG."""
+    folder = tmp_path / "images"
+    shutil.copytree(data[0], folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes((folder / "000001.jpg").read_bytes()[:150])
+    return folder
+
+
+def test_infer_writes_results_records_drawings_and_a_summary(model, images, data, tmp_path, capsys):
+    out, draw = tmp_path / "out" / "results.json", tmp_path / "drawn"
+    rc = main(["--checkpoint", str(model), "--images", str(images), "--out", str(out), "--draw", str(draw),
+               "--annotations", str(data[1]), "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    results = json.loads(out.read_text())
+    meta = json.loads(out.with_suffix(".images.json").read_text())
+    records = meta["images"]
+    assert [r["image_id"] for r in records] == [1, 2, 3] and all(r["exit"] == 3 for r in records)
+    assert {s["file"].split("/")[-1]: s["reason"] for s in meta["skipped"]} == {
+        "notes.txt": "not an image of " + str(data[1]), "broken.jpg": "not an image of " + str(data[1])}
+    assert sum(r["people"] for r in records) == len(results) > 0
+    assert {r["image_id"] for r in results} <= {1, 2, 3}
+    stats = evaluate_keypoints(data[1], out)                         # scoreable by threempose.evaluate
+    assert 0.0 <= stats["AP"] <= 1.0
+    for r in records:
+        png = draw / f"{r['file'].split('/')[-1].split('.')[0]}.png"
+        with Image.open(png) as im, Image.open(r["file"]) as src:
+            assert im.format == "PNG" and im.size == src.size
+    assert meta["summary"]["images"] == 3 and meta["summary"]["exits"] == {"3": 3}
+    for line in ("images: 3 processed, 2 skipped", f"people found: {len(results)}", "exits taken: layer 3: 3",
+                 "mean GFLOPs per image:", "images/s"):
+        assert line in stdout
+
+
+def test_unreadable_files_are_skipped_and_listed(model, images, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["--checkpoint", str(model), "--images", str(images), "--out", str(out), "--dynamic",
+                 "--batch", "2", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    meta = json.loads(out.with_suffix(".images.json").read_text())
+    assert sorted(s["file"].split("/")[-1] for s in meta["skipped"]) == ["broken.jpg", "notes.txt"]
+    assert "notes.txt: not an image" in captured.out and "broken.jpg: unreadable" in captured.out
+    assert [r["image_id"] for r in meta["images"]] == [1, 2, 3]       # digit stems are the ids
+    assert all(sorted(r["scores"]) == ["1", "2"] for r in meta["images"])  # thesis thresholds: never early
+    assert "one image at a time" in captured.err
+
+
+def test_static_batches_give_the_same_results(model, data, tmp_path):
+    outs = []
+    for batch in ("1", "3"):
+        out = tmp_path / f"b{batch}.json"
+        assert main(["--checkpoint", str(model), "--images", str(data[0]), "--out", str(out), "--exit", "2",
+                     "--batch", batch, "--no-progress"]) == 0
+        outs.append(json.loads(out.read_text()))
+    assert len(outs[0]) == len(outs[1])
+    for a, b in zip(outs[0], outs[1]):
+        assert a["image_id"] == b["image_id"]
+        assert a["keypoints"] == pytest.approx(b["keypoints"], abs=1e-3)
+
+
+def test_one_file_and_name_based_ids(model, data, tmp_path):
+    image = tmp_path / "street scene.png"
+    with Image.open(data[0] / "000002.jpg") as im:
+        im.save(image)
+    out = tmp_path / "r.json"
+    assert main(["--checkpoint", str(model), "--images", str(image), "--out", str(out), "--no-progress"]) == 0
+    [record] = json.loads(out.with_suffix(".images.json").read_text())["images"]
+    assert record["image_id"] == name_image_id("street scene.png") == name_image_id("street scene.png")
+    assert 0 < record["image_id"] < 2 ** 53 and name_image_id("000139.jpg") == 139
+
+
+@pytest.mark.parametrize("case", ["empty dir", "missing", "not a model", "search checkpoint", "mismatch",
+                                  "id clash", "all unreadable", "bad exit"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, model, tmp_path, data, capsys):
+    images, checkpoint, extra = data[0], model, []
+    if case == "empty dir":
+        images = tmp_path / "empty"
+        images.mkdir()
+    elif case == "missing":
+        images = tmp_path / "nowhere"
+    elif case == "not a model":
+        checkpoint = tmp_path / "junk.pt"
+        checkpoint.write_text("hello")
+    elif case == "search checkpoint":
+        checkpoint = tmp_path / "search.pt"
+        save_checkpoint(checkpoint, {"kind": "search", "model": {}})
+    elif case == "mismatch":
+        state = load_checkpoint(model)
+        state["genotype"] = {**state["genotype"], "channels": 8}
+        checkpoint = tmp_path / "mismatch.pt"
+        save_checkpoint(checkpoint, state)
+    elif case == "id clash":
+        images = tmp_path / "clash"
+        images.mkdir()
+        shutil.copy(data[0] / "000001.jpg", images / "1.jpg")
+        shutil.copy(data[0] / "000001.jpg", images / "001.png")
+    elif case == "all unreadable":
+        images = tmp_path / "junk"
+        images.mkdir()
+        (images / "a.txt").write_text("x")
+    elif case == "bad exit":
+        extra = ["--exit", "9"]
+    out = tmp_path / "results.json"
+    rc = main(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    expected = {"empty dir": "holds no files", "missing": "no such file or directory",
+                "not a model": "junk.pt", "search checkpoint": "not a trained model file",
+                "mismatch": "weights vs its genotype", "id clash": "same image id 1",
+                "all unreadable": "could be processed", "bad exit": "infer.exit '9' is not an exit"}[case]
+    assert rc == 2 and "error: " in err and expected in err
+    assert not out.exists() and not out.with_suffix(".images.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results")]   # no temp files left
+
+
+def test_contradicting_exit_flags_are_rejected(model, data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(model), "--images", str(data[0]), "--out", str(tmp_path / "r.json"),
+              "--dynamic", "--exit", "1"])
+    assert e.value.code == 2
+
+
+def test_module_entry_point(model, data, tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "threempose.infer", "--checkpoint", str(model), "--images",
+                           str(data[0] / "000003.jpg"), "--out", str(out), "--exit", "1"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exits taken: layer 1: 1" in proc.stdout and out.is_file()

@@ -1,0 +1,237 @@
+"""Run a trained network on images: COCO keypoint results, drawings and a summary.
+
+    python -m threempose.infer --checkpoint runs/train-.../model.pt --images DIR_OR_FILE \\
+        --out results.json [--exit 4|7|final|dynamic] [--dynamic] [--draw OUT_DIR] \\
+        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json]
+
+Settings: the model file's ``infer`` section, or the ``infer`` section of ``--config`` (e.g. what
+``threempose.calibrate`` writes; its defaults fill the keys it leaves out); ``--exit`` /
+``--dynamic`` override ``infer.exit``.
+
+Inputs: one image file, or every regular, non-hidden file directly in a directory (sorted by
+name; subdirectories are not searched). Files that cannot be read as images are skipped and
+listed at the end; the run goes on.
+
+Outputs (written atomically when the run finishes; nothing is written on an error):
+
+* ``--out results.json``: COCO keypoint results (a JSON list of ``{"image_id", "category_id",
+  "keypoints": 51 numbers, "score"}``), scored by ``python -m threempose.evaluate
+  --annotations A.json --results results.json`` when the ids are A's.
+* ``results.images.json`` beside it: per image the file, image id, exit taken, GFLOPs spent,
+  people found and (dynamic) the EEL confidences; the skipped files and the summary.
+* ``--draw OUT_DIR``: one PNG per image with its people drawn (``<file stem>.png``; when two
+  inputs share a stem, ``<file name with '.' -> '_'>.png``).
+
+Image ids: with ``--annotations A.json`` (a COCO file), the id of A's image whose ``file_name``
+has the same base name (inputs A does not list are skipped). Without it, a stable id from the
+file name: the number itself when the stem is all digits (COCO's ``000000000139.jpg`` -> 139),
+else the first 48 bits of the SHA-1 of the file name; two inputs with the same id are an error.
+
+GFLOPs count both flip-test passes (see :mod:`threempose.predictor`). Exit status: 0 when at
+least one image was processed, 2 with ``error: ...`` on bad input (missing or empty input,
+not a threempose checkpoint, weights that do not fit the genotype, bad settings).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tqdm import tqdm
+
+from threempose.atomic import atomic_write_json
+from threempose.config import ConfigError
+from threempose.draw import save_drawing
+from threempose.dynamic_exit import DYNAMIC
+from threempose.engine.checkpoint import CheckpointError
+from threempose.predictor import ImageReadError, Prediction, Predictor, load_image
+
+
+class InferInputError(ValueError):
+    """Bad command-line input: missing or empty image path, bad annotations, id clashes."""
+
+
+@dataclass
+class RunSummary:
+    """What a run did: per-image records, skipped files, totals."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def totals(self) -> dict[str, Any]:
+        n = len(self.records)
+        exits = collections.Counter(r["exit"] for r in self.records)
+        return {"images": n, "skipped": len(self.skipped),
+                "people": sum(r["people"] for r in self.records),
+                "exits": {str(k): exits[k] for k in sorted(exits)},
+                "mean_gflops": sum(r["gflops"] for r in self.records) / n if n else 0.0,
+                "images_per_s": n / self.seconds if self.seconds > 0 else 0.0}
+
+    def text(self) -> str:
+        t = self.totals()
+        lines = [f"images: {t['images']} processed, {t['skipped']} skipped",
+                 f"people found: {t['people']}",
+                 "exits taken: " + ", ".join(f"layer {k}: {v}" for k, v in t["exits"].items()),
+                 f"mean GFLOPs per image: {t['mean_gflops']:.4g} (flip-test passes included)",
+                 f"speed: {t['images_per_s']:.2f} images/s"]
+        if self.skipped:
+            lines.append("skipped files:")
+            lines += [f"  {s['file']}: {s['reason']}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """The input files: ``[path]`` for a file, the sorted regular non-hidden files of a directory."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InferInputError(f"--images {path}: no such file or directory")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InferInputError(f"--images {path}: the directory holds no files")
+    return files
+
+
+def name_image_id(name: str) -> int:
+    """A stable COCO image id from a file name (see the module docstring)."""
+    stem = Path(name).stem
+    if stem.isdigit():
+        return int(stem)
+    return int(hashlib.sha1(Path(name).name.encode("utf-8")).hexdigest()[:12], 16)
+
+
+def image_ids(files: Sequence[Path], annotations: Optional[str | Path]) -> tuple[dict[Path, int], list[dict]]:
+    """``({file: image id}, skipped)``: ids from the annotations' file names, or from the names."""
+    if annotations is None:
+        ids = {f: name_image_id(f.name) for f in files}
+        owners: dict[int, Path] = {}
+        for f, i in ids.items():
+            if i in owners:
+                raise InferInputError(f"{owners[i].name} and {f.name} get the same image id {i}; rename one "
+                                      "or pass --annotations with their COCO ids")
+            owners[i] = f
+        return ids, []
+    by_name = _annotation_ids(Path(annotations))
+    ids = {f: by_name[f.name] for f in files if f.name in by_name}
+    skipped = [{"file": str(f), "reason": f"not an image of {annotations}"} for f in files if f not in ids]
+    return ids, skipped
+
+
+def _annotation_ids(path: Path) -> dict[str, int]:
+    """``{file base name: image id}`` of a COCO annotation file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InferInputError(f"--annotations {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InferInputError(f"--annotations {path}: not a readable JSON file ({e})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("id"), int)
+                                               and isinstance(im.get("file_name"), str) for im in images):
+        raise InferInputError(f"--annotations {path}: not a COCO annotation file (needs an 'images' "
+                              "list of {id, file_name})")
+    return {Path(im["file_name"]).name: im["id"] for im in images}
+
+
+def drawing_names(files: Sequence[Path]) -> dict[Path, str]:
+    """PNG names for ``--draw`` (see the module docstring)."""
+    stems = collections.Counter(f.stem for f in files)
+    return {f: (f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")) + ".png" for f in files}
+
+
+def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], batch: int = 1,
+        draw_dir: Optional[Path] = None, progress: bool = True) -> RunSummary:
+    """Predict every file of ``ids`` (in ``files`` order), ``batch`` images per call; unreadable
+    files go to ``summary.skipped``. Drawings are written as images finish."""
+    summary = RunSummary()
+    todo = [f for f in files if f in ids]
+    names = drawing_names(files) if draw_dir is not None else {}
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc="infer", unit="img", disable=not progress) as bar:
+        for i in range(0, len(todo), batch):
+            chunk, images = [], []
+            for f in todo[i:i + batch]:
+                try:
+                    images.append(load_image(f))
+                    chunk.append(f)
+                except ImageReadError as e:
+                    summary.skipped.append({"file": str(f), "reason": e.reason})
+            for f, image, pred in zip(chunk, images, predictor.predict_batch(images) if images else []):
+                _record(summary, f, ids[f], pred)
+                if draw_dir is not None:
+                    save_drawing(draw_dir / names[f], image, [{"keypoints": p.keypoints, "score": p.score}
+                                                             for p in pred.people])
+            bar.update(len(todo[i:i + batch]))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _record(summary: RunSummary, path: Path, image_id: int, pred: Prediction) -> None:
+    summary.results += pred.to_coco(image_id)
+    summary.records.append({"file": str(path), "image_id": image_id, **pred.summary()})
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m threempose.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by threempose.train")
+    p.add_argument("--images", required=True, help="an image file or a directory of images")
+    p.add_argument("--out", required=True, help="COCO results JSON to write")
+    p.add_argument("--exit", help="exit to use: an EEL layer (e.g. 4, 7), final or dynamic "
+                                  "(default: the settings' infer.exit)")
+    p.add_argument("--dynamic", action="store_true", help="same as --exit dynamic")
+    p.add_argument("--draw", metavar="OUT_DIR", help="write a PNG per image with its people drawn")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (static exits; "
+                                                        "dynamic inference runs one image at a time)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--config", help="a JSON config whose infer section replaces the model file's")
+    p.add_argument("--annotations", help="COCO annotations: take image ids from them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.dynamic and args.exit not in (None, DYNAMIC):
+        p.error(f"--dynamic contradicts --exit {args.exit}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        files = list_images(args.images)
+        ids, skipped = image_ids(files, args.annotations)
+        overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
+                                              **overrides)
+        if predictor.mode == DYNAMIC and args.batch > 1:
+            print("note: dynamic inference runs one image at a time; --batch is not used", file=sys.stderr)
+        summary = run(predictor, files, ids, args.batch, Path(args.draw) if args.draw else None,
+                      progress=not args.no_progress)
+        summary.skipped = skipped + summary.skipped
+        if not summary.records:
+            print(summary.text(), file=sys.stderr)
+            raise InferInputError(f"no image of {args.images} could be processed; nothing written")
+        atomic_write_json(out, summary.results, indent=None)
+        atomic_write_json(out.with_suffix(".images.json"), {
+            "checkpoint": str(args.checkpoint), "exit": str(predictor.cfg.exit),
+            "flip_test": predictor.cfg.flip_test, "summary": summary.totals(),
+            "images": summary.records, "skipped": summary.skipped})
+    except (InferInputError, CheckpointError, ConfigError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    print(f"results: {out} ({len(summary.results)} people), per image: {out.with_suffix('.images.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
