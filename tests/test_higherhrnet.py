@@ -282,6 +282,6 @@ def test_load_teacher_errors(checkpoint):
     with pytest.raises(ValueError, match="loss.teacher.checkpoint"):
         load_teacher(TeacherConfig(model="higherhrnet-w32", checkpoint=None))
     with pytest.raises(ValueError, match="threempose.nas.derived"):
-        load_teacher(TeacherConfig(model="threempose", genotype="g.json"))
+        load_teacher(TeacherConfig(model="threempose", checkpoint="model.pt"))
     with pytest.raises(ValueError, match="stage9"):
         load_teacher(TeacherConfig(checkpoint=str(checkpoint), layers=["stage2", "stage9"]))

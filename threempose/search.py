@@ -17,8 +17,10 @@ Strategies (``search.strategy``):
 
 Every rank draws the same Gumbel sample (the seed is a function of run seed and step) and
 architecture gradients are averaged over ranks, so the architecture parameters are
-identical on every rank at every step. Under the DeepSpeed launcher the weights are
-stepped by a DeepSpeed engine (ZeRO stage etc. from the config's ``deepspeed`` section).
+identical on every rank at every step; after every epoch a collective check raises
+:class:`ArchDivergenceError` if any rank's alpha/beta/m differ from rank 0's, and at the end
+every rank writes its own ``arch/final_rank<R>.pt``. Under the DeepSpeed launcher the weights
+are stepped by a DeepSpeed engine (ZeRO stage etc. from the config's ``deepspeed`` section).
 The run ends with ``genotype.json`` and ``profile.json`` in the run directory.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from threempose.atomic import atomic_torch_save
 from threempose.config import Config
 from threempose.data.loader import build_loaders
 from threempose.engine.distributed import DistContext
@@ -56,6 +59,11 @@ from threempose.profile import profile_genotype
 from threempose.teacher import Teacher, build_teacher
 
 ARCH_SEED_STRIDE = 1_000_003
+ARCH_NAMES = ("alpha", "beta", "m_alpha", "m_beta")
+
+
+class ArchDivergenceError(RuntimeError):
+    """The architecture parameters differ between ranks (they must be bit-identical)."""
 
 
 def step_seed(run_seed: int, global_step: int, phase: int) -> int:
@@ -83,6 +91,7 @@ class SearchJob(EpochJob):
         self.arch_params = self.supernet.arch_parameters()
         if s.strategy == "random":
             self._draw_random_architecture()
+        self.ctx.broadcast_([p.data for p in self.supernet.parameters()])   # before DeepSpeed copies them
         self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)
         self.loss = PoseLoss(cfg.loss)
         groups = [{"params": self.supernet.weight_parameters(), "lr": s.weight_lr}]
@@ -94,7 +103,6 @@ class SearchJob(EpochJob):
             self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
             self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
                                                                    s.arch_lr_gamma)
-        self.ctx.broadcast_([p.data for p in self.supernet.parameters()])
 
     # ---- architecture ------------------------------------------------------ #
     def _draw_random_architecture(self) -> None:
@@ -105,6 +113,17 @@ class SearchJob(EpochJob):
                 p.copy_(torch.randn(p.shape, generator=g))
                 p.requires_grad_(False)
         self.supernet.sampling = "argmax"
+
+    def check_arch_in_sync(self, epoch: int) -> None:
+        """Raise :class:`ArchDivergenceError` (on every rank) unless alpha/beta/m are identical
+        on all ranks. A collective: one broadcast and one all-reduce of the arch parameters."""
+        gaps = self.ctx.divergence([p.data for p in self.arch_params])
+        bad = [f"{name} by up to {gap:.3g}" for name, gap in zip(ARCH_NAMES, gaps) if gap != 0.0]
+        if bad:
+            raise ArchDivergenceError(
+                f"after epoch {epoch + 1} (step {self.global_step}) the architecture parameters of "
+                f"the {self.ctx.world_size} ranks differ from rank 0's: {', '.join(bad)}; every rank "
+                f"must draw the same Gumbel sample and see the same averaged arch gradients")
 
     def tau(self, epoch: int, step: int, steps: int) -> float:
         s = self.cfg.search
@@ -118,7 +137,9 @@ class SearchJob(EpochJob):
             return take(self.data.train, n), n
         return take(zip(self.data.train, _cycle(self.data.arch, epoch)), n), n
 
-    def _forward_loss(self, batch: dict, epoch: int, tau: float, seed: int):
+    def forward_loss(self, batch: dict, epoch: int, tau: float, seed: int):
+        """Supernet forward on ``batch`` (a prepared loader batch) with the architecture drawn
+        from ``seed`` at temperature ``tau``; returns ``(total loss, terms, SupernetOutput)``."""
         images = batch["image"]
         with self.weights.autocast():
             out = self.supernet(images, tau=tau, seed=seed)
@@ -135,7 +156,7 @@ class SearchJob(EpochJob):
         if self.arch_opt is not None:
             train_batch, arch_batch = batch
             arch_batch = self.data.prepare(arch_batch)
-            total, terms, _ = self._forward_loss(arch_batch, epoch, tau,
+            total, terms, _ = self.forward_loss(arch_batch, epoch, tau,
                                                  step_seed(self.cfg.run.seed, self.global_step, 1))
             grads = torch.autograd.grad(total, self.arch_params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
@@ -150,7 +171,7 @@ class SearchJob(EpochJob):
         train_batch = self.data.prepare(train_batch)
         freeze_arch = self.arch_opt is not None or self.cfg.search.strategy == "random"
         with _no_grad_for(self.arch_params if freeze_arch else []):
-            total, terms, out = self._forward_loss(train_batch, epoch, tau,
+            total, terms, out = self.forward_loss(train_batch, epoch, tau,
                                                    step_seed(self.cfg.run.seed, self.global_step, 0))
             self.weights.step(total)
         scalars.update({k: float(v) for k, v in terms.items() if "/" not in k})
@@ -169,6 +190,7 @@ class SearchJob(EpochJob):
         if self.cfg.search.strategy == "synchronous":
             self.weights.set_lr(_multistep(self.cfg.search.arch_lr, self.cfg.search.arch_lr_milestones,
                                            self.cfg.search.arch_lr_gamma, epoch + 1), group=1)
+        self.check_arch_in_sync(epoch)
         metrics = {"gflops_argmax": self.derived_gflops()}
         if self.ctx.is_main:
             self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
@@ -201,7 +223,7 @@ class SearchJob(EpochJob):
     def arch_snapshot(self) -> dict[str, Any]:
         return {"genotype": self.supernet.derive().to_dict(),
                 **{name: p.detach().cpu().tolist() for name, p in
-                   zip(("alpha", "beta", "m_alpha", "m_beta"), self.arch_params)}}
+                   zip(ARCH_NAMES, self.arch_params)}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.supernet.state_dict(),
@@ -219,7 +241,19 @@ class SearchJob(EpochJob):
     def save_collective(self, epoch: int) -> None:
         self.weights.save_collective(self.run_dir, epoch)
 
+    def save_rank_arch(self) -> Path:
+        """Every rank: this rank's alpha/beta/m to ``arch/final_rank<R>.pt`` (tensors on the CPU,
+        with ``rank``, ``world_size``, ``global_step``), to compare ranks after a run."""
+        path = self.run_dir.arch_dir / f"final_rank{self.ctx.rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)      # a node without the shared run dir
+        atomic_torch_save(path, {**{name: p.detach().cpu().clone() for name, p in
+                                    zip(ARCH_NAMES, self.arch_params)},
+                                 "rank": self.ctx.rank, "world_size": self.ctx.world_size,
+                                 "global_step": self.global_step})
+        return path
+
     def finish(self) -> dict[str, Path]:
+        self.save_rank_arch()
         if not self.ctx.is_main:
             return {}
         genotype = self.supernet.derive()

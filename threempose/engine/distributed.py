@@ -8,8 +8,9 @@ process group, and every collective below is the identity.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,20 +32,37 @@ class DistContext:
         return self.rank == 0
 
     def all_reduce_mean_(self, tensors: Iterable[torch.Tensor | None]) -> None:
-        """Average each tensor over all ranks, in place (None entries are skipped)."""
+        """Average each tensor over all ranks, in place (None entries are skipped).
+
+        The tensors travel in one flat buffer per dtype and device (one collective each) and
+        are copied back, so non-contiguous tensors (autograd returns strided views, e.g. for
+        slices of a parameter) are averaged too: gloo's ``dist.all_reduce`` on such a view
+        reduces the wrong elements, and a bilevel search's ranks drifted apart.
+        """
         if self.world_size == 1:
             return
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for t in tensors:
             if t is not None:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                t.div_(self.world_size)
+                groups.setdefault((t.dtype, t.device), []).append(t)
+        for group in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world_size)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view(t.shape))
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Overwrite each tensor with rank ``src``'s copy, in place."""
         if self.world_size == 1:
             return
         for t in tensors:
-            dist.broadcast(t, src=src)
+            if t.is_contiguous():
+                dist.broadcast(t, src=src)
+            else:                       # a strided view: broadcast a copy, then write it back
+                buf = t.contiguous()
+                dist.broadcast(buf, src=src)
+                t.copy_(buf)
 
     def all_reduce_sum(self, value: float) -> float:
         """Sum a Python number over ranks."""
@@ -54,14 +72,42 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item())
 
+    def divergence(self, tensors: Sequence[torch.Tensor], src: int = 0) -> list[float]:
+        """For each tensor, the largest ``|t - t on rank src|`` over all elements and ranks.
+
+        A collective (every rank must call it with tensors of the same shapes); every rank
+        gets the same list. NaN differences count as ``inf``. All zeros in one process.
+        """
+        if self.world_size == 1:
+            return [0.0] * len(tensors)
+        mine = torch.cat([t.detach().reshape(-1) for t in tensors]).to(self.device)
+        ref = mine.clone()
+        dist.broadcast(ref, src=src)
+        gap = (mine - ref).abs().nan_to_num(nan=float("inf"))
+        sizes = [t.numel() for t in tensors]
+        worst = torch.stack([g.max() if g.numel() else gap.new_zeros(())
+                             for g in gap.split(sizes)]).to(torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return [float(v) for v in worst.cpu()]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        """Tear the process group down (a rank left without this may abort at exit)."""
+    def close(self, failed: Optional[bool] = None) -> None:
+        """Tear the process group down (a rank left without this may abort at exit).
+
+        On success the ranks first meet at a barrier. When this rank is failing
+        (``failed``; by default: an exception is propagating through the caller's
+        ``finally``) it skips the barrier - the other ranks may be waiting in a different
+        collective, and a barrier would hang it; it exits with an error instead and the
+        launcher stops the others.
+        """
         if self.world_size > 1 and dist.is_initialized():
-            dist.barrier()
+            if failed is None:
+                failed = sys.exc_info()[0] is not None
+            if not failed:
+                dist.barrier()
             dist.destroy_process_group()
 
 

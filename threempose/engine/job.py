@@ -31,7 +31,7 @@ from threempose.config import Config
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import MetricsLogger
 from threempose.engine.progress import EpochProgress, progress_enabled
-from threempose.engine.run_dir import RunDir
+from threempose.engine.run_dir import RunDir, RunDirError
 from threempose.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 
@@ -116,6 +116,12 @@ class EpochJob:
         seed_everything(self.cfg.run.seed)   # the same on every rank
         self.run_dir = self.open_run_dir(resume)
         resumed = resume is not None and self.run_dir.has_checkpoint
+        if resume is not None and self.ctx.world_size > 1:
+            seen = int(self.ctx.all_reduce_sum(float(resumed)))   # every rank decides alike
+            if seen not in (0, self.ctx.world_size):
+                raise RunDirError(f"--resume: {seen} of {self.ctx.world_size} ranks see "
+                                  f"{self.run_dir.last_checkpoint}; put the run directory on a "
+                                  f"filesystem that every node shares (same path) to resume")
         if resumed:
             self.resume_from(self.run_dir)
             self.say(f"[threempose] resuming {self.run_dir.path} at epoch {self.epoch + 1}/{self.epochs}")

@@ -5,7 +5,15 @@ GradScaler for fp16) on CUDA devices in both cases; on the CPU it is off. The co
 ``deepspeed`` section is handed to DeepSpeed with ``train_micro_batch_size_per_gpu`` set
 to ``data.batch_size``, ``gradient_accumulation_steps`` 1 and ``gradient_clipping`` from
 the job when the section does not set it. Its own ``fp16``/``bf16`` switches must stay
-off: they would cast the architecture parameters too.
+off: they would cast the architecture parameters too. ZeRO stages 0-2 are supported; stage 3
+would partition the architecture parameters (module parameters stepped outside DeepSpeed in a
+bilevel search) and is rejected.
+
+Parameters that a step does not use (the ops and paths the sampled architecture leaves out)
+have no gradient in one process, and torch's Adam leaves them and their moments alone. Under
+DeepSpeed they take part in the gradient reduction as zeros (stage 0 fills ``.grad`` with zeros,
+ZeRO 1/2 keep flat gradient partitions), so Adam's moments keep moving them a little: every
+rank agrees, but a DeepSpeed run and a one-process run of the same config differ slightly.
 """
 from __future__ import annotations
 
@@ -25,6 +33,10 @@ DEEPSPEED_DIR = "deepspeed"
 def deepspeed_config(cfg: Config, grad_clip: Optional[float]) -> dict[str, Any]:
     """The DeepSpeed config of a run (see the module docstring); rejects its fp16/bf16."""
     ds = dict(cfg.deepspeed)
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{cfg.source}: deepspeed.zero_optimization.stage is {stage!r}; use 0, 1 or 2 "
+                          f"(stage 3 would partition the architecture parameters)")
     for key in ("fp16", "bf16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
             raise ConfigError(f"{cfg.source}: deepspeed.{key}.enabled must be false; use run.amp "
@@ -38,7 +50,12 @@ def deepspeed_config(cfg: Config, grad_clip: Optional[float]) -> dict[str, Any]:
 
 
 class WeightOptimizer:
-    """Adam over ``param_groups`` of ``module``; ``model`` is what the job calls forward on."""
+    """Adam over ``param_groups`` of ``module``; ``model`` is what the job calls forward on.
+
+    ``optimizer`` is always the torch Adam (its ``param_groups`` carry the learning rates, so
+    a torch LR scheduler can drive it); under DeepSpeed ``engine`` steps it (through its ZeRO
+    wrapper for stages 1-2).
+    """
 
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, ctx: DistContext,
                  grad_clip: Optional[float] = None):
@@ -52,7 +69,7 @@ class WeightOptimizer:
         if ctx.launched:
             import deepspeed
 
-            self.engine, optimizer, _, _ = deepspeed.initialize(
+            self.engine, _, _, _ = deepspeed.initialize(
                 model=module, optimizer=optimizer, config=deepspeed_config(cfg, grad_clip))
             self.model = self.engine
         else:
