@@ -181,6 +181,8 @@ def test_train_augmentation_is_seeded_and_flip_renames_joints(image_dir):
     assert torch.equal(data[2]["matrix"], again[2]["matrix"])
     again.set_epoch(2)
     assert not torch.equal(data[2]["matrix"], again[2]["matrix"])
+    # EpochSampler's (index, epoch) keys draw that epoch's augmentation, whatever set_epoch says.
+    assert torch.equal(again[(2, 1)]["matrix"], data[2]["matrix"]) and again.epoch == 2
 
 
 def test_detection_boxes(image_dir, tmp_path):

@@ -124,3 +124,16 @@ def test_head_layout():
     assert torch.equal(vectors[:, 2, 5], flat[:, 2 * 8 + 5])   # joint j, component c = channel j d + c
     with pytest.raises(ValueError, match="dim"):
         VectorInPixelHead(6, 3, dim=0)
+
+
+def test_head_starts_at_the_requested_score_for_unit_variance_features():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 32, 32)
+    vectors = VectorInPixelHead(in_channels=16, num_joints=3, dim=8, initial_score=0.05)(x)
+    squared = (vectors ** 2).sum(2)                        # E ||v||^2 = expected_length(0.05)^2 = 0.0526
+    assert squared.mean().item() == pytest.approx(0.05 / 0.95, rel=0.15)
+    assert 0.03 < keypoint_scores(vectors).mean().item() < 0.06
+    scalar = VectorInPixelHead(in_channels=16, num_joints=3, dim=1, initial_score=0.05)(x)
+    assert scalar.std().item() == pytest.approx(0.05, rel=0.15)   # d = 1: the channel is the score
+    with pytest.raises(ValueError, match="initial_score"):
+        VectorInPixelHead(16, 3, initial_score=1.0)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from threempose.pnfs.settings import TopDownConfig  # torch-free; types the pnfs.topdown section
+
 
 class ConfigError(ValueError):
     """A config file is missing, malformed, or has an unknown/badly typed key."""
@@ -197,6 +199,34 @@ class RunConfig:
 
 
 @dataclass
+class PnfsConfig:
+    """PNFS mode: top-down part-specific neural fabrics (:mod:`threempose.pnfs`).
+
+    The part subnetworks are fabrics of the ``model`` section (``rows``, ``layers`` kept,
+    ``channels`` = row-0 width, ``hidden``, ``ops``, ``sampling``, ``r_alpha``, ``r_beta``;
+    ``eels`` must be empty). PNFS' channel factor C gives row 0 ``4C`` channels (a node at
+    scale s has ``C / s``), so PNFS' C = 10 is ``channels: 40``. ``search`` and ``train`` drive
+    the optimisation; ``data`` names the data set (its crop settings are ``pnfs.topdown``).
+    """
+
+    enabled: bool = False
+    num_parts: int = 3                # P: a body-part mode of PNFS Table I (1, 3, 5 or 8)
+    backbone: Literal["fabric", "hrnet"] = "fabric"
+    backbone_channels: int = 40       # fabric: its row-0 width; hrnet: the HRNet width (32 = W32)
+    backbone_layers: int = 3          # fabric: the first m layers of a fabric (Table VIII "layers reserved")
+    backbone_hidden: int = 2          # fabric: H of its cells
+    backbone_ops: list[str] = field(default_factory=lambda: [
+        "identity", "sep_conv", "zoom_conv", "avg_pool", "max_pool"])
+    backbone_checkpoint: Optional[str] = None   # hrnet: HRNet / HigherHRNet weights for stem..stage 3
+    share_alpha: bool = True          # one alpha per fabric (PNFS §III-F), else one per cell
+    prune_threshold: float = 1e-3     # dense search: ops and inputs weighted below it are pruned
+    weight_lr_milestones: list[int] = field(default_factory=lambda: [90, 120, 150])   # search
+    weight_lr_gamma: float = 0.25
+    detections: Optional[str] = None  # evaluation boxes: COCO detection results (None: GT boxes)
+    topdown: TopDownConfig = field(default_factory=TopDownConfig)
+
+
+@dataclass
 class Config:
     """A whole threempose config (search, train or infer use what they need)."""
 
@@ -207,6 +237,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    pnfs: PnfsConfig = field(default_factory=PnfsConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # passed to DeepSpeed as is
     source: Optional[str] = None      # the file this config was loaded from (set by load_config)
 

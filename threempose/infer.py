@@ -51,6 +51,7 @@ from threempose.draw import save_drawing
 from threempose.dynamic_exit import DYNAMIC
 from threempose.engine.checkpoint import CheckpointError
 from threempose.predictor import ImageReadError, Prediction, Predictor, load_image
+from threempose.pnfs.dispatch import pnfs_main
 
 
 class InferInputError(ValueError):
@@ -204,6 +205,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if (pnfs := pnfs_main("infer", argv)) is not None:     # a top-down PNFS config / model
+        return pnfs()
     args = parse_args(argv)
     out = Path(args.out)
     try:

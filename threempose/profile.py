@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 from threempose.config import ConfigError, load_config
 from threempose.nas.fabric import FabricNet, Supernet
 from threempose.nas.genotype import OP_LABELS, Genotype, GenotypeError
+from threempose.pnfs.dispatch import pnfs_main
 
 MODELS = ("higherhrnet-w32",)
 
@@ -131,6 +132,8 @@ def _print_report(title: str, report: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if (pnfs := pnfs_main("profile", argv)) is not None:     # a top-down PNFS config / model
+        return pnfs()
     parser = argparse.ArgumentParser(prog="python -m threempose.profile", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)

@@ -38,7 +38,7 @@ if __name__ == "__main__" and not __package__:
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -47,7 +47,7 @@ from threempose.config import Config
 from threempose.data.loader import build_loaders
 from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
-from threempose.engine.launch import job_arguments, run_job, steps_per_epoch, take
+from threempose.engine.launch import cycle_epochs, job_arguments, run_job, steps_per_epoch, take
 from threempose.engine.validate import validation_ap
 from threempose.engine.weights import WeightOptimizer
 from threempose.kernels import set_backend
@@ -57,6 +57,7 @@ from threempose.nas.dyn_egs import MAX_SEED, gumbel_tau
 from threempose.nas.fabric import Supernet
 from threempose.profile import profile_genotype
 from threempose.teacher import Teacher, build_teacher
+from threempose.pnfs.dispatch import pnfs_main
 
 ARCH_SEED_STRIDE = 1_000_003
 ARCH_NAMES = ("alpha", "beta", "m_alpha", "m_beta")
@@ -135,7 +136,7 @@ class SearchJob(EpochJob):
         n = steps_per_epoch(len(self.data.train), self.cfg.search.max_steps_per_epoch)
         if self.data.arch is None:
             return take(self.data.train, n), n
-        return take(zip(self.data.train, _cycle(self.data.arch, epoch)), n), n
+        return take(zip(self.data.train, cycle_epochs(self.data.arch, epoch)), n), n
 
     def forward_loss(self, batch: dict, epoch: int, tau: float, seed: int):
         """Supernet forward on ``batch`` (a prepared loader batch) with the architecture drawn
@@ -266,15 +267,6 @@ class SearchJob(EpochJob):
 
 
 # --------------------------------------------------------------------------- #
-def _cycle(loader, epoch: int) -> Iterator[Any]:
-    """Endless batches of ``loader`` (the arch split is smaller than the train split)."""
-    k = 0
-    while True:
-        loader.set_epoch(epoch * 1000 + k)
-        yield from loader
-        k += 1
-
-
 def _multistep(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
     return base * gamma ** sum(1 for m in milestones if epoch >= m)
 
@@ -293,6 +285,8 @@ def _no_grad_for(params: list[torch.nn.Parameter]):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if (pnfs := pnfs_main("search", argv)) is not None:     # a top-down PNFS config / model
+        return pnfs()
     args = job_arguments("threempose.search", __doc__.split("\n\n")[0]).parse_args(argv)
     return run_job(args, SearchJob)
 

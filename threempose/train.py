@@ -43,6 +43,7 @@ from threempose.model_file import save_model_file
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
 from threempose.profile import profile_network
+from threempose.pnfs.dispatch import pnfs_main
 
 GENOTYPE_FILE = "genotype.json"
 
@@ -128,6 +129,8 @@ class TrainJob(EpochJob):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if (pnfs := pnfs_main("train", argv)) is not None:     # a top-down PNFS config / model
+        return pnfs()
     parser = job_arguments("threempose.train", __doc__.split("\n\n")[0])
     parser.add_argument("--genotype", required=True, help="genotype JSON (a search's genotype.json)")
     args = parser.parse_args(argv)

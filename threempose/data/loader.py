@@ -142,7 +142,7 @@ class DataLoaders:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
-def _split_paths(cfg: DataConfig, progress: bool) -> tuple[Path, Path, Path, Path]:
+def split_paths(cfg: DataConfig, progress: bool) -> tuple[Path, Path, Path, Path]:
     """``(train_images, train_annotations, val_images, val_annotations)`` of ``cfg``."""
     if cfg.dataset == "synthetic":
         s = ensure_synthetic(cfg.synthetic, progress=progress)
@@ -178,7 +178,7 @@ def build_loaders(cfg: DataConfig, *, seed: int = 0, device: torch.device | str 
     """
     device = torch.device(device)
     gpu = cfg.augment.device == "gpu" or (cfg.augment.device == "auto" and device.type == "cuda")
-    train_images, train_ann, val_images, val_ann = _split_paths(cfg, progress)
+    train_images, train_ann, val_images, val_ann = split_paths(cfg, progress)
     train_set = CocoKeypoints(train_images, train_ann, cfg, train=True, seed=seed, raw=gpu)
     val_set = CocoKeypoints(val_images, val_ann, cfg, train=False, seed=seed, raw=gpu)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,

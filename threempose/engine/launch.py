@@ -46,6 +46,17 @@ def take(iterable: Iterable[Any], n: int) -> Iterator[Any]:
         yield item
 
 
+def cycle_epochs(loader, epoch: int) -> Iterator[Any]:
+    """Endless batches of ``loader`` (an architecture split smaller than the train split):
+    pass ``k`` of ``epoch`` uses the sampler order of ``epoch * 1000 + k``, so a resumed
+    epoch sees the same batches."""
+    k = 0
+    while True:
+        loader.sampler.set_epoch(epoch * 1000 + k)
+        yield from loader
+        k += 1
+
+
 def steps_per_epoch(loader_len: int, cap: Optional[int]) -> int:
     """Batches of an epoch: the loader's length, capped by ``max_steps_per_epoch``."""
     return min(loader_len, cap) if cap else loader_len

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,50 +43,11 @@ from torch.utils.data import Dataset
 from threempose.data.augment import normalize
 from threempose.data.keypoints import NUM_JOINTS, flip_index
 from threempose.data.targets import render_heatmaps, target_cells
+from threempose.pnfs.settings import TopDownConfig
 
 
 class TopDownDataError(ValueError):
     """An annotation, detection or image file is malformed or unusable for top-down crops."""
-
-
-@dataclass
-class TopDownConfig:
-    """Top-down (PNFS) crops, augmentation, targets and test-time settings."""
-
-    input_width: int = 288            # W: crop width in pixels (PNFS COCO: 384 x 288)
-    input_height: int = 384           # H: crop height
-    heatmap_stride: int = 4           # score maps are at 1/stride of the crop
-    sigma: float = 3.0                # Gaussian sigma in heatmap pixels (2.0 suits 256 x 192)
-    box_padding: float = 1.25         # box size factor after the aspect-ratio fix
-    scale_min: float = 0.7            # training: box size x U[scale_min, scale_max]
-    scale_max: float = 1.3
-    rotation: float = 45.0            # training: U[-rotation, rotation] degrees
-    flip: bool = True                 # training: horizontal flip with probability 1/2
-    vector_dim: int = 8               # d: vector in pixel length (1 = plain heatmap)
-    min_keypoints: int = 1            # people with fewer labelled joints are not samples
-    detection_threshold: float = 0.0  # evaluation on detections: boxes scoring less are dropped
-    flip_test: bool = True            # inference: average with the flipped crop
-    keypoint_threshold: float = 0.2   # inference: joints scoring above it make a person's mean score
-    oks_nms_threshold: float = 0.9    # inference: drop a person whose OKS to a better one exceeds it
-
-    def __post_init__(self) -> None:
-        for name in ("input_width", "input_height", "heatmap_stride", "vector_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TopDownConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("input_width", "input_height"):
-            if getattr(self, name) % self.heatmap_stride:
-                raise ValueError(f"TopDownConfig.{name} ({getattr(self, name)}) must be a multiple of "
-                                 f"heatmap_stride ({self.heatmap_stride})")
-        if not 0 < self.scale_min <= self.scale_max:
-            raise ValueError(f"TopDownConfig needs 0 < scale_min <= scale_max, got "
-                             f"{self.scale_min}, {self.scale_max}")
-        if self.sigma <= 0 or self.box_padding <= 0 or self.rotation < 0:
-            raise ValueError("TopDownConfig.sigma and box_padding must be > 0 and rotation >= 0")
-
-    @property
-    def heatmap_size(self) -> tuple[int, int]:
-        """``(h, w)`` of the score maps."""
-        return self.input_height // self.heatmap_stride, self.input_width // self.heatmap_stride
 
 
 # --------------------------------------------------------------------------- #
@@ -379,18 +339,21 @@ class TopDownCocoDataset(Dataset):
         except (UnidentifiedImageError, OSError) as e:
             raise TopDownDataError(f"{path}: cannot decode image: {e}") from None
 
-    def _augmentation(self, index: int) -> tuple[float, float, bool]:
-        """``(scale, rotation, flip)`` of sample ``index`` in the current epoch."""
+    def _augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
+        """``(scale, rotation, flip)`` of sample ``index`` in ``epoch``."""
         if not self.train:
             return 1.0, 0.0, False
         cfg = self.cfg
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         scale, rotation, coin = rng.uniform(cfg.scale_min, cfg.scale_max), rng.uniform(-1, 1), rng.random()
         return float(scale), float(rotation * cfg.rotation), bool(cfg.flip and coin < 0.5)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``key``: an index (augmented as in the epoch of :meth:`set_epoch`) or an
+        ``(index, epoch)`` pair, as :class:`threempose.data.loader.EpochSampler` yields."""
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         cfg, sample = self.cfg, self.samples[index]
-        scale, rotation, flip = self._augmentation(index)
+        scale, rotation, flip = self._augmentation(index, epoch)
         center, size = box_to_center_size(sample["bbox"], cfg.input_width / cfg.input_height,
                                           cfg.box_padding)
         matrix = crop_matrix(center, size * scale, cfg.input_width, cfg.input_height, rotation, flip)

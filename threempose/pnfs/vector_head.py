@@ -145,15 +145,30 @@ class VectorInPixelHead(nn.Module):
         in_channels: channels of the part's 1/4-scale feature map.
         num_joints: ``J``, the joints of the part.
         dim: ``d``, the vector length (8 in PNFS; 1 for a plain heatmap).
+        initial_score: the squashed score the head starts at for unit-variance inputs: the
+            weights are ``N(0, s^2)`` with ``in_channels * d * s^2 = expected_length(initial_score)^2``
+            (the expected ``||v||^2``) and the bias 0. A small start (0.05, the default) spares
+            the first steps unlearning ~0.4 scores everywhere, and, unlike a ~0 start, keeps the
+            squash's gradient ``2 v / (1 + ||v||^2)^2`` (0 at ``v = 0``) alive. For ``d = 1`` the
+            channel is the score itself (mean 0), whose spread starts at ``initial_score``:
+            ``s = initial_score / sqrt(in_channels)``.
     """
 
-    def __init__(self, in_channels: int, num_joints: int, dim: int = 8) -> None:
+    def __init__(self, in_channels: int, num_joints: int, dim: int = 8, initial_score: float = 0.05) -> None:
         super().__init__()
         if in_channels < 1 or num_joints < 1 or dim < 1:
             raise ValueError(f"VectorInPixelHead needs in_channels, num_joints and dim >= 1, got "
                              f"{in_channels}, {num_joints}, {dim}")
+        if not 0.0 < initial_score < 1.0:
+            raise ValueError(f"VectorInPixelHead initial_score must be in (0, 1), got {initial_score}")
         self.num_joints, self.dim = num_joints, dim
         self.conv = nn.Conv2d(in_channels, num_joints * dim, kernel_size=1)
+        if dim == 1:
+            std = initial_score / in_channels ** 0.5
+        else:
+            std = (initial_score / (1.0 - initial_score) / (in_channels * dim)) ** 0.5
+        nn.init.normal_(self.conv.weight, std=std)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, features: Tensor) -> Tensor:
         """``[B, in_channels, h, w]`` -> vectors ``[B, J, d, h, w]``."""

@@ -1,0 +1,131 @@
+"""The PNFS network: shapes for every part mode, the HRNet backbone (PNFS' "HRNet-W32 stem~stage3",
+8.1 M), model files, params/GFLOPs per crop, config checks and the main commands' dispatch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from threempose.config import ConfigError, config_from_dict, load_config
+from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, save_checkpoint
+from threempose.flops import measure_gflops
+from threempose.models.higherhrnet import HigherHRNet
+from threempose.pnfs.backbone import HRNetBackbone
+from threempose.pnfs.dispatch import pnfs_main, pnfs_requested
+from threempose.pnfs.model import (
+    PnfsNet, check_pnfs_config, is_pnfs_model_file, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
+)
+from threempose.pnfs.parts import part_groups, parts_per_joint
+
+from test_pnfs_cnf import tiny_cfg
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("num_parts", [1, 3, 5, 8])
+def test_part_outputs_and_merged_scores_have_the_paper_shapes(num_parts):
+    torch.manual_seed(0)
+    net = PnfsNet(tiny_cfg(num_parts=num_parts, topdown={"input_width": 48, "input_height": 64, "vector_dim": 4}))
+    out = net(torch.randn(2, 3, 64, 48))
+    assert [tuple(p.shape) for p in out.parts] == [(2, len(g), 4, 16, 12) for g in part_groups(num_parts)]
+    assert out.scores.shape == (2, 17, 16, 12)
+    # Each joint's score sums the squashed lengths (each in [0, 1)) of the parts that hold it.
+    bound = torch.tensor(parts_per_joint(num_parts), dtype=torch.float32)[None, :, None, None]
+    assert ((out.scores >= 0) & (out.scores < bound)).all()
+
+
+def test_hrnet_backbone_pyramid_and_the_papers_parameter_count():
+    backbone = HRNetBackbone(width=8)
+    rows = backbone(torch.randn(2, 3, 64, 48))
+    assert [tuple(r.shape) for r in rows] == [(2, 8, 16, 12), (2, 16, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        backbone(torch.randn(1, 3, 72, 48))
+    # PNFS Tables VI, VII: "HRNet-W32-Stem~stage3 (8.1M)".
+    assert sum(t.numel() for t in HRNetBackbone(width=32).parameters()) == 8_128_320
+
+
+def test_hrnet_backbone_loads_the_stem_to_stage3_of_a_higherhrnet_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = HigherHRNet(width=8)
+    path = tmp_path / "higherhrnet_w8.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    backbone = HRNetBackbone(width=8)
+    backbone.load_pretrained(path)
+    mine, theirs = backbone.state_dict(), source.state_dict()
+    assert mine.keys() <= theirs.keys() and not any(k.startswith("stage4") for k in mine)
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    torch.save(HigherHRNet(width=4).state_dict(), tmp_path / "w4.pth")
+    with pytest.raises(StateDictMismatchError, match="shape mismatches"):
+        backbone.load_pretrained(tmp_path / "w4.pth")
+    with pytest.raises(FileNotFoundError, match="backbone checkpoint not found"):
+        backbone.load_pretrained(tmp_path / "missing.pth")
+
+
+def test_hrnet_backbone_network_end_to_end():
+    torch.manual_seed(0)
+    net = PnfsNet(tiny_cfg(backbone="hrnet", backbone_channels=8))
+    assert len(net.searchable_fabrics()) == 3 and net.backbone.widths == [8, 16, 32, 64]
+    assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)
+
+
+def test_model_file_round_trip_and_profile(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    net = PnfsNet(cfg).eval()
+    fixed = pruned_network(net, cfg, net.architecture())
+    path = save_pnfs_model(tmp_path / "model.pt", fixed, cfg)
+    loaded, loaded_cfg = load_pnfs_model(path)
+    x = torch.randn(2, 3, 64, 48)
+    assert torch.equal(loaded(x).scores, fixed(x).scores) and torch.equal(fixed(x).scores, net(x).scores)
+    assert loaded_cfg.pnfs == cfg.pnfs and is_pnfs_model_file(path)
+    with pytest.raises(ValueError, match="search space"):
+        save_pnfs_model(tmp_path / "search.pt", net, cfg)
+    save_checkpoint(tmp_path / "other.pt", {"kind": "model"})
+    assert not is_pnfs_model_file(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a PNFS model"):
+        load_pnfs_model(tmp_path / "other.pt")
+    # Params and GFLOPs per crop: the parts add up to the whole, which FlopCounterMode counts.
+    report = profile_pnfs(fixed, (64, 48))
+    whole = measure_gflops(lambda: fixed(torch.zeros(1, 3, 64, 48)))
+    assert report["gflops"] == pytest.approx(whole, rel=1e-9)
+    assert report["params_m"] * 1e6 == pytest.approx(sum(t.numel() for t in fixed.parameters()))
+    assert [p["cells"] for p in report["parts"]] == [6, 6, 6]
+    search = profile_pnfs(net, (64, 48))                     # arch parameters are not counted
+    assert search["params_m"] == pytest.approx(report["params_m"]) and search["gflops"] == pytest.approx(whole)
+
+
+def test_pnfs_config_is_typed_and_checked(tmp_path):
+    assert load_config(CONFIGS / "search-small.json").pnfs.enabled is False
+    for name in ("pnfs-small", "pnfs-coco"):
+        cfg = load_config(CONFIGS / f"{name}.json")
+        check_pnfs_config(cfg)
+        assert cfg.pnfs.enabled
+    coco = load_config(CONFIGS / "pnfs-coco.json")     # PNFS Table VII ours-3: P=5, H=1, C=16 (row 0: 4C), 384x288
+    assert (coco.pnfs.num_parts, coco.model.hidden, coco.model.channels, coco.pnfs.backbone) == (5, 1, 64, "hrnet")
+    assert (coco.pnfs.topdown.input_height, coco.pnfs.topdown.input_width, coco.pnfs.topdown.vector_dim) == (384, 288, 8)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"extends": str(CONFIGS / "pnfs-small.json"), "pnfs": {"topdown": {"crop_width": 10}}}))
+    with pytest.raises(ConfigError, match="pnfs.topdown.crop_width"):
+        load_config(bad)
+    for pnfs, model, message in (({"num_parts": 4}, {}, "num_parts"), ({}, {"eels": [1]}, "model.eels"),
+                                 ({"enabled": False}, {}, "not a PNFS config"),
+                                 ({"backbone": "hrnet"}, {"rows": 3}, "model.rows must be 4")):
+        raw = {"model": {"rows": 4, "layers": 3, "eels": [], **model}, "pnfs": {"enabled": True, **pnfs}}
+        with pytest.raises(ConfigError, match=message):
+            check_pnfs_config(config_from_dict(raw, "x.json"))
+
+
+def test_main_commands_dispatch_pnfs_configs_and_model_files(tmp_path):
+    assert pnfs_requested("search", ["--config", str(CONFIGS / "pnfs-small.json")])
+    assert not pnfs_requested("search", ["--config", str(CONFIGS / "search-small.json")])
+    assert not pnfs_requested("train", ["--config", "missing.json", "--genotype", "G.json"])
+    assert pnfs_main("profile", ["--config", str(CONFIGS / "search-small.json")]) is None
+    cfg = tiny_cfg()
+    net = PnfsNet(cfg)
+    model = save_pnfs_model(tmp_path / "model.pt", pruned_network(net, cfg, net.architecture()), cfg)
+    assert pnfs_requested("infer", ["--checkpoint", str(model), "--images", "x"])
+    assert not pnfs_requested("infer", ["--checkpoint", str(tmp_path / "missing.pt")])
+    with pytest.raises(ValueError, match="unknown command"):
+        pnfs_requested("evaluate", [])

@@ -1,0 +1,111 @@
+"""Backbones that turn a person crop into the feature pyramid the part subnetworks share.
+
+Both return ``R`` rows, row ``r`` ``[B, widths[r], ceil(H / 2**(r+2)), ceil(W / 2**(r+2))]``
+for a ``[B, 3, H, W]`` crop (1/4 .. 1/32 of the crop for ``R = 4``):
+
+* :class:`HRNetBackbone` — HRNet's stem .. stage 3 and the transition that opens the 1/32
+  branch (PNFS Tables VI, VII: "HRNet-W32-Stem~stage3", 8.1 M parameters for W32: measured
+  8,128,320). The blocks are HigherHRNet's own (:class:`threempose.models.higherhrnet.HigherHRNet`,
+  the teacher), with the official key names, so HRNet / HigherHRNet checkpoints load into it
+  (:meth:`HRNetBackbone.load_pretrained`). Widths ``W, 2W, 4W, 8W``.
+* :class:`FabricBackbone` — a fabric backbone (PNFS §III-C, Fig. 5, Table VIII): the fabric
+  stem (two stride-2 3x3 convs, optional bottlenecks, a 1x1 conv to ``C``) and the first ``m``
+  layers of a cell fabric, searchable (its own architecture parameters) or fixed. Widths
+  ``C * 2**r``.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from threempose.engine.checkpoint import CheckpointError, check_state_dict
+from threempose.models.higherhrnet import HigherHRNet, unwrap_state_dict
+from threempose.models.hrnet_blocks import apply_transition
+from threempose.nas.fabric import Stem
+from threempose.pnfs.cnf import FixedFabric, SearchableFabric
+
+
+class HRNetBackbone(nn.Module):
+    """HRNet stem .. stage 3 + transition 3: ``[B, 3, H, W]`` -> 4 rows of widths ``W * 2**r``.
+
+    Args:
+        width: HRNet width ``W`` (32 for HRNet-W32).
+
+    ``H`` and ``W`` must be multiples of 16 (stage 3's exchange units upsample by exact powers
+    of two); PNFS' 384 x 288 and 256 x 192 crops are.
+    """
+
+    MULTIPLE = 16
+    KEYS = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "stage2", "transition2", "stage3",
+            "transition3")
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        full = HigherHRNet(width=width)
+        for name in self.KEYS:
+            setattr(self, name, getattr(full, name))
+        self.relu = full.relu
+        self.widths = [width * 2 ** r for r in range(4)]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2] % self.MULTIPLE or x.shape[-1] % self.MULTIPLE:
+            raise ValueError(f"HRNetBackbone needs crops [B, 3, H, W] with H and W multiples of "
+                             f"{self.MULTIPLE}, got {list(x.shape)}")
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        ys = self.stage2(apply_transition(self.transition1, [self.layer1(x)]))
+        ys = self.stage3(apply_transition(self.transition2, ys))
+        return apply_transition(self.transition3, ys)
+
+    def load_pretrained(self, path: Union[str, Path]) -> None:
+        """Load the stem .. stage-3 and transition-3 weights from an HRNet or HigherHRNet
+        checkpoint (e.g. ImageNet-pretrained HRNet-W32, or ``pose_higher_hrnet_w32_512.pth``);
+        its other entries (stage 4, heads, classifier) are ignored.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CheckpointError: unreadable, no state_dict inside, or a backbone key missing / of
+                another shape (:class:`~threempose.engine.checkpoint.StateDictMismatchError`).
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone checkpoint not found: {path} (pnfs.backbone_checkpoint)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: holds objects other than tensors and plain containers; "
+                                  f"re-save its state_dict with torch.save(...) ({e})") from None
+        except Exception as e:  # corrupt or not a torch file
+            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {e}") from None
+        state = unwrap_state_dict(obj, str(path))
+        ours = self.state_dict()
+        subset = {k: v for k, v in state.items() if k in ours}
+        check_state_dict(self, subset, f"{path} (HRNet stem..stage 3)")
+        self.load_state_dict(subset)
+
+
+class FabricBackbone(nn.Module):
+    """The fabric stem and the first ``layers`` layers of a cell fabric (PNFS §III-C).
+
+    Args:
+        fabric: a ``"backbone"`` :class:`SearchableFabric` (the search) or a :class:`FixedFabric`
+            of a backbone architecture.
+        stem_blocks: bottleneck units in the stem (0: PNFS' "two-layer convolutional stem").
+
+    ``forward(x, tau, seed)``: ``[B, 3, H, W]`` -> rows ``[B, C * 2**r, ceil(H / 2**(r+2)), ...]``.
+    """
+
+    def __init__(self, fabric: Union[SearchableFabric, FixedFabric], stem_blocks: int = 0) -> None:
+        super().__init__()
+        g = fabric.genotype
+        self.stem = Stem(g.channels, stem_blocks)
+        self.fabric = fabric
+        self.widths = [g.channels * 2 ** r for r in range(g.rows)]
+
+    def forward(self, x: Tensor, tau: float = 1.0, seed: Optional[int] = None) -> list[Tensor]:
+        rows = self.fabric({0: self.stem(x)}, tau, seed)
+        return [rows[r] for r in range(len(self.widths))]

@@ -1,0 +1,85 @@
+"""Top-down inference with a trained PNFS model: person boxes in, COCO keypoint results out.
+
+    python -m threempose.pnfs.infer --checkpoint runs/.../model.pt \\
+        --annotations person_keypoints_val2017.json --images val2017/ --out results.json
+    python -m threempose.pnfs.infer --checkpoint M.pt --annotations A.json --images DIR \\
+        --detections COCO_val2017_detections.json --out results.json --evaluate
+
+Every person box (the annotated ones, or ``--detections``' person boxes scoring at least the
+model's ``topdown.detection_threshold``) is cropped as in training (``pnfs.topdown``), run with
+flip test (unless ``--no-flip``), decoded (longest vector, quarter offset), rescored and
+OKS-NMS'd per image (:func:`threempose.pnfs.inference.predict_results`). The results file is
+what ``python -m threempose.evaluate`` scores; ``--evaluate`` prints that table too (the
+annotation file is the ground truth). ``python -m threempose.infer`` runs this when the
+checkpoint is a PNFS model.
+
+Python API::
+
+    net, cfg = load_pnfs_model("model.pt")
+    results = predict_file(net, cfg.pnfs.topdown, "A.json", "images/")     # COCO results list
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from threempose.atomic import atomic_open
+from threempose.engine.checkpoint import CheckpointError
+from threempose.evaluate import EvaluationInputError, evaluate_keypoints, format_table
+from threempose.pnfs.inference import predict_results
+from threempose.pnfs.model import PnfsNet, load_pnfs_model
+from threempose.pnfs.settings import TopDownConfig
+from threempose.pnfs.topdown_data import TopDownCocoDataset, TopDownDataError
+
+
+def predict_file(net: PnfsNet, cfg: TopDownConfig, annotations: Union[str, Path], images: Union[str, Path],
+                 detections: Union[str, Path, None] = None, batch_size: int = 16,
+                 device: Union[str, torch.device] = "cpu", num_workers: int = 0) -> list[dict]:
+    """COCO keypoint results of ``net`` (eval mode) on the person boxes of ``annotations``
+    (or of ``detections``), images read from ``images``."""
+    crops = TopDownCocoDataset(annotations, images, cfg, train=False, detections=detections)
+    net = net.to(device).eval()
+    return predict_results(lambda x: net(x).scores, crops, cfg, batch_size, device, num_workers)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m threempose.pnfs.infer", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a PNFS model.pt (pnfs.search / pnfs.train)")
+    parser.add_argument("--annotations", required=True, help="COCO person-keypoints JSON of the images")
+    parser.add_argument("--images", required=True, help="folder of the annotation file's images")
+    parser.add_argument("--detections", help="COCO detection results JSON (default: the annotated boxes)")
+    parser.add_argument("--out", required=True, help="where to write the COCO keypoint results JSON")
+    parser.add_argument("--no-flip", action="store_true", help="no flip test")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--evaluate", action="store_true", help="print the COCO keypoint AP/AR table")
+    args = parser.parse_args(argv)
+    try:
+        net, cfg = load_pnfs_model(args.checkpoint, args.device)
+        topdown = dataclasses.replace(cfg.pnfs.topdown, flip_test=cfg.pnfs.topdown.flip_test and not args.no_flip)
+        results = predict_file(net, topdown, args.annotations, args.images, args.detections, args.batch_size,
+                               args.device)
+    except (CheckpointError, TopDownDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with atomic_open(args.out, "w") as f:
+        json.dump(results, f)
+    print(f"wrote {len(results)} people to {args.out}", file=sys.stderr)
+    if args.evaluate:
+        try:
+            print(format_table(evaluate_keypoints(args.annotations, args.out)))
+        except EvaluationInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

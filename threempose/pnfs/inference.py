@@ -1,0 +1,146 @@
+"""Top-down data loaders and inference for PNFS runs: crops in, COCO keypoint results out.
+
+* :func:`build_topdown_loaders` — train (augmented, order fixed by seed and epoch), an
+  optional held-out ``arch`` part of the train split (bilevel search) and val crops of the
+  ``data`` section's data set (the synthetic set or COCO), with GT boxes or ``pnfs.detections``.
+* :func:`predict_keypoints` — the network over crops with flip test (average of the crop's
+  scores and the flipped crop's, flipped back), decoded into image keypoints.
+* :func:`predict_results` — those keypoints rescored, OKS-NMS'd and written as COCO results
+  (:func:`threempose.pnfs.topdown_decode.coco_results`).
+* :func:`validation_ap` — COCO OKS AP/AR of a network on the crops of the first ``n`` val
+  images, through :func:`threempose.evaluate.evaluate_keypoints`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from threempose.config import Config
+from threempose.data.loader import EpochSampler, split_paths
+from threempose.evaluate import evaluate_keypoints
+from threempose.pnfs.settings import TopDownConfig
+from threempose.pnfs.topdown_data import TopDownCocoDataset
+from threempose.pnfs.topdown_decode import coco_results, decode_crops, flip_back
+
+# images [N, 3, H, W] -> merged scores [N, 17, H/4, W/4]
+ScoreFn = Callable[[Tensor], Tensor]
+
+_ARCH_SPLIT_STREAM = 2 ** 31 + 7      # numpy seed-sequence entry of the train / arch split
+
+
+@dataclass
+class TopDownLoaders:
+    """Loaders of one PNFS run. ``train`` / ``arch`` yield crops in an order fixed by (seed,
+    epoch) (``loader.sampler.set_epoch(epoch)`` picks the epoch; the augmentation follows it);
+    ``val`` holds every val crop, in
+    file order; ``val_annotations`` and ``val_image_ids`` are what the evaluator needs."""
+
+    train: DataLoader
+    arch: Optional[DataLoader]
+    val: DataLoader
+    val_annotations: Path
+    val_image_ids: list[int]
+
+
+def topdown_datasets(cfg: Config, progress: bool = True) -> tuple[TopDownCocoDataset, TopDownCocoDataset, Path]:
+    """``(train crops, val crops, val annotation file)`` of ``cfg.data`` with ``cfg.pnfs.topdown``
+    settings (the synthetic set is generated on first use; COCO must be laid out as
+    ``data.root/annotations/person_keypoints_<split>.json``). Val crops use ``pnfs.detections``
+    when set, else the annotated boxes."""
+    train_images, train_ann, val_images, val_ann = split_paths(cfg.data, progress)
+    td = cfg.pnfs.topdown
+    train = TopDownCocoDataset(train_ann, train_images, td, train=True, seed=cfg.run.seed)
+    val = TopDownCocoDataset(val_ann, val_images, td, train=False, detections=cfg.pnfs.detections)
+    return train, val, val_ann
+
+
+def build_topdown_loaders(cfg: Config, *, rank: int = 0, world_size: int = 1,
+                          arch_fraction: Optional[float] = None, progress: bool = True) -> TopDownLoaders:
+    """The loaders of a PNFS run (module docstring). ``arch_fraction`` holds that part of the
+    train crops out as ``arch`` (a split fixed by ``run.seed``)."""
+    train_set, val_set, val_ann = topdown_datasets(cfg, progress)
+    d, seed = cfg.data, cfg.run.seed
+    common = dict(batch_size=d.batch_size, num_workers=d.num_workers, pin_memory=torch.cuda.is_available())
+    indices, arch = list(range(len(train_set))), None
+    if arch_fraction is not None:
+        if not 0.0 < arch_fraction < 1.0:
+            raise ValueError(f"arch_fraction must be in (0, 1), got {arch_fraction}")
+        perm = np.random.default_rng([seed, _ARCH_SPLIT_STREAM]).permutation(len(indices)).tolist()
+        cut = len(perm) - max(1, round(arch_fraction * len(perm)))
+        indices, held_out = sorted(perm[:cut]), sorted(perm[cut:])
+        arch = DataLoader(train_set, sampler=EpochSampler(held_out, seed + 1, True, rank, world_size),
+                          drop_last=True, **common)
+    train = DataLoader(train_set, sampler=EpochSampler(indices, seed, True, rank, world_size),
+                       drop_last=True, **common)
+    for name, loader in (("train", train), ("arch", arch)):
+        if loader is not None and len(loader) == 0:
+            raise ValueError(f"{train_set.annotation_file}: the {name} loader gets {len(loader.sampler)} person "
+                             f"crops per process, fewer than data.batch_size {d.batch_size}; lower the batch "
+                             "size or add images")
+    val = DataLoader(val_set, batch_size=d.batch_size, shuffle=False, num_workers=d.num_workers)
+    image_ids = sorted({s["image_id"] for s in val_set.samples})
+    return TopDownLoaders(train, arch, val, val_ann, image_ids)
+
+
+def crops_of_images(dataset: TopDownCocoDataset, image_ids: Sequence[int]) -> Subset:
+    """The crops of ``dataset`` whose image is one of ``image_ids``, in dataset order."""
+    wanted = set(image_ids)
+    return Subset(dataset, [i for i, s in enumerate(dataset.samples) if s["image_id"] in wanted])
+
+
+@torch.no_grad()
+def predict_keypoints(score_fn: ScoreFn, crops: Dataset, cfg: TopDownConfig, batch_size: int = 16,
+                      device: torch.device | str = "cpu", num_workers: int = 0) -> dict[str, np.ndarray]:
+    """Run ``score_fn`` over evaluation crops (``train=False`` samples) and decode them.
+
+    Args:
+        score_fn: crops ``[N, 3, H, W]`` -> merged scores ``[N, 17, H/4, W/4]``.
+        crops: a :class:`TopDownCocoDataset` (or a Subset of one) without augmentation.
+        cfg: ``flip_test`` and ``heatmap_stride``.
+    Returns:
+        ``{"image_ids" [N], "keypoints" [N, 17, 3] (x, y in image pixels, score), "box_scores" [N],
+        "areas" [N]}``.
+    """
+    out = {"image_ids": [], "keypoints": [], "box_scores": [], "areas": []}
+    for batch in DataLoader(crops, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        images = batch["image"].to(device)
+        scores = score_fn(images)
+        if cfg.flip_test:
+            scores = (scores + flip_back(score_fn(images.flip(-1)))) / 2
+        out["keypoints"].append(decode_crops(scores.float().cpu(), batch["matrix"].numpy(), cfg.heatmap_stride))
+        out["image_ids"].append(batch["image_id"].numpy())
+        out["box_scores"].append(batch["box_score"].double().numpy())
+        out["areas"].append(batch["area"].double().numpy())
+    if not out["keypoints"]:
+        return {"image_ids": np.zeros(0, np.int64), "keypoints": np.zeros((0, 17, 3)),
+                "box_scores": np.zeros(0), "areas": np.zeros(0)}
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def predict_results(score_fn: ScoreFn, crops: Dataset, cfg: TopDownConfig, batch_size: int = 16,
+                    device: torch.device | str = "cpu", num_workers: int = 0) -> list[dict]:
+    """COCO keypoint results of ``score_fn`` on ``crops``: :func:`predict_keypoints`, then
+    rescoring and per-image OKS-NMS (``cfg.keypoint_threshold``, ``cfg.oks_nms_threshold``)."""
+    pred = predict_keypoints(score_fn, crops, cfg, batch_size, device, num_workers)
+    return coco_results(pred["image_ids"].tolist(), pred["keypoints"], pred["box_scores"], pred["areas"],
+                        cfg.keypoint_threshold, cfg.oks_nms_threshold)
+
+
+def validation_ap(score_fn: ScoreFn, loaders: TopDownLoaders, cfg: TopDownConfig, count: int,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """COCO OKS AP/AR (the ten COCOeval numbers) of ``score_fn`` on the crops of the first
+    ``count`` val images (all when ``count <= 0``), plus ``crops`` (how many were scored)."""
+    ids = loaders.val_image_ids if count <= 0 else loaders.val_image_ids[:count]
+    crops = crops_of_images(loaders.val.dataset, ids)
+    results = predict_results(score_fn, crops, cfg, loaders.val.batch_size, device, loaders.val.num_workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # "no detections" early in a search is expected
+        stats = evaluate_keypoints(loaders.val_annotations, results, image_ids=ids)
+    return {**stats, "crops": float(len(crops))}

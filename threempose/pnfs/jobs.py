@@ -1,0 +1,307 @@
+"""PNFS search and training runs on the shared resumable epoch loop (:class:`~threempose.engine.job.EpochJob`).
+
+:class:`PnfsSearchJob` (PNFS §III-F; ``search.strategy``):
+
+* ``synchronous`` — PNFS' main strategy: one Adam over the weights and every fabric's alpha and
+  beta (and m), all updated by the gradient of the training loss in one step. Weights at
+  ``search.weight_lr``, architecture parameters at ``search.arch_lr``.
+* ``bilevel`` — first order (DARTS, PNFS Table II "first-order gradient-based"): each step
+  updates the architecture parameters on a batch of the held-out part of the train crops
+  (``search.arch_val_fraction``) with their own Adam, then the weights on a train batch.
+* ``random`` — PNFS' baseline: alpha / beta / m drawn once from N(0, 1) (seeded) and fixed;
+  only the weights train.
+
+Every fabric samples with ``model.sampling``: ``dense`` (PNFS: softmax-weighted sum of every op
+and input) or the 3M-Pose samplers ``dyn_egs`` / ``argmax`` (Gumbel temperature from
+``search.tau_start`` to ``tau_end``). The weights' learning rate is multiplied by
+``pnfs.weight_lr_gamma`` at ``pnfs.weight_lr_milestones``, the architecture's by
+``search.arch_lr_gamma`` at ``search.arch_lr_milestones`` (PNFS: both x0.25 at 90, 120, 150).
+The run ends with ``architecture.json`` (dense: every fabric pruned at ``pnfs.prune_threshold``,
+its weights kept, §III-F; otherwise the argmax genotypes), ``model.pt`` (that architecture with
+the searched weights: a synchronous dense search needs no retraining) and ``profile.json``.
+
+:class:`PnfsTrainJob` trains a fixed architecture (``--architecture``; from scratch, or from a
+model file's weights with ``--init``) with Adam (``train.lr``, ``train.lr_milestones``,
+``train.lr_gamma``) and writes ``model.pt`` and ``profile.json``.
+
+Both use PNFS' loss (Eq. 6, :func:`threempose.pnfs.vector_head.pnfs_loss`) on the merged part
+scores, log COCO OKS AP on the crops of the first ``run.val_ap_images`` val images after every
+epoch (flip test per ``pnfs.topdown.flip_test``), and run under DeepSpeed like the 3M-Pose jobs
+(:class:`~threempose.engine.weights.WeightOptimizer`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from threempose.config import Config
+from threempose.engine.distributed import DistContext
+from threempose.engine.job import EpochJob
+from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
+from threempose.engine.run_dir import RunDir, RunDirError
+from threempose.engine.weights import WeightOptimizer
+from threempose.kernels import set_backend
+from threempose.losses import NonFiniteLossError
+from threempose.nas.dyn_egs import gumbel_tau
+from threempose.pnfs.inference import TopDownLoaders, build_topdown_loaders, validation_ap
+from threempose.pnfs.model import (
+    PnfsArchitecture, PnfsNet, check_pnfs_config, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
+)
+from threempose.pnfs.vector_head import pnfs_loss
+from threempose.search import ArchDivergenceError, step_seed
+
+ARCHITECTURE_FILE = "architecture.json"
+RANDOM_ARCH_STREAM = 12345       # the random baseline's N(0, 1) draw uses seed run.seed + this
+
+
+def multistep(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
+    """``base * gamma ** (number of milestones <= epoch)``: a MultiStepLR value at ``epoch``."""
+    return base * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+class _TopDownJob(EpochJob):
+    """What the PNFS search and train jobs share: data, loss, validation, final artifacts."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, epochs: int, arch_fraction: Optional[float] = None):
+        super().__init__(cfg, ctx, epochs)
+        check_pnfs_config(cfg)
+        set_backend(cfg.run.kernels)
+        self.device = ctx.device
+        self.data: TopDownLoaders = build_topdown_loaders(cfg, rank=ctx.rank, world_size=ctx.world_size,
+                                                          arch_fraction=arch_fraction, progress=ctx.is_main)
+        self.crop_hw = (cfg.pnfs.topdown.input_height, cfg.pnfs.topdown.input_width)
+
+    def loss(self, model: Any, batch: dict, tau: float = 1.0, seed: Optional[int] = None) -> torch.Tensor:
+        """PNFS Eq. 6 of ``model`` on ``batch`` (a crop batch, moved to the device here)."""
+        out = model(batch["image"].to(self.device), tau=tau, seed=seed)
+        loss = pnfs_loss(out.scores.float(), batch["target"].to(self.device),
+                         batch["target_weight"].to(self.device))
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(f"non-finite PNFS loss (Eq. 6) at step {self.global_step}: {loss.item()}",
+                                     self.global_step, ["pnfs"])
+        return loss
+
+    def batches(self, loader, epoch: int, cap: Optional[int]) -> tuple[Iterator[Any], int]:
+        loader.sampler.set_epoch(epoch)
+        n = steps_per_epoch(len(loader), cap)
+        return take(loader, n), n
+
+    def validate(self, net: PnfsNet) -> dict[str, float]:
+        """OKS AP/AR of ``net`` on the first ``run.val_ap_images`` val images' crops (eval mode;
+        a ``dyn_egs`` network is scored with its argmax architecture)."""
+        mode, was_training = net.sampling, net.training
+        net.eval()
+        if mode == "dyn_egs":
+            net.sampling = "argmax"
+        try:
+            stats = validation_ap(lambda x: net(x).scores, self.data, self.cfg.pnfs.topdown,
+                                  self.cfg.run.val_ap_images, self.device)
+        finally:
+            if mode == "dyn_egs":
+                net.sampling = mode
+            net.train(was_training)
+        return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "crops": stats["crops"]}
+
+    def write_model(self, net: PnfsNet, extra_profiles: Optional[dict] = None) -> dict[str, Path]:
+        """``model.pt`` and ``profile.json`` (params and GFLOPs per crop) of a fixed network."""
+        model_path = save_pnfs_model(self.run_dir.artifact("model.pt"), net, self.cfg)
+        profile = {"crop": list(self.crop_hw), "model": profile_pnfs(net, self.crop_hw), **(extra_profiles or {})}
+        return {"model": model_path, "profile": self.run_dir.write_json("profile.json", profile)}
+
+
+class PnfsSearchJob(_TopDownJob):
+    """A PNFS architecture search (module docstring)."""
+
+    kind = "pnfs-search"
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        s = cfg.search
+        super().__init__(cfg, ctx, s.epochs, s.arch_val_fraction if s.strategy == "bilevel" else None)
+        torch.manual_seed(cfg.run.seed)                   # identical initial weights on every rank
+        self.net = PnfsNet(cfg).to(self.device)
+        self.arch_params = self.net.arch_parameters()
+        if s.strategy == "random":
+            g = torch.Generator().manual_seed(cfg.run.seed + RANDOM_ARCH_STREAM)
+            with torch.no_grad():
+                for t in self.arch_params:
+                    t.copy_(torch.randn(t.shape, generator=g))
+                    t.requires_grad_(False)
+        self.ctx.broadcast_([t.data for t in self.net.parameters()])     # before DeepSpeed copies them
+        groups = [{"params": self.net.weight_parameters(), "lr": s.weight_lr}]
+        if s.strategy == "synchronous":
+            groups.append({"params": self.arch_params, "lr": s.arch_lr})
+        self.weights = WeightOptimizer(self.net, groups, cfg, ctx, grad_clip=s.grad_clip)
+        self.arch_opt = self.arch_sched = None
+        if s.strategy == "bilevel":
+            self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
+            self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
+                                                                   s.arch_lr_gamma)
+
+    def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
+        batches, n = self.batches(self.data.train, epoch, self.cfg.search.max_steps_per_epoch)
+        if self.data.arch is None:
+            return batches, n
+        return zip(batches, cycle_epochs(self.data.arch, epoch)), n
+
+    def train_step(self, batch: Any, epoch: int, step: int) -> dict[str, float]:
+        s = self.cfg.search
+        n = steps_per_epoch(len(self.data.train), s.max_steps_per_epoch)
+        tau = gumbel_tau((epoch + step / max(n, 1)) / max(s.epochs, 1), s.tau_start, s.tau_end)
+        scalars: dict[str, float] = {"tau": tau}
+        if self.arch_opt is not None:
+            batch, arch_batch = batch
+            with self.weights.autocast():
+                arch_loss = self.loss(self.net, arch_batch, tau, step_seed(self.cfg.run.seed, self.global_step, 1))
+            grads = torch.autograd.grad(arch_loss, self.arch_params, allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(self.arch_params, grads)]
+            self.ctx.all_reduce_mean_(grads)
+            for t, g in zip(self.arch_params, grads):
+                t.grad = g
+            self.arch_opt.step()
+            self.arch_opt.zero_grad(set_to_none=True)
+            scalars["arch/loss"] = float(arch_loss.detach())
+        with self.weights.autocast():
+            loss = self.loss(self.weights.model, batch, tau, step_seed(self.cfg.run.seed, self.global_step, 0))
+        self.weights.step(loss)
+        if self.arch_opt is not None:           # the weight step's backward reached them too; unused
+            for t in self.arch_params:
+                t.grad = None
+        scalars.update(loss=float(loss.detach()), images=float(batch["image"].shape[0]), lr=self.weights.lr(),
+                       arch_lr=self._arch_lr())
+        return scalars
+
+    def _arch_lr(self) -> float:
+        if self.arch_opt is not None:
+            return self.arch_opt.param_groups[0]["lr"]
+        return self.weights.lr(group=1) if self.cfg.search.strategy == "synchronous" else 0.0
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        s, p = self.cfg.search, self.cfg.pnfs
+        self.weights.set_lr(multistep(s.weight_lr, p.weight_lr_milestones, p.weight_lr_gamma, epoch + 1))
+        if s.strategy == "synchronous":
+            self.weights.set_lr(multistep(s.arch_lr, s.arch_lr_milestones, s.arch_lr_gamma, epoch + 1), group=1)
+        if self.arch_sched is not None:
+            self.arch_sched.step()
+        gaps = self.ctx.divergence([t.data for t in self.arch_params])      # a collective
+        if any(gap != 0.0 for gap in gaps):
+            raise ArchDivergenceError(f"after epoch {epoch + 1} (step {self.global_step}) the PNFS architecture "
+                                      f"parameters differ between the {self.ctx.world_size} ranks by up to "
+                                      f"{max(gaps):.3g}; every rank must see the same averaged arch gradients")
+        if not self.ctx.is_main:
+            return {}
+        self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
+        return self.validate(self.net) if self.cfg.run.val_ap_images else {}
+
+    def arch_snapshot(self) -> dict[str, Any]:
+        """Every fabric's normalised weights: ``{"backbone" (fabric backbone only), "parts": [...]}``,
+        each ``{"ops", "op_weights" [N, E, K], "path_weights" [N, 3]}`` (the dense softmaxes) and,
+        for the 3M-Pose samplers, ``"genotype"`` (the argmax architecture)."""
+        def weights(fabric) -> dict[str, Any]:
+            with torch.no_grad():
+                w = fabric.normalised_weights()
+            out = {"ops": fabric.ops, "op_weights": w.op_weights.cpu().tolist(),
+                   "path_weights": w.path_weights.cpu().tolist()}
+            if fabric.sampling != "dense":
+                out["genotype"] = fabric.derive().genotype.to_dict()
+            return out
+        fabrics = self.net.searchable_fabrics()
+        out: dict[str, Any] = {"parts": [weights(part.fabric) for part in self.net.parts]}
+        if len(fabrics) > len(self.net.parts):
+            out["backbone"] = weights(fabrics[0])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "weights": self.weights.state_dict(),
+                "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
+                "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
+        if self.arch_opt is not None:
+            self.arch_opt.load_state_dict(state["arch_optimizer"])
+            self.arch_sched.load_state_dict(state["arch_scheduler"])
+
+    def save_collective(self, epoch: int) -> None:
+        self.weights.save_collective(self.run_dir, epoch)
+
+    def finish(self) -> dict[str, Path]:
+        if not self.ctx.is_main:
+            return {}
+        architecture = self.net.architecture(self.cfg.pnfs.prune_threshold)
+        arch_path = architecture.save(self.run_dir.artifact(ARCHITECTURE_FILE))
+        searched = pruned_network(self.net, self.cfg, architecture)
+        artifacts = self.write_model(searched, {"search_space": profile_pnfs(self.net, self.crop_hw)})
+        return {"architecture": arch_path, **artifacts}
+
+
+class PnfsTrainJob(_TopDownJob):
+    """Training one PNFS architecture (module docstring).
+
+    Args:
+        architecture: the architecture to build.
+        init: a PNFS model file whose weights (same architecture) start the training.
+    """
+
+    kind = "pnfs-train"
+
+    def __init__(self, cfg: Config, ctx: DistContext, architecture: PnfsArchitecture, init: Optional[str] = None):
+        super().__init__(cfg, ctx, cfg.train.epochs)
+        t = cfg.train
+        self.architecture = architecture
+        torch.manual_seed(cfg.run.seed)
+        self.net = PnfsNet(cfg, architecture).to(self.device)
+        if init is not None:
+            start, _ = load_pnfs_model(init)
+            if start.state_dict().keys() != self.net.state_dict().keys():
+                raise ValueError(f"--init {init}: its architecture differs from --architecture's; pass the "
+                                 f"{ARCHITECTURE_FILE} of the run that wrote it")
+            self.net.load_state_dict(start.state_dict())
+        self.ctx.broadcast_([p.data for p in self.net.parameters()])      # before DeepSpeed copies them
+        self.weights = WeightOptimizer(self.net, [{"params": list(self.net.parameters()), "lr": t.lr}], cfg, ctx,
+                                       grad_clip=t.grad_clip)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.weights.optimizer, t.lr_milestones, t.lr_gamma)
+
+    def open_run_dir(self, resume: Optional[str]) -> RunDir:
+        run_dir = super().open_run_dir(resume)
+        saved = run_dir.artifact(ARCHITECTURE_FILE)
+        if self.ctx.is_main:
+            if resume and saved.is_file() and PnfsArchitecture.load(saved).to_dict() != self.architecture.to_dict():
+                raise RunDirError(f"{run_dir.path} trained a different architecture than the one given; "
+                                  f"pass --architecture {saved}")
+            self.architecture.save(saved)
+        return run_dir
+
+    def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
+        return self.batches(self.data.train, epoch, self.cfg.train.max_steps_per_epoch)
+
+    def train_step(self, batch: Any, epoch: int, step: int) -> dict[str, float]:
+        with self.weights.autocast():
+            loss = self.loss(self.weights.model, batch)
+        self.weights.step(loss)
+        return {"loss": float(loss.detach()), "images": float(batch["image"].shape[0]), "lr": self.weights.lr()}
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        self.scheduler.step()
+        if not (self.ctx.is_main and self.cfg.run.val_ap_images):
+            return {}
+        return self.validate(self.net)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "weights": self.weights.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_collective(self, epoch: int) -> None:
+        self.weights.save_collective(self.run_dir, epoch)
+
+    def finish(self) -> dict[str, Path]:
+        if not self.ctx.is_main:
+            return {}
+        return self.write_model(self.net)
