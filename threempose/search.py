@@ -226,21 +226,11 @@ class SearchJob(EpochJob):
                 **{name: p.detach().cpu().tolist() for name, p in
                    zip(ARCH_NAMES, self.arch_params)}}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.supernet.state_dict(),
-                "weights": self.weights.state_dict(),
-                "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
-                "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None}
+    def network(self) -> torch.nn.Module:
+        return self.supernet
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.supernet.load_state_dict(state["model"])
-        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
-        if self.arch_opt is not None:
-            self.arch_opt.load_state_dict(state["arch_optimizer"])
-            self.arch_sched.load_state_dict(state["arch_scheduler"])
-
-    def save_collective(self, epoch: int) -> None:
-        self.weights.save_collective(self.run_dir, epoch)
+    def stateful(self) -> dict[str, Any]:
+        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched}
 
     def save_rank_arch(self) -> Path:
         """Every rank: this rank's alpha/beta/m to ``arch/final_rank<R>.pt`` (tensors on the CPU,

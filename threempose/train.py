@@ -106,17 +106,11 @@ class TrainJob(EpochJob):
             self.net.train()
         return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.net.state_dict(), "weights": self.weights.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+    def network(self) -> torch.nn.Module:
+        return self.net
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
-        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    def save_collective(self, epoch: int) -> None:
-        self.weights.save_collective(self.run_dir, epoch)
+    def stateful(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler}
 
     def finish(self) -> dict[str, Path]:
         if not self.ctx.is_main:

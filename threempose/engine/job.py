@@ -11,7 +11,8 @@ provides the model-specific parts:
   the seed and the epoch, so a resumed epoch sees the same data);
 * :meth:`train_step` - one optimisation step, returning scalars to log;
 * :meth:`end_epoch` - validation and snapshots after an epoch;
-* :meth:`state_dict` / :meth:`load_state_dict` - everything a resume needs;
+* :meth:`network` and :meth:`stateful` - what a checkpoint holds besides the loop's own
+  state (the weight optimizer ``self.weights`` is always saved);
 * :meth:`finish` - the final artifacts (genotype, profile, weights).
 
 Checkpoints are taken at epoch boundaries: a run killed mid-epoch resumes at
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import torch
 import torch.distributed as dist
 
 from threempose.config import Config
@@ -60,15 +62,31 @@ class EpochJob:
         """After ``epoch``: validation metrics (logged by rank 0)."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
+    def network(self) -> torch.nn.Module:
+        """The module whose weights the run trains (saved as ``model`` in checkpoints)."""
         raise NotImplementedError
 
+    def stateful(self) -> dict[str, Any]:
+        """Other objects with ``state_dict``/``load_state_dict`` a resume needs (schedulers,
+        an architecture optimizer), by checkpoint key; None entries are skipped."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The network, its weight optimizer (``self.weights``) and :meth:`stateful`."""
+        return {"model": self.network().state_dict(), "weights": self.weights.state_dict(),
+                **{k: v.state_dict() if v is not None else None for k, v in self.stateful().items()}}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        self.network().load_state_dict(state["model"])
+        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
+        for key, obj in self.stateful().items():
+            if obj is not None:
+                obj.load_state_dict(state[key])
 
     def save_collective(self, epoch: int) -> None:
         """Called on every rank before rank 0 writes the epoch checkpoint (DeepSpeed's
         sharded optimizer state is saved here, by all ranks together)."""
+        self.weights.save_collective(self.run_dir, epoch)
 
     def finish(self) -> dict[str, Path]:
         """Write final artifacts; returns ``{name: path}`` to report."""

@@ -73,6 +73,9 @@ class _TopDownJob(EpochJob):
                                                           arch_fraction=arch_fraction, progress=ctx.is_main)
         self.crop_hw = (cfg.pnfs.topdown.input_height, cfg.pnfs.topdown.input_width)
 
+    def network(self) -> torch.nn.Module:
+        return self.net
+
     def loss(self, model: Any, batch: dict, tau: float = 1.0, seed: Optional[int] = None) -> torch.Tensor:
         """PNFS Eq. 6 of ``model`` on ``batch`` (a crop batch, moved to the device here)."""
         out = model(batch["image"].to(self.device), tau=tau, seed=seed)
@@ -212,20 +215,8 @@ class PnfsSearchJob(_TopDownJob):
             out["backbone"] = weights(fabrics[0])
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.net.state_dict(), "weights": self.weights.state_dict(),
-                "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
-                "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
-        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
-        if self.arch_opt is not None:
-            self.arch_opt.load_state_dict(state["arch_optimizer"])
-            self.arch_sched.load_state_dict(state["arch_scheduler"])
-
-    def save_collective(self, epoch: int) -> None:
-        self.weights.save_collective(self.run_dir, epoch)
+    def stateful(self) -> dict[str, Any]:
+        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched}
 
     def finish(self) -> dict[str, Path]:
         if not self.ctx.is_main:
@@ -289,17 +280,8 @@ class PnfsTrainJob(_TopDownJob):
             return {}
         return self.validate(self.net)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.net.state_dict(), "weights": self.weights.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
-        self.weights.load_state_dict(state["weights"], self.run_dir, int(state["epoch"]))
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    def save_collective(self, epoch: int) -> None:
-        self.weights.save_collective(self.run_dir, epoch)
+    def stateful(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler}
 
     def finish(self) -> dict[str, Path]:
         if not self.ctx.is_main:
