@@ -49,7 +49,7 @@ from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, job_arguments, run_job, steps_per_epoch, take
 from threempose.engine.validate import validation_ap
-from threempose.engine.weights import WeightOptimizer
+from threempose.engine.weights import freeze_random_architecture, search_optimizers
 from threempose.kernels import set_backend
 from threempose.losses import PoseLoss
 from threempose.nas.derived import DerivedNet
@@ -60,6 +60,7 @@ from threempose.teacher import Teacher, build_teacher
 from threempose.pnfs.dispatch import pnfs_main
 
 ARCH_SEED_STRIDE = 1_000_003
+RANDOM_ARCH_STREAM = 12345        # seed offset of the random strategy's architecture draw
 ARCH_NAMES = ("alpha", "beta", "m_alpha", "m_beta")
 
 
@@ -90,30 +91,16 @@ class SearchJob(EpochJob):
         torch.manual_seed(cfg.run.seed)                       # identical initial weights on all ranks
         self.supernet = Supernet(cfg.model).to(self.device)
         self.arch_params = self.supernet.arch_parameters()
-        if s.strategy == "random":
-            self._draw_random_architecture()
+        if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
+            freeze_random_architecture(self.arch_params, cfg.run.seed + RANDOM_ARCH_STREAM)
+            self.supernet.sampling = "argmax"
         self.ctx.broadcast_([p.data for p in self.supernet.parameters()])   # before DeepSpeed copies them
         self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)
         self.loss = PoseLoss(cfg.loss)
-        groups = [{"params": self.supernet.weight_parameters(), "lr": s.weight_lr}]
-        if s.strategy == "synchronous":
-            groups.append({"params": self.arch_params, "lr": s.arch_lr})
-        self.weights = WeightOptimizer(self.supernet, groups, cfg, ctx, grad_clip=s.grad_clip)
-        self.arch_opt = self.arch_sched = None
-        if s.strategy == "bilevel":
-            self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
-            self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
-                                                                   s.arch_lr_gamma)
+        self.weights, self.arch_opt, self.arch_sched = search_optimizers(
+            self.supernet, self.supernet.weight_parameters(), self.arch_params, cfg, ctx)
 
     # ---- architecture ------------------------------------------------------ #
-    def _draw_random_architecture(self) -> None:
-        """PNFS' random baseline: alpha/beta/m drawn once from N(0, 1) (seeded), then fixed."""
-        g = torch.Generator().manual_seed(self.cfg.run.seed + 12345)
-        with torch.no_grad():
-            for p in self.arch_params:
-                p.copy_(torch.randn(p.shape, generator=g))
-                p.requires_grad_(False)
-        self.supernet.sampling = "argmax"
 
     def check_arch_in_sync(self, epoch: int) -> None:
         """Raise :class:`ArchDivergenceError` (on every rank) unless alpha/beta/m are identical

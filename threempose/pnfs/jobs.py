@@ -41,7 +41,7 @@ from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
 from threempose.engine.run_dir import RunDir, RunDirError
-from threempose.engine.weights import WeightOptimizer
+from threempose.engine.weights import WeightOptimizer, freeze_random_architecture, search_optimizers
 from threempose.kernels import set_backend
 from threempose.losses import NonFiniteLossError
 from threempose.nas.dyn_egs import gumbel_tau
@@ -50,10 +50,9 @@ from threempose.pnfs.model import (
     PnfsArchitecture, PnfsNet, check_pnfs_config, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
 )
 from threempose.pnfs.vector_head import pnfs_loss
-from threempose.search import ArchDivergenceError, step_seed
+from threempose.search import RANDOM_ARCH_STREAM, ArchDivergenceError, step_seed
 
 ARCHITECTURE_FILE = "architecture.json"
-RANDOM_ARCH_STREAM = 12345       # the random baseline's N(0, 1) draw uses seed run.seed + this
 
 
 def multistep(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
@@ -126,21 +125,10 @@ class PnfsSearchJob(_TopDownJob):
         self.net = PnfsNet(cfg).to(self.device)
         self.arch_params = self.net.arch_parameters()
         if s.strategy == "random":
-            g = torch.Generator().manual_seed(cfg.run.seed + RANDOM_ARCH_STREAM)
-            with torch.no_grad():
-                for t in self.arch_params:
-                    t.copy_(torch.randn(t.shape, generator=g))
-                    t.requires_grad_(False)
+            freeze_random_architecture(self.arch_params, cfg.run.seed + RANDOM_ARCH_STREAM)
         self.ctx.broadcast_([t.data for t in self.net.parameters()])     # before DeepSpeed copies them
-        groups = [{"params": self.net.weight_parameters(), "lr": s.weight_lr}]
-        if s.strategy == "synchronous":
-            groups.append({"params": self.arch_params, "lr": s.arch_lr})
-        self.weights = WeightOptimizer(self.net, groups, cfg, ctx, grad_clip=s.grad_clip)
-        self.arch_opt = self.arch_sched = None
-        if s.strategy == "bilevel":
-            self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
-            self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
-                                                                   s.arch_lr_gamma)
+        self.weights, self.arch_opt, self.arch_sched = search_optimizers(
+            self.net, self.net.weight_parameters(), self.arch_params, cfg, ctx)
 
     def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
         batches, n = self.batches(self.data.train, epoch, self.cfg.search.max_steps_per_epoch)
