@@ -60,7 +60,7 @@ def _bench(benchmark, fn, nbytes=None, rounds=20, warmup=3):
         torch.cuda.synchronize()
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
     benchmark.extra_info["device"] = DEVICE_NAME
-    if nbytes:
+    if nbytes and benchmark.stats is not None:      # stats are None under --benchmark-disable
         benchmark.extra_info["bytes"] = int(nbytes)
         benchmark.extra_info["GB_s"] = nbytes / benchmark.stats.stats.median / 1e9
 
