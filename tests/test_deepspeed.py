@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import read_metrics
-from threempose.search import ARCH_NAMES, ArchDivergenceError, SearchJob
+from threempose.engine.search_optim import ArchDivergenceError, SearchOptimizers
+from threempose.search import ARCH_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -153,16 +154,15 @@ class _FakeCtx:
         return self.gaps
 
 
-class _FakeJob:
-    """What SearchJob.check_arch_in_sync reads."""
-
-    def __init__(self, gaps):
-        self.ctx, self.global_step = _FakeCtx(gaps), 12
-        self.arch_params = [torch.zeros(2) for _ in ARCH_NAMES]
+def _guard(gaps) -> SearchOptimizers:
+    """A SearchOptimizers whose check_in_sync reads ``gaps`` from a fake context."""
+    opt = SearchOptimizers.__new__(SearchOptimizers)
+    opt.ctx, opt.arch_params, opt.arch_names = _FakeCtx(gaps), [torch.zeros(2) for _ in ARCH_NAMES], ARCH_NAMES
+    return opt
 
 
 def test_arch_guard_names_the_diverged_parameter():
-    SearchJob.check_arch_in_sync(_FakeJob([0.0, 0.0, 0.0, 0.0]), epoch=0)
+    _guard([0.0, 0.0, 0.0, 0.0]).check_in_sync(epoch=0, step=12)
     with pytest.raises(ArchDivergenceError, match=r"after epoch 3 \(step 12\).*beta by up to 0\.5") as e:
-        SearchJob.check_arch_in_sync(_FakeJob([0.0, 0.5, 0.0, 0.0]), epoch=2)
+        _guard([0.0, 0.5, 0.0, 0.0]).check_in_sync(epoch=2, step=12)
     assert "alpha by" not in str(e.value)                 # only the parameters that differ

@@ -18,7 +18,8 @@ from threempose.pnfs import infer as infer_cli
 from threempose.pnfs import profile as profile_cli
 from threempose.pnfs import search as search_cli
 from threempose.pnfs import train as train_cli
-from threempose.pnfs.jobs import RANDOM_ARCH_STREAM, PnfsSearchJob
+from threempose.engine.search_optim import RANDOM_ARCH_STREAM
+from threempose.pnfs.jobs import PnfsSearchJob
 from threempose.pnfs.model import PnfsArchitecture, PnfsNet, load_pnfs_model
 from threempose.pnfs.topdown_data import (
     TopDownCocoDataset, box_to_center_size, crop_matrix, crop_to_heatmap, transform_points,
@@ -134,7 +135,7 @@ def test_bilevel_search_updates_architecture_and_resumes(tmp_path, cache):
     assert resumed.epoch == 1 and resumed.global_step == 2
     for (name, a), b in zip(job.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
-    assert resumed.arch_opt.state_dict()["state"][0]["step"] == job.arch_opt.state_dict()["state"][0]["step"]
+    assert resumed.opt.arch_opt.state_dict()["state"][0]["step"] == job.opt.arch_opt.state_dict()["state"][0]["step"]
 
 
 def test_random_baseline_keeps_its_normal_draw_and_dyn_egs_derives_genotypes(tmp_path, cache):

@@ -95,7 +95,7 @@ def test_random_strategy_keeps_the_architecture_fixed(tmp_path, cache):
 def test_synchronous_strategy_updates_arch_with_the_weights(tmp_path, cache):
     job = SearchJob(load_config(tiny_config(tmp_path, cache, search={"strategy": "synchronous", "epochs": 1})),
                     DistContext())
-    assert len(job.weights.optimizer.param_groups) == 2 and job.arch_opt is None
+    assert len(job.weights.optimizer.param_groups) == 2 and job.opt.arch_opt is None
     job.run()
     assert any(float(p.abs().sum()) > 0 for p in arch_tensors(job))
 

@@ -18,7 +18,7 @@ Strategies (``search.strategy``):
 Every rank draws the same Gumbel sample (the seed is a function of run seed and step) and
 architecture gradients are averaged over ranks, so the architecture parameters are
 identical on every rank at every step; after every epoch a collective check raises
-:class:`ArchDivergenceError` if any rank's alpha/beta/m differ from rank 0's, and at the end
+:class:`~threempose.engine.search_optim.ArchDivergenceError` if any rank's alpha/beta/m differ from rank 0's, and at the end
 every rank writes its own ``arch/final_rank<R>.pt``. Under the DeepSpeed launcher the weights
 are stepped by a DeepSpeed engine (ZeRO stage etc. from the config's ``deepspeed`` section).
 The run ends with ``genotype.json`` and ``profile.json`` in the run directory.
@@ -35,7 +35,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -49,7 +48,7 @@ from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, job_arguments, run_job, steps_per_epoch, take
 from threempose.engine.validate import validation_ap
-from threempose.engine.weights import freeze_random_architecture, search_optimizers
+from threempose.engine.search_optim import SearchOptimizers
 from threempose.kernels import set_backend
 from threempose.losses import PoseLoss
 from threempose.nas.derived import DerivedNet
@@ -60,12 +59,7 @@ from threempose.teacher import Teacher, build_teacher
 from threempose.pnfs.dispatch import pnfs_main
 
 ARCH_SEED_STRIDE = 1_000_003
-RANDOM_ARCH_STREAM = 12345        # seed offset of the random strategy's architecture draw
 ARCH_NAMES = ("alpha", "beta", "m_alpha", "m_beta")
-
-
-class ArchDivergenceError(RuntimeError):
-    """The architecture parameters differ between ranks (they must be bit-identical)."""
 
 
 def step_seed(run_seed: int, global_step: int, phase: int) -> int:
@@ -91,28 +85,16 @@ class SearchJob(EpochJob):
         torch.manual_seed(cfg.run.seed)                       # identical initial weights on all ranks
         self.supernet = Supernet(cfg.model).to(self.device)
         self.arch_params = self.supernet.arch_parameters()
-        if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
-            freeze_random_architecture(self.arch_params, cfg.run.seed + RANDOM_ARCH_STREAM)
-            self.supernet.sampling = "argmax"
         self.ctx.broadcast_([p.data for p in self.supernet.parameters()])   # before DeepSpeed copies them
+        self.opt = SearchOptimizers(self.supernet, self.supernet.weight_parameters(), self.arch_params,
+                                    cfg, ctx, ARCH_NAMES)
+        self.weights = self.opt.weights
+        if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
+            self.supernet.sampling = "argmax"
         self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)
         self.loss = PoseLoss(cfg.loss)
-        self.weights, self.arch_opt, self.arch_sched = search_optimizers(
-            self.supernet, self.supernet.weight_parameters(), self.arch_params, cfg, ctx)
 
     # ---- architecture ------------------------------------------------------ #
-
-    def check_arch_in_sync(self, epoch: int) -> None:
-        """Raise :class:`ArchDivergenceError` (on every rank) unless alpha/beta/m are identical
-        on all ranks. A collective: one broadcast and one all-reduce of the arch parameters."""
-        gaps = self.ctx.divergence([p.data for p in self.arch_params])
-        bad = [f"{name} by up to {gap:.3g}" for name, gap in zip(ARCH_NAMES, gaps) if gap != 0.0]
-        if bad:
-            raise ArchDivergenceError(
-                f"after epoch {epoch + 1} (step {self.global_step}) the architecture parameters of "
-                f"the {self.ctx.world_size} ranks differ from rank 0's: {', '.join(bad)}; every rank "
-                f"must draw the same Gumbel sample and see the same averaged arch gradients")
-
     def tau(self, epoch: int, step: int, steps: int) -> float:
         s = self.cfg.search
         return gumbel_tau((epoch + step / max(steps, 1)) / max(s.epochs, 1), s.tau_start, s.tau_end)
@@ -141,44 +123,28 @@ class SearchJob(EpochJob):
         steps = len(self.data.train)
         tau = self.tau(epoch, step, steps)
         scalars: dict[str, float] = {"tau": tau}
-        if self.arch_opt is not None:
+        if self.opt.bilevel:
             train_batch, arch_batch = batch
             arch_batch = self.data.prepare(arch_batch)
             total, terms, _ = self.forward_loss(arch_batch, epoch, tau,
                                                  step_seed(self.cfg.run.seed, self.global_step, 1))
-            grads = torch.autograd.grad(total, self.arch_params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
-            self.ctx.all_reduce_mean_(grads)
-            for p, g in zip(self.arch_params, grads):
-                p.grad = g
-            self.arch_opt.step()
-            self.arch_opt.zero_grad(set_to_none=True)
+            self.opt.arch_step(total)
             scalars["arch/total"] = float(terms["total"])
         else:
             train_batch = batch
         train_batch = self.data.prepare(train_batch)
-        freeze_arch = self.arch_opt is not None or self.cfg.search.strategy == "random"
-        with _no_grad_for(self.arch_params if freeze_arch else []):
+        with self.opt.weights_only():
             total, terms, out = self.forward_loss(train_batch, epoch, tau,
                                                    step_seed(self.cfg.run.seed, self.global_step, 0))
             self.weights.step(total)
         scalars.update({k: float(v) for k, v in terms.items() if "/" not in k})
         scalars.update(gflops=float(out.gflops.detach()), images=float(train_batch["image"].shape[0]),
-                       lr=self.weights.lr(), arch_lr=self._arch_lr())
+                       lr=self.weights.lr(), arch_lr=self.opt.arch_lr())
         return scalars
 
-    def _arch_lr(self) -> float:
-        if self.arch_opt is not None:
-            return self.arch_opt.param_groups[0]["lr"]
-        return self.weights.lr(group=1) if self.cfg.search.strategy == "synchronous" else 0.0
-
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        if self.arch_sched is not None:
-            self.arch_sched.step()
-        if self.cfg.search.strategy == "synchronous":
-            self.weights.set_lr(_multistep(self.cfg.search.arch_lr, self.cfg.search.arch_lr_milestones,
-                                           self.cfg.search.arch_lr_gamma, epoch + 1), group=1)
-        self.check_arch_in_sync(epoch)
+        self.opt.end_epoch(epoch)
+        self.opt.check_in_sync(epoch, self.global_step)
         metrics = {"gflops_argmax": self.derived_gflops()}
         if self.ctx.is_main:
             self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
@@ -217,7 +183,7 @@ class SearchJob(EpochJob):
         return self.supernet
 
     def stateful(self) -> dict[str, Any]:
-        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched}
+        return self.opt.stateful()
 
     def save_rank_arch(self) -> Path:
         """Every rank: this rank's alpha/beta/m to ``arch/final_rank<R>.pt`` (tensors on the CPU,
@@ -244,23 +210,6 @@ class SearchJob(EpochJob):
 
 
 # --------------------------------------------------------------------------- #
-def _multistep(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
-    return base * gamma ** sum(1 for m in milestones if epoch >= m)
-
-
-@contextlib.contextmanager
-def _no_grad_for(params: list[torch.nn.Parameter]):
-    """Temporarily stop gradients to ``params`` (the arch parameters during a weight step)."""
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, s in zip(params, saved):
-            p.requires_grad_(s)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     if (pnfs := pnfs_main("search", argv)) is not None:     # a top-down PNFS config / model
         return pnfs()

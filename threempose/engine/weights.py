@@ -136,32 +136,3 @@ class WeightOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-
-def search_optimizers(module: nn.Module, weight_params: list, arch_params: list, cfg: Config,
-                      ctx: DistContext) -> tuple[WeightOptimizer, Optional[torch.optim.Adam], Optional[Any]]:
-    """The optimizers of a search (``search.strategy``), shared by 3M-Pose and PNFS mode.
-
-    ``bilevel``: weights in a WeightOptimizer, alpha/beta/m in their own Adam with the
-    ``arch_lr_milestones`` MultiStepLR; ``synchronous``: both in the WeightOptimizer (the arch
-    parameters as group 1); ``random``: weights only. Returns ``(weights, arch_opt, arch_sched)``.
-    """
-    s = cfg.search
-    groups = [{"params": weight_params, "lr": s.weight_lr}]
-    if s.strategy == "synchronous":
-        groups.append({"params": arch_params, "lr": s.arch_lr})
-    weights = WeightOptimizer(module, groups, cfg, ctx, grad_clip=s.grad_clip)
-    if s.strategy != "bilevel":
-        return weights, None, None
-    arch_opt = torch.optim.Adam(arch_params, lr=s.arch_lr)
-    return weights, arch_opt, torch.optim.lr_scheduler.MultiStepLR(arch_opt, s.arch_lr_milestones, s.arch_lr_gamma)
-
-
-def freeze_random_architecture(arch_params: list, seed: int) -> None:
-    """PNFS' random-sampling baseline: alpha/beta/m drawn once from N(0, 1) with ``seed``, then
-    frozen (``requires_grad`` False)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in arch_params:
-            p.copy_(torch.randn(p.shape, generator=g))
-            p.requires_grad_(False)

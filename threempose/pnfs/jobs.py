@@ -41,7 +41,8 @@ from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
 from threempose.engine.run_dir import RunDir, RunDirError
-from threempose.engine.weights import WeightOptimizer, freeze_random_architecture, search_optimizers
+from threempose.engine.search_optim import SearchOptimizers, multistep
+from threempose.engine.weights import WeightOptimizer
 from threempose.kernels import set_backend
 from threempose.losses import NonFiniteLossError
 from threempose.nas.dyn_egs import gumbel_tau
@@ -50,14 +51,9 @@ from threempose.pnfs.model import (
     PnfsArchitecture, PnfsNet, check_pnfs_config, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
 )
 from threempose.pnfs.vector_head import pnfs_loss
-from threempose.search import RANDOM_ARCH_STREAM, ArchDivergenceError, step_seed
+from threempose.search import step_seed
 
 ARCHITECTURE_FILE = "architecture.json"
-
-
-def multistep(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
-    """``base * gamma ** (number of milestones <= epoch)``: a MultiStepLR value at ``epoch``."""
-    return base * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
 class _TopDownJob(EpochJob):
@@ -124,11 +120,10 @@ class PnfsSearchJob(_TopDownJob):
         torch.manual_seed(cfg.run.seed)                   # identical initial weights on every rank
         self.net = PnfsNet(cfg).to(self.device)
         self.arch_params = self.net.arch_parameters()
-        if s.strategy == "random":
-            freeze_random_architecture(self.arch_params, cfg.run.seed + RANDOM_ARCH_STREAM)
         self.ctx.broadcast_([t.data for t in self.net.parameters()])     # before DeepSpeed copies them
-        self.weights, self.arch_opt, self.arch_sched = search_optimizers(
-            self.net, self.net.weight_parameters(), self.arch_params, cfg, ctx)
+        self.opt = SearchOptimizers(self.net, self.net.weight_parameters(), self.arch_params, cfg, ctx,
+                                    [f"arch[{i}]" for i in range(len(self.arch_params))])
+        self.weights = self.opt.weights
 
     def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
         batches, n = self.batches(self.data.train, epoch, self.cfg.search.max_steps_per_epoch)
@@ -141,45 +136,24 @@ class PnfsSearchJob(_TopDownJob):
         n = steps_per_epoch(len(self.data.train), s.max_steps_per_epoch)
         tau = gumbel_tau((epoch + step / max(n, 1)) / max(s.epochs, 1), s.tau_start, s.tau_end)
         scalars: dict[str, float] = {"tau": tau}
-        if self.arch_opt is not None:
+        if self.opt.bilevel:
             batch, arch_batch = batch
             with self.weights.autocast():
                 arch_loss = self.loss(self.net, arch_batch, tau, step_seed(self.cfg.run.seed, self.global_step, 1))
-            grads = torch.autograd.grad(arch_loss, self.arch_params, allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(self.arch_params, grads)]
-            self.ctx.all_reduce_mean_(grads)
-            for t, g in zip(self.arch_params, grads):
-                t.grad = g
-            self.arch_opt.step()
-            self.arch_opt.zero_grad(set_to_none=True)
+            self.opt.arch_step(arch_loss)
             scalars["arch/loss"] = float(arch_loss.detach())
-        with self.weights.autocast():
+        with self.opt.weights_only(), self.weights.autocast():
             loss = self.loss(self.weights.model, batch, tau, step_seed(self.cfg.run.seed, self.global_step, 0))
-        self.weights.step(loss)
-        if self.arch_opt is not None:           # the weight step's backward reached them too; unused
-            for t in self.arch_params:
-                t.grad = None
+            self.weights.step(loss)
         scalars.update(loss=float(loss.detach()), images=float(batch["image"].shape[0]), lr=self.weights.lr(),
-                       arch_lr=self._arch_lr())
+                       arch_lr=self.opt.arch_lr())
         return scalars
-
-    def _arch_lr(self) -> float:
-        if self.arch_opt is not None:
-            return self.arch_opt.param_groups[0]["lr"]
-        return self.weights.lr(group=1) if self.cfg.search.strategy == "synchronous" else 0.0
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         s, p = self.cfg.search, self.cfg.pnfs
         self.weights.set_lr(multistep(s.weight_lr, p.weight_lr_milestones, p.weight_lr_gamma, epoch + 1))
-        if s.strategy == "synchronous":
-            self.weights.set_lr(multistep(s.arch_lr, s.arch_lr_milestones, s.arch_lr_gamma, epoch + 1), group=1)
-        if self.arch_sched is not None:
-            self.arch_sched.step()
-        gaps = self.ctx.divergence([t.data for t in self.arch_params])      # a collective
-        if any(gap != 0.0 for gap in gaps):
-            raise ArchDivergenceError(f"after epoch {epoch + 1} (step {self.global_step}) the PNFS architecture "
-                                      f"parameters differ between the {self.ctx.world_size} ranks by up to "
-                                      f"{max(gaps):.3g}; every rank must see the same averaged arch gradients")
+        self.opt.end_epoch(epoch)
+        self.opt.check_in_sync(epoch, self.global_step)          # a collective
         if not self.ctx.is_main:
             return {}
         self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
@@ -204,7 +178,7 @@ class PnfsSearchJob(_TopDownJob):
         return out
 
     def stateful(self) -> dict[str, Any]:
-        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched}
+        return self.opt.stateful()
 
     def finish(self) -> dict[str, Path]:
         if not self.ctx.is_main:
