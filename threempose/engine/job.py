@@ -21,6 +21,7 @@ so ends exactly as an uninterrupted run with the same seed.
 """
 from __future__ import annotations
 
+import abc
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from threempose.engine.run_dir import RunDir, RunDirError
 from threempose.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 
-class EpochJob:
+class EpochJob(abc.ABC):
     """Template of a resumable, multi-rank epoch loop (see the module docstring)."""
 
     kind = "job"                     # "search" or "train"; stored in checkpoints
@@ -50,21 +51,21 @@ class EpochJob:
         self.metrics: Optional[MetricsLogger] = None
 
     # ---- to be provided by a job ------------------------------------------ #
+    @abc.abstractmethod
     def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
         """``(batches, number of batches)`` of ``epoch``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_step(self, batch: Any, epoch: int, step: int) -> dict[str, float]:
         """One step; returns scalars to log, with ``"images"`` (images processed)."""
-        raise NotImplementedError
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """After ``epoch``: validation metrics (logged by rank 0)."""
         return {}
 
+    @abc.abstractmethod
     def network(self) -> torch.nn.Module:
         """The module whose weights the run trains (saved as ``model`` in checkpoints)."""
-        raise NotImplementedError
 
     def stateful(self) -> dict[str, Any]:
         """Other objects with ``state_dict``/``load_state_dict`` a resume needs (schedulers,
