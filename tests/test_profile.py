@@ -94,7 +94,6 @@ def test_errors_are_reported_without_a_traceback(capsys, tmp_path):
 
 
 def test_module_entry_point_and_teacher():
-    pytest.importorskip("threempose.models.higherhrnet")
     done = subprocess.run([sys.executable, "-m", "threempose.profile", "--model", "higherhrnet-w32",
                            "--input-size", "64", "--json"], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)

@@ -142,6 +142,16 @@ class DataLoaders:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
+def held_out_split(n: int, fraction: float, seed: int, stream: int) -> tuple[list[int], list[int]]:
+    """``(kept, held_out)``: sorted indices of ``range(n)`` with ``fraction`` of them (at least one)
+    held out, in a split fixed by ``(seed, stream)`` (the architecture split of a bilevel search)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"arch_fraction must be in (0, 1), got {fraction}")
+    perm = np.random.default_rng([seed, stream]).permutation(n).tolist()
+    cut = n - max(1, round(fraction * n))
+    return sorted(perm[:cut]), sorted(perm[cut:])
+
+
 def split_paths(cfg: DataConfig, progress: bool) -> tuple[Path, Path, Path, Path]:
     """``(train_images, train_annotations, val_images, val_annotations)`` of ``cfg``."""
     if cfg.dataset == "synthetic":
@@ -188,11 +198,7 @@ def build_loaders(cfg: DataConfig, *, seed: int = 0, device: torch.device | str 
     indices = list(range(len(train_set)))
     arch = None
     if arch_fraction is not None:
-        if not 0.0 < arch_fraction < 1.0:
-            raise ValueError(f"arch_fraction must be in (0, 1), got {arch_fraction}")
-        perm = np.random.default_rng([seed, _ARCH_SPLIT_STREAM]).permutation(len(indices)).tolist()
-        cut = len(perm) - max(1, round(arch_fraction * len(perm)))
-        indices, held_out = sorted(perm[:cut]), sorted(perm[cut:])
+        indices, held_out = held_out_split(len(indices), arch_fraction, seed, _ARCH_SPLIT_STREAM)
         arch = PoseDataLoader(train_set, EpochSampler(held_out, seed + 1, True, rank, world_size),
                               drop_last=True, **common)
     train = PoseDataLoader(train_set, EpochSampler(indices, seed, True, rank, world_size),

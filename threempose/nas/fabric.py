@@ -22,7 +22,7 @@ network's ``state_dict`` keys are a subset of its supernet's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -174,6 +174,21 @@ class FabricNet(nn.Module):
         return out
 
 
+def sample_weights(sample: ArchSample, ops: Sequence[str]) -> WeightsFn:
+    """``cell -> CellChoice`` giving a sampled cell's inputs and ops their sample weights."""
+    op_index = {op: k for k, op in enumerate(ops)}
+
+    def weights(cell: CellGene) -> CellChoice:
+        n = cell.index
+        return CellChoice(
+            paths=cell.inputs,
+            path_weights=sample.path_weights[n, [INPUT_NAMES.index(p) for p in cell.inputs]],
+            edges=cell.edges,
+            edge_weights=[sample.op_weights[n, e, [op_index[o] for o in edge]]
+                          for e, edge in enumerate(cell.edges)])
+    return weights
+
+
 @dataclass
 class SupernetOutput:
     """What one supernet forward returns.
@@ -295,19 +310,8 @@ class Supernet(FabricNet):
         live[[c.index for c in genotype.cells if not c.pruned]] = 1.0
         gflops = expected_gflops(self._cost_table(tuple(images.shape[-2:])), sample.op_weights,
                                  sample.path_weights, live)
-        op_index = {op: k for k, op in enumerate(self.ops)}
-
-        def weights(cell: CellGene) -> CellChoice:
-            n = cell.index
-            return CellChoice(
-                paths=cell.inputs,
-                path_weights=sample.path_weights[n, [INPUT_NAMES.index(p) for p in cell.inputs]],
-                edges=cell.edges,
-                edge_weights=[sample.op_weights[n, e, [op_index[o] for o in ops]]
-                              for e, ops in enumerate(cell.edges)])
-
         cell_outputs: list[Tensor] = []
-        exits = list(self.run(images, genotype, weights, cell_outputs))
+        exits = list(self.run(images, genotype, sample_weights(sample, self.ops), cell_outputs))
         return SupernetOutput(exits, gflops, cell_outputs, genotype)
 
     def _cost_table(self, input_hw: tuple[int, int]) -> CostTable:

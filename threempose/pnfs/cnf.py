@@ -41,6 +41,7 @@ from threempose.nas.dyn_egs import MAX_SEED, SAMPLING_MODES, ArchParameters, Arc
 from threempose.nas.genotype import (
     INPUT_NAMES, ROW_STEP, CellGene, FabricLayout, Genotype, GenotypeError, edge_endpoints,
 )
+from threempose.nas.fabric import sample_weights
 from threempose.nas.ops import OP_NAMES
 
 
@@ -198,21 +199,6 @@ class FabricArch(ArchParameters):
         """The trainable tensors: (shared_)alpha, beta, m_alpha, m_beta."""
         alpha = self.shared_alpha if self.share_alpha else self._parameters["alpha"]
         return [alpha, self.beta, self.m_alpha, self.m_beta]
-
-
-def sample_weights(sample: ArchSample, ops: Sequence[str]) -> Callable[[CellGene], CellChoice]:
-    """``cell -> CellChoice`` giving a sampled cell's inputs and ops their sample weights."""
-    op_index = {op: k for k, op in enumerate(ops)}
-
-    def weights(cell: CellGene) -> CellChoice:
-        n = cell.index
-        return CellChoice(
-            paths=cell.inputs,
-            path_weights=sample.path_weights[n, [INPUT_NAMES.index(p) for p in cell.inputs]],
-            edges=cell.edges,
-            edge_weights=[sample.op_weights[n, e, [op_index[o] for o in edge]]
-                          for e, edge in enumerate(cell.edges)])
-    return weights
 
 
 @dataclass

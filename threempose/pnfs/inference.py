@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from threempose.config import Config
-from threempose.data.loader import EpochSampler, split_paths
+from threempose.data.loader import EpochSampler, held_out_split, split_paths
 from threempose.evaluate import evaluate_keypoints
 from threempose.pnfs.settings import TopDownConfig
 from threempose.pnfs.topdown_data import TopDownCocoDataset
@@ -70,11 +70,7 @@ def build_topdown_loaders(cfg: Config, *, rank: int = 0, world_size: int = 1,
     common = dict(batch_size=d.batch_size, num_workers=d.num_workers, pin_memory=torch.cuda.is_available())
     indices, arch = list(range(len(train_set))), None
     if arch_fraction is not None:
-        if not 0.0 < arch_fraction < 1.0:
-            raise ValueError(f"arch_fraction must be in (0, 1), got {arch_fraction}")
-        perm = np.random.default_rng([seed, _ARCH_SPLIT_STREAM]).permutation(len(indices)).tolist()
-        cut = len(perm) - max(1, round(arch_fraction * len(perm)))
-        indices, held_out = sorted(perm[:cut]), sorted(perm[cut:])
+        indices, held_out = held_out_split(len(indices), arch_fraction, seed, _ARCH_SPLIT_STREAM)
         arch = DataLoader(train_set, sampler=EpochSampler(held_out, seed + 1, True, rank, world_size),
                           drop_last=True, **common)
     train = DataLoader(train_set, sampler=EpochSampler(indices, seed, True, rank, world_size),
