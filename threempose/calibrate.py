@@ -42,18 +42,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from threempose.atomic import atomic_write_json
-from threempose.config import ConfigError, DataConfig, EELConfig, InferConfig, load_config
-from threempose.data.coco import AnnotationError, CocoKeypoints, coco_split_paths
+from threempose.cli import UserError, entry_point
+from threempose.config import DataConfig, EELConfig, InferConfig, load_config
+from threempose.data.coco import CocoKeypoints, coco_split_paths
 from threempose.data.synthetic import ensure_synthetic
 from threempose.dynamic_exit import DYNAMIC, NEVER, ExitScore, choose_exit
-from threempose.engine.checkpoint import CheckpointError
 from threempose.evaluate import evaluate_keypoints
 from threempose.predictor import Predictor, decode_image, image_passes, prepare_image, with_flips
 
 TABLE_METRICS = {"AP": "AP", "AP(M)": "APM", "AP(L)": "APL"}   # column -> COCOeval stat
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """Calibration cannot proceed or meet its budget (the message says why)."""
 
 
@@ -305,13 +305,9 @@ def calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@entry_point(also=(ValueError,))
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return calibrate(args)
-    except (CalibrationError, CheckpointError, ConfigError, AnnotationError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return calibrate(parse_args(argv))
 
 
 if __name__ == "__main__":

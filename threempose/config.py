@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from threempose.cli import UserError
 from threempose.pnfs.settings import TopDownConfig  # torch-free; types the pnfs.topdown section
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file is missing, malformed, or has an unknown/badly typed key."""
 
 
@@ -256,9 +257,38 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """Read a JSON config, resolving ``extends`` chains (cycles are errors)."""
-    path = path.resolve()
+class _Sources:
+    """Which file set each key of a merged config (for error messages): ``of("data.root")``
+    is the file whose value won, else the nearest enclosing key's, else ``default``."""
+
+    def __init__(self, default: str, origins: Optional[dict[str, str]] = None):
+        self.default, self.origins = default, origins or {}
+
+    def of(self, key: str) -> str:
+        key = key.split("[", 1)[0]
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        return self.default
+
+
+def _key_origins(raw: dict, source: str, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: source}`` for every key (nested objects included) of ``raw``."""
+    out = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out[key] = source
+        if isinstance(v, dict):
+            out.update(_key_origins(v, source, key))
+    return out
+
+
+def _read_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """Read a JSON config, resolving ``extends`` chains (cycles are errors).
+
+    Returns the merged dict and ``{dotted key: file that set it}``."""
+    name, path = str(path), path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: 'extends' cycle: {' -> '.join(str(p) for p in chain + (path,))}")
     if not path.is_file():
@@ -268,26 +298,29 @@ def _read_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a JSON object, got {type(raw).__name__}")
     base_name = raw.pop("extends", None)
+    origins = _key_origins(raw, name)
     if base_name is None:
-        return raw
+        return raw, origins
     if not isinstance(base_name, str):
         raise ConfigError(f"{path}: 'extends' must be a file name, got {base_name!r}")
-    base = _read_raw(path.parent / base_name, chain + (path,))
-    return _merge(base, raw)
+    base, base_origins = _read_raw(path.parent / base_name, chain + (path,))
+    return _merge(base, raw), {**base_origins, **origins}
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, src: _Sources) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(f"{src}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"{src.of(key)}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -304,7 +337,7 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         raise errors[0] if len(errors) == 1 else bad
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{src}: key '{key}' must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{src.of(key)}: key '{key}' must be one of {list(args)}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -333,29 +366,30 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     raise TypeError(f"config schema uses an unsupported type {tp!r} for '{key}'")
 
 
-def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
+def _build(cls: type, raw: dict, prefix: str, src: _Sources) -> Any:
     """Build dataclass ``cls`` from ``raw``, rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{src}: unknown key '{key}' (known keys here: {', '.join(sorted(names))})")
+        raise ConfigError(f"{src.of(key)}: unknown key '{key}' (known keys here: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         if f.name in raw:
             kwargs[f.name] = _convert(raw[f.name], hints[f.name], key, src)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{src}: required key '{key}' is missing")
+            raise ConfigError(f"{src.of(prefix)}: required key '{key}' is missing")
     return cls(**kwargs)
 
 
-def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
-    """Validate a plain dict (already merged) into a :class:`Config`."""
+def config_from_dict(raw: dict, source: str = "<dict>", origins: Optional[dict[str, str]] = None) -> Config:
+    """Validate a plain dict (already merged) into a :class:`Config`; ``origins`` (``{dotted key:
+    file}``) names the file of a bad key in errors (default: ``source``)."""
     raw = dict(raw)
     raw.pop("source", None)
-    cfg = _build(Config, raw, "", source)
+    cfg = _build(Config, raw, "", _Sources(source, origins))
     cfg.source = source
     _check_semantics(cfg, source)
     return cfg
@@ -368,10 +402,21 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
     tests and command-line ``--set`` options).
     """
     path = Path(path)
-    raw = _read_raw(path)
+    raw, origins = _read_raw(path)
     if overrides:
         raw = _merge(raw, overrides)
-    return config_from_dict(raw, str(path))
+    return config_from_dict(raw, str(path), origins)
+
+
+def check_config_command(path: str | Path, command: str) -> None:
+    """Refuse a config written for the other job: ``train`` with a config that has a ``search``
+    section and no ``train`` section (e.g. ``configs/search-small.json``), and vice versa.
+    Raises :class:`ConfigError` naming the command to run it with."""
+    other = {"search": "train", "train": "search"}[command]
+    raw, _ = _read_raw(Path(path))
+    if other in raw and command not in raw:
+        raise ConfigError(f"{path} is a {other} config (it has a '{other}' section and no '{command}' "
+                          f"section); run it with: python -m threempose.{other} --config {path}")
 
 
 def config_to_dict(cfg: Config) -> dict:

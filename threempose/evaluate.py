@@ -33,6 +33,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from threempose.cli import UserError, entry_point
 from threempose.data.keypoints import NUM_JOINTS
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
@@ -46,7 +47,7 @@ _METRIC_RANGES = (
 _KEYPOINT_VALUES = 3 * NUM_JOINTS  # 51: x, y, score/visibility per joint
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(UserError, ValueError):
     """An annotation or results file (or list) is missing or malformed."""
 
 
@@ -268,6 +269,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m threempose.evaluate", description=__doc__.split("\n")[0])
@@ -276,11 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--verbose", action="store_true", help="show pycocotools' progress output")
     args = parser.parse_args(argv)
-    try:
-        stats = evaluate_keypoints(args.annotations, args.results, verbose=args.verbose)
-    except EvaluationInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = evaluate_keypoints(args.annotations, args.results, verbose=args.verbose)
     print(json.dumps(stats) if args.json else format_table(stats))
     return 0
 

@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from threempose.atomic import atomic_open
-from threempose.config import ConfigError
-from threempose.engine.checkpoint import CheckpointError
+from threempose.cli import entry_point
 from threempose.nas.derived import DerivedNet
 from threempose.profile import parse_input_size
 
@@ -104,6 +103,7 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"
     return module, meta
 
 
+@entry_point(also=(ValueError,))
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m threempose.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a model.pt written by threempose.train")
@@ -113,12 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     from threempose.model_file import load_model_file
 
-    try:
-        net, infer = load_model_file(args.checkpoint)
-        path = export_torchscript(net, args.out, args.input_size, infer)
-    except (CheckpointError, ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    net, infer = load_model_file(args.checkpoint)
+    path = export_torchscript(net, args.out, args.input_size, infer)
     h, w = args.input_size
     print(f"exported {args.checkpoint} -> {path}: exits {net.genotype.exit_layers}, input [B, 3, {h}, {w}]")
     return 0

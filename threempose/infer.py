@@ -46,15 +46,14 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from threempose.atomic import atomic_write_json
-from threempose.config import ConfigError
+from threempose.cli import UserError, check_output_dir, check_output_file, entry_point
 from threempose.draw import save_drawing
 from threempose.dynamic_exit import DYNAMIC
-from threempose.engine.checkpoint import CheckpointError
-from threempose.predictor import ImageReadError, Prediction, Predictor, load_image
 from threempose.pnfs.dispatch import pnfs_main
+from threempose.predictor import ImageReadError, Prediction, Predictor, load_image
 
 
-class InferInputError(ValueError):
+class InferInputError(UserError, ValueError):
     """Bad command-line input: missing or empty image path, bad annotations, id clashes."""
 
 
@@ -204,33 +203,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+@entry_point(also=(ValueError,))
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if (pnfs := pnfs_main("infer", argv)) is not None:     # a top-down PNFS config / model
         return pnfs()
     args = parse_args(argv)
-    out = Path(args.out)
-    try:
-        files = list_images(args.images)
-        ids, skipped = image_ids(files, args.annotations)
-        overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
-                                              **overrides)
-        if predictor.mode == DYNAMIC and args.batch > 1:
-            print("note: dynamic inference runs one image at a time; --batch is not used", file=sys.stderr)
-        summary = run(predictor, files, ids, args.batch, Path(args.draw) if args.draw else None,
-                      progress=not args.no_progress)
-        summary.skipped = skipped + summary.skipped
-        if not summary.records:
-            print(summary.text(), file=sys.stderr)
-            raise InferInputError(f"no image of {args.images} could be processed; nothing written")
-        atomic_write_json(out, summary.results, indent=None)
-        atomic_write_json(out.with_suffix(".images.json"), {
-            "checkpoint": str(args.checkpoint), "exit": str(predictor.cfg.exit),
-            "flip_test": predictor.cfg.flip_test, "summary": summary.totals(),
-            "images": summary.records, "skipped": summary.skipped})
-    except (InferInputError, CheckpointError, ConfigError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = check_output_file(args.out, "--out")
+    per_image = check_output_file(out.with_suffix(".images.json"), "--out (per-image summary)")
+    draw_dir = check_output_dir(args.draw, "--draw") if args.draw else None
+    files = list_images(args.images)
+    ids, skipped = image_ids(files, args.annotations)
+    overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
+                                          **overrides)
+    if predictor.mode == DYNAMIC and args.batch > 1:
+        print("note: dynamic inference runs one image at a time; --batch is not used", file=sys.stderr)
+    summary = run(predictor, files, ids, args.batch, draw_dir, progress=not args.no_progress)
+    summary.skipped = skipped + summary.skipped
+    if not summary.records:
+        print(summary.text(), file=sys.stderr)
+        raise InferInputError(f"no image of {args.images} could be processed; nothing written")
+    atomic_write_json(out, summary.results, indent=None)
+    atomic_write_json(per_image, {
+        "checkpoint": str(args.checkpoint), "exit": str(predictor.cfg.exit),
+        "flip_test": predictor.cfg.flip_test, "summary": summary.totals(),
+        "images": summary.records, "skipped": summary.skipped})
     print(summary.text())
     print(f"results: {out} ({len(summary.results)} people), per image: {out.with_suffix('.images.json')}")
     return 0

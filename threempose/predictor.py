@@ -43,6 +43,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from threempose.cli import UserError
 from threempose.config import InferConfig, config_from_dict, load_config
 from threempose.data.augment import normalize
 from threempose.data.keypoints import NUM_JOINTS
@@ -60,7 +61,7 @@ ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]
 SIZE_MULTIPLE = 32
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An input is not a readable image (missing, not an image, corrupt, wrong array shape);
     ``reason`` is the message without the file name."""
 

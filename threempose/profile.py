@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from threempose.config import ConfigError, load_config
+from threempose.cli import check_output_file, entry_point
+from threempose.config import load_config
 from threempose.nas.fabric import FabricNet, Supernet
-from threempose.nas.genotype import OP_LABELS, Genotype, GenotypeError
+from threempose.nas.genotype import OP_LABELS, Genotype
 from threempose.pnfs.dispatch import pnfs_main
 
 MODELS = ("higherhrnet-w32",)
@@ -131,6 +132,7 @@ def _print_report(title: str, report: dict[str, Any]) -> None:
         print(f"  {e['layer']:>6} {e['gflops']:>8.2f} {e['params_m']:>11.2f}")
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if (pnfs := pnfs_main("profile", argv)) is not None:     # a top-down PNFS config / model
         return pnfs()
@@ -149,23 +151,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hw = args.input_size
     if args.model and (args.table or args.draw):
         parser.error("--table and --draw need --genotype or --config")
-    try:
-        if args.genotype:
-            genotype = Genotype.load(args.genotype)
-            report = {"genotype": args.genotype, "input_size": list(hw), **profile_genotype(genotype, hw)}
-        elif args.config:
-            model_cfg = load_config(args.config).model
-            supernet = Supernet(model_cfg)
-            genotype = supernet.derive()
-            report = {"config": args.config, "input_size": list(hw), **profile_supernet(supernet, hw)}
-        else:
-            from threempose.models.higherhrnet import profile_higherhrnet
+    if args.draw:
+        check_output_file(args.draw, "--draw")
+    if args.genotype:
+        genotype = Genotype.load(args.genotype)
+        report = {"genotype": args.genotype, "input_size": list(hw), **profile_genotype(genotype, hw)}
+    elif args.config:
+        model_cfg = load_config(args.config).model
+        supernet = Supernet(model_cfg)
+        genotype = supernet.derive()
+        report = {"config": args.config, "input_size": list(hw), **profile_supernet(supernet, hw)}
+    else:
+        from threempose.models.higherhrnet import profile_higherhrnet
 
-            genotype = None
-            report = {"model": args.model, "input_size": list(hw), **profile_higherhrnet(hw)}
-    except (GenotypeError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        genotype = None
+        report = {"model": args.model, "input_size": list(hw), **profile_higherhrnet(hw)}
     if args.draw:
         draw_fabric(genotype, args.draw)
     if args.json:

@@ -42,21 +42,22 @@ from typing import Any, Iterable, Optional
 import torch
 
 from threempose.atomic import atomic_torch_save
+from threempose.cli import entry_point
 from threempose.config import Config
 from threempose.data.loader import build_loaders
 from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, job_arguments, run_job, steps_per_epoch, take
-from threempose.engine.validate import validation_ap
 from threempose.engine.search_optim import SearchOptimizers
+from threempose.engine.validate import validation_ap
 from threempose.kernels import set_backend
 from threempose.losses import PoseLoss
 from threempose.nas.derived import DerivedNet
 from threempose.nas.dyn_egs import MAX_SEED, gumbel_tau
 from threempose.nas.fabric import Supernet
+from threempose.pnfs.dispatch import pnfs_main
 from threempose.profile import profile_genotype
 from threempose.teacher import Teacher, build_teacher
-from threempose.pnfs.dispatch import pnfs_main
 
 ARCH_SEED_STRIDE = 1_000_003
 ARCH_NAMES = ("alpha", "beta", "m_alpha", "m_beta")
@@ -210,11 +211,12 @@ class SearchJob(EpochJob):
 
 
 # --------------------------------------------------------------------------- #
+@entry_point
 def main(argv: Optional[list[str]] = None) -> int:
     if (pnfs := pnfs_main("search", argv)) is not None:     # a top-down PNFS config / model
         return pnfs()
     args = job_arguments("threempose.search", __doc__.split("\n\n")[0]).parse_args(argv)
-    return run_job(args, SearchJob)
+    return run_job(args, "search", SearchJob)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from threempose.cli import entry_point
 from threempose.config import Config, config_to_dict
 from threempose.data.loader import build_loaders
 from threempose.engine.distributed import DistContext
@@ -42,8 +43,8 @@ from threempose.losses import PoseLoss
 from threempose.model_file import save_model_file
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
-from threempose.profile import profile_network
 from threempose.pnfs.dispatch import pnfs_main
+from threempose.profile import profile_network
 
 GENOTYPE_FILE = "genotype.json"
 
@@ -122,6 +123,7 @@ class TrainJob(EpochJob):
         return {"model": model_path, "profile": self.run_dir.write_json("profile.json", profile)}
 
 
+@entry_point
 def main(argv: Optional[list[str]] = None) -> int:
     if (pnfs := pnfs_main("train", argv)) is not None:     # a top-down PNFS config / model
         return pnfs()
@@ -129,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--genotype", required=True, help="genotype JSON (a search's genotype.json)")
     args = parser.parse_args(argv)
     genotype = Genotype.load(args.genotype)
-    return run_job(args, lambda cfg, ctx: TrainJob(cfg, ctx, genotype))
+    return run_job(args, "train", lambda cfg, ctx: TrainJob(cfg, ctx, genotype))
 
 
 if __name__ == "__main__":

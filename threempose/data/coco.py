@@ -29,6 +29,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from threempose.cli import UserError
 from threempose.config import DataConfig
 from threempose.data.augment import augment_sample, center_affine, draw_affine
 from threempose.data.targets import supervision_mask
@@ -36,7 +37,7 @@ from threempose.data.targets import supervision_mask
 SampleKey = Union[int, tuple[int, int]]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """An annotation file is malformed or is not a COCO person-keypoints file."""
 
 

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
 from threempose.atomic import atomic_open, atomic_write_json
+from threempose.cli import entry_point
 from threempose.config import SyntheticConfig
 from threempose.data.keypoints import COCO_PERSON_CATEGORY, NUM_JOINTS
 
@@ -404,7 +406,8 @@ def ensure_synthetic(cfg: SyntheticConfig, progress: bool = True) -> SyntheticSp
     return splits
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+@entry_point
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: write a synthetic data set into a new folder ``--out``."""
     d = SyntheticConfig()
     p = argparse.ArgumentParser(prog="python -m threempose.data.synthetic",
@@ -424,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         generate(tmp, args.images, args.seed, args.min_size, args.max_size, args.max_people, progress=True)
     print(f"wrote {args.images} images to {args.out / IMAGE_DIR} and annotations to "
           f"{args.out / ANNOTATION_FILE}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from threempose.atomic import atomic_torch_save
+from threempose.cli import UserError
 
 FORMAT = "threempose-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or not a threempose checkpoint."""
 
 

@@ -115,8 +115,8 @@ class EpochJob(abc.ABC):
     def resume_from(self, run_dir: RunDir) -> None:
         state = run_dir.load_last_checkpoint(required=("kind", "epoch", "global_step", "rng"))
         if state["kind"] != self.kind:
-            raise RuntimeError(f"{run_dir.last_checkpoint} is a {state['kind']} checkpoint, "
-                               f"not a {self.kind} one")
+            raise RunDirError(f"{run_dir.last_checkpoint} is a {state['kind']} checkpoint, "
+                              f"not a {self.kind} one")
         self.load_state_dict(state)
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         restore_rng_state(state["rng"])

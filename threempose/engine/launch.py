@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from threempose.config import Config, load_config
+from threempose.config import Config, check_config_command, load_config
 from threempose.engine.distributed import DistContext, init_distributed
 from threempose.engine.job import EpochJob
 
@@ -22,8 +22,11 @@ def job_arguments(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_job(args: argparse.Namespace, make_job: Callable[[Config, DistContext], EpochJob]) -> int:
-    """Load the config, join the ranks, run the job, tear down, print the artifacts (rank 0)."""
+def run_job(args: argparse.Namespace, command: str,
+            make_job: Callable[[Config, DistContext], EpochJob]) -> int:
+    """Load the config (refusing one written for the other ``command``: ``"search"`` or
+    ``"train"``), join the ranks, run the job, tear down, print the artifacts (rank 0)."""
+    check_config_command(args.config, command)
     cfg = load_config(args.config)
     ctx = init_distributed(cfg.run.device)
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from threempose.atomic import atomic_open, atomic_write_json
+from threempose.cli import UserError
 from threempose.config import Config, config_to_dict
 from threempose.engine.checkpoint import load_checkpoint, save_checkpoint
 
@@ -31,7 +32,7 @@ from threempose.engine.checkpoint import load_checkpoint, save_checkpoint
 RESUME_IGNORED_KEYS = frozenset({"run.progress", "run.out_dir"})
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory is missing, incomplete, or belongs to a different config."""
 
 

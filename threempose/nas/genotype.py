@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from threempose.atomic import atomic_open
+from threempose.cli import UserError
 from threempose.nas.ops import OP_NAMES
 
 GENOTYPE_FORMAT = "threempose.genotype/1"
@@ -55,7 +56,7 @@ INPUT_NAMES: tuple[str, ...] = ("above", "parallel", "below")
 ROW_STEP = {"above": -1, "parallel": 0, "below": 1}  # row of each neighbour, relative
 
 
-class GenotypeError(ValueError):
+class GenotypeError(UserError, ValueError):
     """A genotype is malformed; the message names the file and the cell."""
 
 

@@ -30,12 +30,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from threempose.atomic import atomic_open
-from threempose.engine.checkpoint import CheckpointError
-from threempose.evaluate import EvaluationInputError, evaluate_keypoints, format_table
+from threempose.cli import check_output_file, entry_point
+from threempose.evaluate import evaluate_keypoints, format_table
 from threempose.pnfs.inference import predict_results
 from threempose.pnfs.model import PnfsNet, load_pnfs_model
 from threempose.pnfs.settings import TopDownConfig
-from threempose.pnfs.topdown_data import TopDownCocoDataset, TopDownDataError
+from threempose.pnfs.topdown_data import TopDownCocoDataset
 
 
 def predict_file(net: PnfsNet, cfg: TopDownConfig, annotations: Union[str, Path], images: Union[str, Path],
@@ -48,6 +48,7 @@ def predict_file(net: PnfsNet, cfg: TopDownConfig, annotations: Union[str, Path]
     return predict_results(lambda x: net(x).scores, crops, cfg, batch_size, device, num_workers)
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m threempose.pnfs.infer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,23 +62,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--evaluate", action="store_true", help="print the COCO keypoint AP/AR table")
     args = parser.parse_args(argv)
-    try:
-        net, cfg = load_pnfs_model(args.checkpoint, args.device)
-        topdown = dataclasses.replace(cfg.pnfs.topdown, flip_test=cfg.pnfs.topdown.flip_test and not args.no_flip)
-        results = predict_file(net, topdown, args.annotations, args.images, args.detections, args.batch_size,
-                               args.device)
-    except (CheckpointError, TopDownDataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_output_file(args.out, "--out")
+    net, cfg = load_pnfs_model(args.checkpoint, args.device)
+    topdown = dataclasses.replace(cfg.pnfs.topdown, flip_test=cfg.pnfs.topdown.flip_test and not args.no_flip)
+    results = predict_file(net, topdown, args.annotations, args.images, args.detections, args.batch_size,
+                           args.device)
     with atomic_open(args.out, "w") as f:
         json.dump(results, f)
     print(f"wrote {len(results)} people to {args.out}", file=sys.stderr)
     if args.evaluate:
-        try:
-            print(format_table(evaluate_keypoints(args.annotations, args.out)))
-        except EvaluationInputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        print(format_table(evaluate_keypoints(args.annotations, args.out)))
     return 0
 
 

@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from threempose.cli import UserError, entry_point
+
 MPII_JOINT_NAMES = (
     "right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle",
     "pelvis", "thorax", "upper_neck", "head_top",
@@ -62,7 +64,7 @@ TABLE_GROUPS = (
 _NOT_IN_MEAN = (_J["pelvis"], _J["thorax"])
 
 
-class PCKhInputError(ValueError):
+class PCKhInputError(UserError, ValueError):
     """An annotation or predictions file is missing or malformed."""
 
 
@@ -183,6 +185,7 @@ def format_table(table: dict[str, Any]) -> str:
     return "  ".join(f"{n:>8}" for n in names) + "\n" + "  ".join(f"{table[n]:8.1f}" for n in names)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m threempose.pnfs.pckh",
@@ -191,11 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predictions", required=True, help="JSON list of 16 x [x, y] per annotation")
     parser.add_argument("--json", action="store_true", help="print all numbers as one JSON object")
     args = parser.parse_args(argv)
-    try:
-        table = evaluate_pckh(args.annotations, args.predictions)
-    except PCKhInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    table = evaluate_pckh(args.annotations, args.predictions)
     print(json.dumps(table) if args.json else format_table(table))
     return 0
 

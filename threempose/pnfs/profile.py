@@ -18,9 +18,8 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
-from threempose.config import ConfigError, load_config
-from threempose.engine.checkpoint import CheckpointError
-from threempose.nas.genotype import GenotypeError
+from threempose.cli import entry_point
+from threempose.config import load_config
 from threempose.pnfs.model import PnfsArchitecture, PnfsNet, load_pnfs_model, profile_pnfs
 
 
@@ -48,6 +47,7 @@ def format_profile(title: str, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@entry_point(also=(ValueError,))
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m threempose.pnfs.profile", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,24 +60,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.architecture and not args.config:
         parser.error("--architecture needs --config")
-    try:
-        if args.checkpoint:
-            net, cfg = load_pnfs_model(args.checkpoint)
-            title = args.checkpoint
-        else:
-            cfg = load_config(args.config, overrides={"pnfs": {"backbone_checkpoint": None}})
-            architecture = PnfsArchitecture.load(args.architecture) if args.architecture else None
-            net = PnfsNet(cfg, architecture)
-            title = args.architecture or f"search space of {args.config}"
-    except (ConfigError, GenotypeError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.checkpoint:
+        net, cfg = load_pnfs_model(args.checkpoint)
+        title = args.checkpoint
+    else:
+        cfg = load_config(args.config, overrides={"pnfs": {"backbone_checkpoint": None}})
+        architecture = PnfsArchitecture.load(args.architecture) if args.architecture else None
+        net = PnfsNet(cfg, architecture)
+        title = args.architecture or f"search space of {args.config}"
     hw = args.input_size or (cfg.pnfs.topdown.input_height, cfg.pnfs.topdown.input_width)
-    try:
-        report = profile_pnfs(net, hw)
-    except ValueError as e:           # e.g. a crop the HRNet backbone cannot take
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = profile_pnfs(net, hw)         # ValueError: e.g. a crop the HRNet backbone cannot take
     print(json.dumps({"source": title, **report}) if args.json else format_profile(title, report))
     return 0
 

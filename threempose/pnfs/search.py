@@ -22,13 +22,15 @@ if __name__ == "__main__" and not __package__:
 import sys
 from typing import Optional
 
+from threempose.cli import entry_point
 from threempose.engine.launch import job_arguments, run_job
 from threempose.pnfs.jobs import PnfsSearchJob
 
 
+@entry_point
 def main(argv: Optional[list[str]] = None) -> int:
     args = job_arguments("threempose.pnfs.search", __doc__.split("\n\n")[0]).parse_args(argv)
-    return run_job(args, PnfsSearchJob)
+    return run_job(args, "search", PnfsSearchJob)
 
 
 if __name__ == "__main__":

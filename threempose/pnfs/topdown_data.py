@@ -40,13 +40,14 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from threempose.cli import UserError
 from threempose.data.augment import normalize
 from threempose.data.keypoints import NUM_JOINTS, flip_index
 from threempose.data.targets import render_heatmaps, target_cells
 from threempose.pnfs.settings import TopDownConfig
 
 
-class TopDownDataError(ValueError):
+class TopDownDataError(UserError, ValueError):
     """An annotation, detection or image file is malformed or unusable for top-down crops."""
 
 

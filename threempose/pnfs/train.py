@@ -24,18 +24,20 @@ if __name__ == "__main__" and not __package__:
 import sys
 from typing import Optional
 
+from threempose.cli import entry_point
 from threempose.engine.launch import job_arguments, run_job
 from threempose.pnfs.jobs import PnfsTrainJob
 from threempose.pnfs.model import PnfsArchitecture
 
 
+@entry_point
 def main(argv: Optional[list[str]] = None) -> int:
     parser = job_arguments("threempose.pnfs.train", __doc__.split("\n\n")[0])
     parser.add_argument("--architecture", required=True, help="a PNFS search's architecture.json")
     parser.add_argument("--init", help="a PNFS model.pt of that architecture to start from")
     args = parser.parse_args(argv)
     architecture = PnfsArchitecture.load(args.architecture)
-    return run_job(args, lambda cfg, ctx: PnfsTrainJob(cfg, ctx, architecture, args.init))
+    return run_job(args, "train", lambda cfg, ctx: PnfsTrainJob(cfg, ctx, architecture, args.init))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""How every command-line entry point ends: a user's mistake is one line, a bug a traceback.
+
+Each ``main`` of ``search``, ``train``, ``infer``, ``evaluate``, ``profile``, ``calibrate``,
+``export``, ``data.synthetic`` and the ``pnfs`` commands is wrapped by :func:`entry_point`:
+
+* an expected user error - a :class:`UserError` (bad config, genotype, checkpoint, data,
+  run directory, annotation, image ...) or a missing / unwritable path (``FileNotFoundError``,
+  ``PermissionError``, ``IsADirectoryError``, ``NotADirectoryError``, ``FileExistsError``) -
+  prints ``error: <message>`` on stderr and exits with :data:`EXIT_USER_ERROR` (2);
+* ``--debug`` on the command line (removed before the command parses it) or
+  ``THREEMPOSE_DEBUG=1`` lets the traceback through instead;
+* any other exception keeps its traceback (it is a bug to report).
+
+Under a distributed launcher every rank exits 2, only rank 0 prints, and the process group
+is torn down first (without a barrier: the other ranks may be inside another collective).
+
+:func:`check_output_file` and :func:`check_output_dir` let a command refuse an output path
+it could not write before it starts any work.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "THREEMPOSE_DEBUG"
+DEBUG_FLAG = "--debug"
+
+# OS errors that name a path the user gave (not a failing disk or a bug).
+_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+class UserError(Exception):
+    """An error the user can fix from its message alone: commands print it as one line and
+    exit 2. The project's input errors subclass it (``ConfigError``, ``GenotypeError``,
+    ``CheckpointError``, ``RunDirError``, ``AnnotationError``, ``ImageReadError`` ...)."""
+
+
+class OutputPathError(UserError):
+    """An output path that cannot be written (a directory, a parent that is a file ...)."""
+
+
+def user_error_message(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> Optional[str]:
+    """The one-line report of ``exc`` when it is a user's error (or one of the types ``also``),
+    else None."""
+    if isinstance(exc, (UserError, *also)):
+        return str(exc)
+    if isinstance(exc, _PATH_ERRORS):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return str(exc)
+    return None
+
+
+def debug_requested() -> bool:
+    """Whether ``THREEMPOSE_DEBUG`` asks for tracebacks of user errors (set and not 0/empty)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _tear_down_process_group() -> None:
+    """Destroy the default process group if one was joined (no barrier)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+MainFn = Callable[[Optional[list[str]]], Optional[int]]
+
+
+def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException], ...] = ()):
+    """Wrap a command's ``main(argv) -> exit status`` with the error path of the module docstring.
+
+    ``@entry_point`` or ``@entry_point(also=(ValueError,))``: ``also`` adds exception types
+    the command reports as user errors (its inputs' checks raise them)."""
+    if main is None:
+        return lambda fn: entry_point(fn, also=also)
+
+    @functools.wraps(main)
+    def wrapped(argv: Optional[Sequence[str]] = None) -> int:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if DEBUG_FLAG in args:
+            args = [a for a in args if a != DEBUG_FLAG]
+            os.environ[DEBUG_ENV] = "1"        # nested commands (the PNFS mains) see it too
+        try:
+            status = main(args)
+        except BaseException as e:
+            message = user_error_message(e, also)
+            if message is None or debug_requested():
+                raise
+            _tear_down_process_group()
+            if _rank() == 0:
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        return 0 if status is None else int(status)
+
+    return wrapped
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Raise :class:`OutputPathError` unless ``path`` can become a file: it is not a directory,
+    and its nearest existing ancestor is a writable directory. ``option`` (e.g. ``"--out"``)
+    names the argument in the message. Returns ``path`` as a :class:`Path`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {path}: permission denied")
+    _check_parent(path, option)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Raise :class:`OutputPathError` unless ``path`` is (or can be made) a writable directory."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path} is a file, not a directory")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{option} {path}: permission denied")
+        return path
+    _check_parent(path, option)
+    return path
+
+
+def _check_parent(path: Path, option: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: cannot write into {parent} (permission denied)")
