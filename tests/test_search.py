@@ -12,7 +12,8 @@ import torch
 
 from threempose.config import load_config
 from threempose.engine.distributed import DistContext
-from threempose.engine.metrics import read_metrics
+from threempose.engine.metrics import MetricsLogger, read_metrics
+from threempose.engine.run_dir import RunDir
 from threempose.model_file import load_model_file
 from threempose.nas.fabric import Supernet
 from threempose.nas.genotype import Genotype
@@ -184,3 +185,50 @@ def test_resume_with_a_different_config_names_the_key(tmp_path, cache):
     cfg = load_config(config, overrides={"search": {"epochs": 2}})
     with pytest.raises(RuntimeError, match="search.epochs"):
         SearchJob(cfg, DistContext()).run(resume=str(job.run_dir.path))
+
+
+def metric_values(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")}
+            for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_resume_of_a_finished_run_and_from_a_truncated_last_pt(tmp_path, cache, capsys):
+    """A finished run resumed says so (no "epoch 3/2"); a truncated last.pt (and its epoch file)
+    falls back to the previous epoch's checkpoint and ends as the uninterrupted run did."""
+    config = tiny_config(tmp_path, cache)
+    job, _ = run_search(config)
+    run = job.run_dir.path
+    genotype, metrics = Genotype.load(run / "genotype.json").to_dict(), metric_values(run)
+    capsys.readouterr()
+
+    run_search(config, resume=str(run))
+    err = capsys.readouterr().err
+    assert "already ran all 2 epochs" in err and "epoch 3/2" not in err
+    assert metric_values(run) == metrics
+
+    for name in ("last.pt", "epoch_002.pt"):             # last.pt is a link to epoch_002.pt
+        path = run / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    resumed, _ = run_search(config, resume=str(run))
+    err = capsys.readouterr().err
+    assert f"resuming from {run / 'checkpoints' / 'epoch_001.pt'} instead" in err
+    assert "resuming" in err and "at epoch 2/2" in err
+    assert Genotype.load(run / "genotype.json").to_dict() == genotype
+    assert metric_values(run) == metrics                  # the same steps, once each
+
+
+def test_run_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path, cache, capsys):
+    config = tiny_config(tmp_path, cache, search={"epochs": 1})
+    reference, _ = run_search(config)
+    # What a run killed mid-epoch 1 leaves: config, some metric lines, a TensorBoard file and a
+    # temporary file of an interrupted write.
+    killed = RunDir.create(load_config(config))
+    with MetricsLogger(killed) as log:
+        for step in (1, 2, 3):
+            log.log(step, loss=123.0)
+    (killed.checkpoints_dir / ".epoch_001.pt.abc123.tmp").write_bytes(b"half")
+    run_search(config, resume=str(killed.path))
+    assert "has no checkpoint yet; starting it over" in capsys.readouterr().err
+    assert metric_values(killed.path) == metric_values(reference.run_dir.path)
+    assert len(list(killed.tensorboard_dir.glob("events.out.tfevents.*"))) == 1
+    assert not list(killed.checkpoints_dir.glob(".*.tmp"))

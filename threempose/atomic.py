@@ -1,6 +1,10 @@
 """Atomic file writes: write to a temporary file beside the target, then rename.
 
-A crash or an exception mid-write never leaves a half-written output file.
+A crash or an exception mid-write never leaves a half-written output file. The file gets the
+permissions a plain ``open(path, "w")`` would give it (an existing target's mode, else
+``0o666`` minus the umask), not the temporary file's private ``0o600``. A process killed
+mid-write leaves its temporary file (``.<name>.<random>.tmp``, see :data:`TEMP_GLOB`);
+:func:`remove_stale_temporaries` deletes those.
 """
 from __future__ import annotations
 
@@ -10,6 +14,33 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, IO
+
+
+TEMP_GLOB = ".*.tmp"      # names of atomic_open's temporary files (and of staged folders)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permission bits a new file (``0o666``) or folder (``0o777``) gets under the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left directly in ``folder``;
+    returns their paths. Only call this where no other process is writing."""
+    removed = []
+    for tmp in Path(folder).glob(TEMP_GLOB):
+        if tmp.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 @contextlib.contextmanager
@@ -23,11 +54,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final_mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        final_mode = default_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), final_mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -38,13 +38,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from threempose.atomic import atomic_write_json
 from threempose.cli import UserError, entry_point
 from threempose.config import DataConfig, EELConfig, InferConfig, load_config
 from threempose.data.coco import CocoKeypoints, coco_split_paths
+from threempose.data.image_io import read_image
 from threempose.data.synthetic import ensure_synthetic
 from threempose.dynamic_exit import DYNAMIC, NEVER, ExitScore, choose_exit
 from threempose.evaluate import evaluate_keypoints
@@ -97,8 +97,7 @@ def collect_records(predictor: Predictor, dataset: CocoKeypoints, image_ids: Seq
     cfg = predictor.cfg
     records = []
     for image_id in tqdm(image_ids, desc="calibrate", unit="img", disable=not progress):
-        with Image.open(dataset.image_dir / dataset.coco.imgs[image_id]["file_name"]) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = np.asarray(read_image(dataset.image_dir / dataset.coco.imgs[image_id]["file_name"]))
         x, info = prepare_image(image, cfg.short_side, predictor.device)
         exits = predictor.net(with_flips(x, cfg.flip_test))
         scores, results = {}, {}

@@ -35,17 +35,16 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from threempose.cli import UserError
 from threempose.config import InferConfig, config_from_dict, load_config
 from threempose.data.augment import normalize
+from threempose.data.image_io import ImageReadError, read_image, to_rgb
 from threempose.data.keypoints import NUM_JOINTS
 from threempose.data.keypoints import flip_index as coco_flip_index
 from threempose.decode.decoder import DecodeParams, Person, coco_results, decode
@@ -61,20 +60,12 @@ ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]
 SIZE_MULTIPLE = 32
 
 
-class ImageReadError(UserError, ValueError):
-    """An input is not a readable image (missing, not an image, corrupt, wrong array shape);
-    ``reason`` is the message without the file name."""
-
-    def __init__(self, message: str, reason: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.reason = reason or message
-
-
 # --------------------------------------------------------------------------- #
 # Building blocks
 # --------------------------------------------------------------------------- #
 def load_image(image: ImageLike) -> np.ndarray:
-    """An RGB uint8 ``[H, W, 3]`` array from a path, a PIL image or such an array.
+    """An RGB uint8 ``[H, W, 3]`` array from a path, a PIL image (both read by
+    :mod:`threempose.data.image_io`: upright, 16-bit scaled, alpha over white) or such an array.
 
     Raises ImageReadError naming the file (or the array's shape) when it cannot be used.
     """
@@ -84,17 +75,9 @@ def load_image(image: ImageLike) -> np.ndarray:
                                  f"{tuple(image.shape)}")
         return image
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageReadError(f"{path}: no such file", "no such file")
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            reason = "not an image" if isinstance(e, UnidentifiedImageError) else f"unreadable ({e})"
-            raise ImageReadError(f"{path}: {reason}", reason) from None
+        return np.asarray(read_image(image))
     raise TypeError(f"image must be a path, a PIL image or a numpy array, not {type(image).__name__}")
 
 

@@ -79,6 +79,7 @@ class SearchJob(EpochJob):
         s = cfg.search
         set_backend(cfg.run.kernels)
         self.device = ctx.device
+        self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)   # first: fails fast
         self.data = build_loaders(
             cfg.data, seed=cfg.run.seed, device=self.device, rank=ctx.rank, world_size=ctx.world_size,
             arch_fraction=s.arch_val_fraction if s.strategy == "bilevel" else None,
@@ -92,7 +93,6 @@ class SearchJob(EpochJob):
         self.weights = self.opt.weights
         if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
             self.supernet.sampling = "argmax"
-        self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)
         self.loss = PoseLoss(cfg.loss)
 
     # ---- architecture ------------------------------------------------------ #

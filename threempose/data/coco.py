@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from threempose.cli import UserError
 from threempose.config import DataConfig
 from threempose.data.augment import augment_sample, center_affine, draw_affine
+from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.targets import supervision_mask
 
 SampleKey = Union[int, tuple[int, int]]
@@ -143,11 +144,15 @@ class CocoKeypoints(Dataset):
         return np.asarray(kpts, np.float64).reshape(-1, self.cfg.num_joints, 3), anns
 
     def _decode(self, index: int) -> Image.Image | None:
+        """The image (:func:`~threempose.data.image_io.read_image`), or None when it cannot be
+        read or its upright size is not the annotation's width x height (its keypoints would
+        not fit it; e.g. an EXIF rotation the annotation tool did not apply)."""
         try:
-            with Image.open(self.image_path(index)) as f:
-                return f.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            image = read_image(self.image_path(index))
+        except ImageReadError:
             return None
+        info = self.coco.imgs[self.image_ids[index]]
+        return image if image.size == (info["width"], info["height"]) else None
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, epoch = (int(key), 0) if isinstance(key, (int, np.integer)) else key

@@ -47,7 +47,7 @@ from pycocotools import mask as mask_utils
 from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
-from threempose.atomic import atomic_open, atomic_write_json
+from threempose.atomic import atomic_open, atomic_write_json, default_mode
 from threempose.cli import entry_point
 from threempose.config import SyntheticConfig
 from threempose.data.keypoints import COCO_PERSON_CATEGORY, NUM_JOINTS
@@ -369,6 +369,7 @@ def _staged_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))     # mkdtemp's folder is private (0o700)
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

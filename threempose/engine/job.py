@@ -113,10 +113,12 @@ class EpochJob(abc.ABC):
                 "step_in_epoch": 0, "rng": capture_rng_state(), **self.state_dict()}
 
     def resume_from(self, run_dir: RunDir) -> None:
-        state = run_dir.load_last_checkpoint(required=("kind", "epoch", "global_step", "rng"))
+        state, path = run_dir.load_resume_checkpoint(required=("kind", "epoch", "global_step", "rng"))
+        if path != run_dir.last_checkpoint:
+            self.say(f"[threempose] {run_dir.last_checkpoint} is missing or unreadable; "
+                     f"resuming from {path} instead")
         if state["kind"] != self.kind:
-            raise RunDirError(f"{run_dir.last_checkpoint} is a {state['kind']} checkpoint, "
-                              f"not a {self.kind} one")
+            raise RunDirError(f"{path} is a {state['kind']} checkpoint, not a {self.kind} one")
         self.load_state_dict(state)
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         restore_rng_state(state["rng"])
@@ -143,12 +145,20 @@ class EpochJob(abc.ABC):
                                   f"filesystem that every node shares (same path) to resume")
         if resumed:
             self.resume_from(self.run_dir)
-            self.say(f"[threempose] resuming {self.run_dir.path} at epoch {self.epoch + 1}/{self.epochs}")
+            if self.epoch >= self.epochs:
+                self.say(f"[threempose] {self.run_dir.path} already ran all {self.epochs} epochs; "
+                         f"writing its final artifacts again")
+            else:
+                self.say(f"[threempose] resuming {self.run_dir.path} at epoch {self.epoch + 1}/{self.epochs}")
+        elif resume is not None:
+            self.say(f"[threempose] {self.run_dir.path} has no checkpoint yet; starting it over")
         else:
             self.say(f"[threempose] {self.kind} run directory: {self.run_dir.path}")
-        # Lines logged after the checkpoint (by the killed run) are dropped; they are re-run.
+        # Lines logged after the checkpoint (by the killed run) are dropped; they are re-run. A run
+        # killed before its first checkpoint starts over: all its lines and events go.
         self.metrics = MetricsLogger(self.run_dir, rank=self.ctx.rank,
-                                     purge_from_step=self.global_step + 1 if resumed else None)
+                                     purge_from_step=(self.global_step + 1 if resumed
+                                                      else 0 if resume is not None else None))
         show_bar = progress_enabled(self.cfg.run.progress, self.ctx.rank)
         try:
             while self.epoch < self.epochs:

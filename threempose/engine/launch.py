@@ -26,8 +26,8 @@ def run_job(args: argparse.Namespace, command: str,
             make_job: Callable[[Config, DistContext], EpochJob]) -> int:
     """Load the config (refusing one written for the other ``command``: ``"search"`` or
     ``"train"``), join the ranks, run the job, tear down, print the artifacts (rank 0)."""
-    check_config_command(args.config, command)
     cfg = load_config(args.config)
+    check_config_command(args.config, command)
     ctx = init_distributed(cfg.run.device)
     try:
         job = make_job(cfg, ctx)

@@ -30,7 +30,8 @@ class MetricsLogger:
         purge_from_step: when resuming, the first step that will be run again:
             earlier-written lines with ``step >= purge_from_step`` are dropped
             from ``metrics.jsonl`` and TensorBoard purges its events from there,
-            so a resumed run's log equals an uninterrupted one's.
+            so a resumed run's log equals an uninterrupted one's. ``0`` (a run
+            that starts over) also deletes the old TensorBoard event files.
     """
 
     def __init__(self, run_dir: RunDir | str | os.PathLike, rank: int = 0, tensorboard: bool = True,
@@ -45,6 +46,9 @@ class MetricsLogger:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             if purge_from_step is not None:
                 _truncate_jsonl(self.run_dir.metrics_path, purge_from_step)
+            if purge_from_step == 0:         # starting over: the old event files are all stale
+                for events in self.run_dir.tensorboard_dir.glob("events.out.tfevents.*"):
+                    events.unlink()
             self._file = open(self.run_dir.metrics_path, "a", encoding="utf-8")
 
     def log(self, step: int, **scalars: Any) -> None:

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from threempose.atomic import atomic_open, atomic_write_json
+from threempose.atomic import atomic_open, atomic_write_json, remove_stale_temporaries
 from threempose.cli import UserError
 from threempose.config import Config, config_to_dict
-from threempose.engine.checkpoint import load_checkpoint, save_checkpoint
+from threempose.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 # Config keys that may change between a run and its resumption (dotted paths).
 RESUME_IGNORED_KEYS = frozenset({"run.progress", "run.out_dir"})
@@ -107,6 +107,8 @@ class RunDir:
                 f"{run.config_path} or start a new run")
         for sub in (run.checkpoints_dir, run.arch_dir):
             sub.mkdir(exist_ok=True)
+        for folder in (run.path, run.checkpoints_dir, run.arch_dir):     # left by a killed write
+            remove_stale_temporaries(folder)
         return run
 
     # -- paths ------------------------------------------------------------- #
@@ -144,9 +146,13 @@ class RunDir:
             raise ValueError(f"artifact name must be a plain file name, got {name!r}")
         return self.path / name
 
+    def epoch_checkpoints(self) -> list[Path]:
+        """The ``epoch_NNN.pt`` files, newest first."""
+        return sorted(self.checkpoints_dir.glob("epoch_[0-9][0-9][0-9]*.pt"), reverse=True)
+
     @property
     def has_checkpoint(self) -> bool:
-        return self.last_checkpoint.is_file()
+        return self.last_checkpoint.is_file() or bool(self.epoch_checkpoints())
 
     # -- writers ----------------------------------------------------------- #
     def save_checkpoint(self, state: dict[str, Any], epoch: Optional[int] = None) -> Path:
@@ -173,6 +179,21 @@ class RunDir:
     def load_last_checkpoint(self, map_location: Any = "cpu", required=()) -> dict[str, Any]:
         """Load ``checkpoints/last.pt`` (see :func:`~threempose.engine.checkpoint.load_checkpoint`)."""
         return load_checkpoint(self.last_checkpoint, map_location=map_location, required=required)
+
+    def load_resume_checkpoint(self, map_location: Any = "cpu", required=()) -> tuple[dict[str, Any], Path]:
+        """The newest intact checkpoint: ``last.pt``, or when it is missing or unreadable (a
+        damaged disk, a copy cut short) the newest ``epoch_NNN.pt`` that loads.
+
+        Returns ``(state, path)``; raises :class:`CheckpointError` naming every file tried."""
+        errors = []
+        for path in [self.last_checkpoint, *self.epoch_checkpoints()]:
+            if path.is_file():
+                try:
+                    return load_checkpoint(path, map_location=map_location, required=required), path
+                except CheckpointError as e:
+                    errors.append(str(e))
+        tried = "; ".join(errors) if errors else f"no checkpoint in {self.checkpoints_dir}"
+        raise CheckpointError(f"cannot resume {self.path}: {tried}")
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write a JSON artifact atomically at the run's top level; return its path."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image
 
 from threempose.config import InferConfig
+from threempose.data.image_io import read_image
 from threempose.data.loader import DataLoaders
 from threempose.evaluate import evaluate_keypoints
 from threempose.predictor import ExitFn, predict_people
@@ -29,8 +29,7 @@ def validation_ap(exit_fn: ExitFn, data: DataLoaders, cfg: InferConfig, count: i
     results, found = [], 0
     for image_id in ids:
         info = dataset.coco.imgs[image_id]
-        with Image.open(data.val_images / info["file_name"]) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = np.asarray(read_image(data.val_images / info["file_name"]))
         people = predict_people(exit_fn, image, cfg, device=data.device)
         found += len(people)
         results += [p.to_coco(image_id) for p in people]

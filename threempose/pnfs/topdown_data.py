@@ -36,12 +36,13 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from threempose.cli import UserError
 from threempose.data.augment import normalize
+from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.keypoints import NUM_JOINTS, flip_index
 from threempose.data.targets import render_heatmaps, target_cells
 from threempose.pnfs.settings import TopDownConfig
@@ -335,10 +336,9 @@ class TopDownCocoDataset(Dataset):
             raise FileNotFoundError(f"image file not found: {path} (image_id {image_id} of "
                                     f"{self.annotation_file})")
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise TopDownDataError(f"{path}: cannot decode image: {e}") from None
+            return read_image(path)
+        except ImageReadError as e:
+            raise TopDownDataError(f"{path}: cannot decode image: {e.reason}") from None
 
     def _augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
         """``(scale, rotation, flip)`` of sample ``index`` in ``epoch``."""
