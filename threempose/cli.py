@@ -11,6 +11,10 @@ Each ``main`` of ``search``, ``train``, ``infer``, ``evaluate``, ``profile``, ``
   ``THREEMPOSE_DEBUG=1`` lets the traceback through instead;
 * any other exception keeps its traceback (it is a bug to report).
 
+A command that imports torch also gets its thread pool sized by
+:mod:`threempose.engine.threads` before it starts (``search`` and ``train`` size it again from
+their config's ``run.threads``).
+
 Under a distributed launcher every rank exits 2, only rank 0 prints, and the process group
 is torn down first (without a barrier: the other ranks may be inside another collective).
 
@@ -88,6 +92,10 @@ def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException
         if DEBUG_FLAG in args:
             args = [a for a in args if a != DEBUG_FLAG]
             os.environ[DEBUG_ENV] = "1"        # nested commands (the PNFS mains) see it too
+        if "torch" in sys.modules:             # a command that computes: size torch's thread pool
+            from threempose.engine.threads import apply_threads
+
+            apply_threads()
         try:
             status = main(args)
         except BaseException as e:

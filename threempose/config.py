@@ -197,6 +197,8 @@ class RunConfig:
     log_every: int = 10
     val_ap_images: int = 16           # images of the val split scored each epoch
     progress: bool = True
+    threads: int = 0                  # torch intra-op threads; 0: chosen from the usable cores
+                                      # (threempose.engine.threads); a run records what it used
 
 
 @dataclass

@@ -31,6 +31,7 @@ from threempose.config import DataConfig
 from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints, coco_split_paths
 from threempose.data.synthetic import ensure_synthetic
+from threempose.engine.threads import single_threaded_worker
 
 
 _ARCH_SPLIT_STREAM = 2**31   # numpy seed-sequence entry of the train/arch split (epochs use [seed, epoch])
@@ -80,10 +81,6 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "skipped"}
     batch["skipped"] = [name for s in samples for name in s["skipped"]]
     return batch
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 class PoseDataLoader(DataLoader):
@@ -193,7 +190,7 @@ def build_loaders(cfg: DataConfig, *, seed: int = 0, device: torch.device | str 
     val_set = CocoKeypoints(val_images, val_ann, cfg, train=False, seed=seed, raw=gpu)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                   collate_fn=collate_raw if gpu else collate_samples, pin_memory=device.type == "cuda",
-                  worker_init_fn=_worker_init if cfg.num_workers else None)
+                  worker_init_fn=single_threaded_worker if cfg.num_workers else None)
 
     indices = list(range(len(train_set)))
     arch = None

@@ -101,11 +101,22 @@ class EpochJob(abc.ABC):
             run_dir = (RunDir.open_for_resume(resume, self.cfg) if resume
                        else RunDir.create(self.cfg))
             path = str(run_dir.path)
+            if resume:
+                self.warn_thread_change(run_dir)
         if self.ctx.world_size > 1:
             box = [path]
             dist.broadcast_object_list(box, src=0)
             path = box[0]
         return RunDir(path)
+
+    def warn_thread_change(self, run_dir: RunDir) -> None:
+        """Say so when this continuation of ``run_dir`` runs with another intra-op thread count
+        than the run recorded (floating-point sums then differ: not bit-identical)."""
+        recorded = run_dir.stored_config().get("run", {}).get("threads")
+        if recorded and recorded != self.cfg.run.threads:
+            self.say(f"[threempose] warning: {run_dir.path} ran with {recorded} intra-op thread(s), this "
+                     f"continuation uses {self.cfg.run.threads}; it will not be bit-identical to an "
+                     f"uninterrupted run (set run.threads or OMP_NUM_THREADS={recorded} to match)")
 
     def full_state(self) -> dict[str, Any]:
         """The job's state plus the loop's own (epoch, step, RNG)."""

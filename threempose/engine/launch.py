@@ -6,11 +6,13 @@ DeepSpeed launcher (which adds ``--local_rank``).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from threempose.config import Config, check_config_command, load_config
 from threempose.engine.distributed import DistContext, init_distributed
 from threempose.engine.job import EpochJob
+from threempose.engine.threads import apply_threads
 
 
 def job_arguments(prog: str, description: str) -> argparse.ArgumentParser:
@@ -28,7 +30,11 @@ def run_job(args: argparse.Namespace, command: str,
     ``"train"``), join the ranks, run the job, tear down, print the artifacts (rank 0)."""
     cfg = load_config(args.config)
     check_config_command(args.config, command)
+    plan = apply_threads(cfg.run.threads, cfg.data.num_workers)
+    cfg.run.threads, cfg.data.num_workers = plan.intra_op, plan.workers      # recorded in config.json
     ctx = init_distributed(cfg.run.device)
+    if ctx.is_main:
+        print(f"[threempose] threads: {plan.describe()}", file=sys.stderr, flush=True)
     try:
         job = make_job(cfg, ctx)
         artifacts = job.run(resume=args.resume)

@@ -28,8 +28,9 @@ from threempose.cli import UserError
 from threempose.config import Config, config_to_dict
 from threempose.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-# Config keys that may change between a run and its resumption (dotted paths).
-RESUME_IGNORED_KEYS = frozenset({"run.progress", "run.out_dir"})
+# Config keys that may change between a run and its resumption (dotted paths). The loader's
+# worker count does not change results; a different run.threads does (EpochJob warns).
+RESUME_IGNORED_KEYS = frozenset({"run.progress", "run.out_dir", "run.threads", "data.num_workers"})
 
 
 class RunDirError(UserError, RuntimeError):
@@ -90,10 +91,7 @@ class RunDir:
         if not run.config_path.is_file():
             raise RunDirError(f"resume directory {run.path} has no {cls.CONFIG}; "
                               f"it is not a threempose run directory")
-        try:
-            stored = json.loads(run.config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunDirError(f"resume directory {run.path}: {cls.CONFIG} is not valid JSON: {e}") from None
+        stored = run.stored_config()
         current = json.loads(json.dumps(config_to_dict(cfg)))     # same JSON normalisation
         diffs = [k for k in _diff_keys(_flatten(stored), _flatten(current)) if k not in ignored]
         if diffs:
@@ -110,6 +108,13 @@ class RunDir:
         for folder in (run.path, run.checkpoints_dir, run.arch_dir):     # left by a killed write
             remove_stale_temporaries(folder)
         return run
+
+    def stored_config(self) -> dict[str, Any]:
+        """The run's ``config.json`` as a dict."""
+        try:
+            return json.loads(self.config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"resume directory {self.path}: {self.CONFIG} is not valid JSON: {e}") from None
 
     # -- paths ------------------------------------------------------------- #
     @property

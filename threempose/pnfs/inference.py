@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from threempose.config import Config
 from threempose.data.loader import EpochSampler, held_out_split, split_paths
+from threempose.engine.threads import single_threaded_worker
 from threempose.evaluate import evaluate_keypoints
 from threempose.pnfs.settings import TopDownConfig
 from threempose.pnfs.topdown_data import TopDownCocoDataset
@@ -67,7 +68,8 @@ def build_topdown_loaders(cfg: Config, *, rank: int = 0, world_size: int = 1,
     train crops out as ``arch`` (a split fixed by ``run.seed``)."""
     train_set, val_set, val_ann = topdown_datasets(cfg, progress)
     d, seed = cfg.data, cfg.run.seed
-    common = dict(batch_size=d.batch_size, num_workers=d.num_workers, pin_memory=torch.cuda.is_available())
+    common = dict(batch_size=d.batch_size, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+                  worker_init_fn=single_threaded_worker)
     indices, arch = list(range(len(train_set))), None
     if arch_fraction is not None:
         indices, held_out = held_out_split(len(indices), arch_fraction, seed, _ARCH_SPLIT_STREAM)
@@ -80,7 +82,8 @@ def build_topdown_loaders(cfg: Config, *, rank: int = 0, world_size: int = 1,
             raise ValueError(f"{train_set.annotation_file}: the {name} loader gets {len(loader.sampler)} person "
                              f"crops per process, fewer than data.batch_size {d.batch_size}; lower the batch "
                              "size or add images")
-    val = DataLoader(val_set, batch_size=d.batch_size, shuffle=False, num_workers=d.num_workers)
+    val = DataLoader(val_set, batch_size=d.batch_size, shuffle=False, num_workers=d.num_workers,
+                     worker_init_fn=single_threaded_worker)
     image_ids = sorted({s["image_id"] for s in val_set.samples})
     return TopDownLoaders(train, arch, val, val_ann, image_ids)
 
@@ -105,7 +108,8 @@ def predict_keypoints(score_fn: ScoreFn, crops: Dataset, cfg: TopDownConfig, bat
         "areas" [N]}``.
     """
     out = {"image_ids": [], "keypoints": [], "box_scores": [], "areas": []}
-    for batch in DataLoader(crops, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    for batch in DataLoader(crops, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            worker_init_fn=single_threaded_worker):
         images = batch["image"].to(device)
         scores = score_fn(images)
         if cfg.flip_test:
