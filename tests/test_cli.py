@@ -229,3 +229,13 @@ def test_other_commands_answer_in_one_line(tmp_path, capsys):
     one_error_line(capsys)
     assert export.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.ts")]) == 2
     one_error_line(capsys)
+
+
+def test_search_and_export_check_their_outputs_first(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    config = tiny(tmp_path, run={"out_dir": str(tmp_path / "afile")})
+    assert search.main(["--config", str(config)]) == 2
+    assert "run.out_dir" in one_error_line(capsys) and not (tmp_path / "cache").exists()   # no data made
+    (tmp_path / "m.ts").mkdir()
+    assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.ts")]) == 2
+    assert "--out" in one_error_line(capsys)

@@ -88,3 +88,17 @@ def test_shipped_configs_load():
     assert files, "configs/ should ship JSON configs"
     for f in files:
         load_config(f)
+
+
+def test_the_readme_small_model_has_dynamic_rules_for_its_early_exits():
+    """``infer --dynamic`` on a train-small model of a search-small genotype finds a rule per EEL."""
+    from pathlib import Path
+
+    from threempose.dynamic_exit import resolve_rules
+    from threempose.nas.fabric import Supernet
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    genotype = Supernet(load_config(root / "search-small.json").model).derive()
+    eel_layers = list(genotype.exit_layers[:-1])
+    assert eel_layers and sorted(resolve_rules(load_config(root / "train-small.json").infer.eels,
+                                               eel_layers)) == sorted(eel_layers)

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from threempose.atomic import atomic_write_json
-from threempose.cli import UserError, entry_point
+from threempose.cli import UserError, check_output_file, entry_point
 from threempose.config import DataConfig, EELConfig, InferConfig, load_config
 from threempose.data.coco import CocoKeypoints, coco_split_paths
 from threempose.data.image_io import read_image
@@ -255,6 +255,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def calibrate(args: argparse.Namespace) -> int:
     from threempose.model_file import load_model_file
 
+    check_output_file(args.out, "--out")
     cfg = load_config(args.config)
     net, _ = load_model_file(args.checkpoint)
     exit_layers = list(net.genotype.exit_layers)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from threempose.atomic import atomic_open
-from threempose.cli import entry_point
+from threempose.cli import check_output_file, entry_point
 from threempose.nas.derived import DerivedNet
 from threempose.profile import parse_input_size
 
@@ -113,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     from threempose.model_file import load_model_file
 
+    check_output_file(args.out, "--out")
     net, infer = load_model_file(args.checkpoint)
     path = export_torchscript(net, args.out, args.input_size, infer)
     h, w = args.input_size

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from threempose.cli import check_output_dir
 from threempose.config import Config, check_config_command, load_config
 from threempose.engine.distributed import DistContext, init_distributed
 from threempose.engine.job import EpochJob
@@ -30,6 +31,8 @@ def run_job(args: argparse.Namespace, command: str,
     ``"train"``), join the ranks, run the job, tear down, print the artifacts (rank 0)."""
     cfg = load_config(args.config)
     check_config_command(args.config, command)
+    if args.resume is None:
+        check_output_dir(cfg.run.out_dir, "run.out_dir")
     plan = apply_threads(cfg.run.threads, cfg.data.num_workers)
     cfg.run.threads, cfg.data.num_workers = plan.intra_op, plan.workers      # recorded in config.json
     ctx = init_distributed(cfg.run.device)
