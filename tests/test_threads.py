@@ -1,5 +1,6 @@
 """The thread policy: usable cores, intra-op threads and loader workers, recorded and checked on resume."""
 import json
+import os
 
 import pytest
 import torch
@@ -53,7 +54,6 @@ class _WorkerThreads(Dataset):
         return 1
 
     def __getitem__(self, i):
-        import os
         return torch.tensor([torch.get_num_threads(), int(os.environ["OMP_NUM_THREADS"])])
 
 
@@ -85,4 +85,4 @@ def test_runs_record_their_threads_and_a_resume_with_others_warns(tmp_path, monk
     assert search.main(["--config", str(config), "--resume", run]) == 0
     err = capsys.readouterr().err
     assert "ran with 1 intra-op thread(s), this continuation uses 2" in err and "not be bit-identical" in err
-    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1        # a command called from Python leaves the caller's setting

@@ -92,7 +92,9 @@ def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException
         if DEBUG_FLAG in args:
             args = [a for a in args if a != DEBUG_FLAG]
             os.environ[DEBUG_ENV] = "1"        # nested commands (the PNFS mains) see it too
-        if "torch" in sys.modules:             # a command that computes: size torch's thread pool
+        torch = sys.modules.get("torch")      # a command that computes: size torch's thread pool
+        threads = torch.get_num_threads() if torch is not None else None
+        if torch is not None:
             from threempose.engine.threads import apply_threads
 
             apply_threads()
@@ -106,6 +108,9 @@ def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException
             if _rank() == 0:
                 print(f"error: {message}", file=sys.stderr, flush=True)
             return EXIT_USER_ERROR
+        finally:
+            if threads is not None:            # called from Python: leave the caller's setting
+                torch.set_num_threads(threads)
         return 0 if status is None else int(status)
 
     return wrapped
