@@ -3,8 +3,8 @@
 ``search.strategy`` decides who updates alpha/beta/m:
 
 * ``bilevel`` - their own Adam (``search.arch_lr``, MultiStepLR at ``arch_lr_milestones``),
-  stepped on a held-out batch by :meth:`SearchOptimizers.arch_step`; the weight step
-  leaves them alone.
+  stepped on a held-out batch by :meth:`SearchOptimizers.arch_step` (with its own GradScaler
+  under ``run.amp: fp16``); the weight step leaves them alone.
 * ``synchronous`` - the weight optimizer, as its param group 1 (PNFS), with the same
   epoch schedule applied by :meth:`SearchOptimizers.end_epoch`.
 * ``random`` - nobody: drawn once from N(0, 1) and frozen (PNFS' baseline).
@@ -22,7 +22,7 @@ from torch import nn
 
 from threempose.config import Config
 from threempose.engine.distributed import DistContext
-from threempose.engine.weights import WeightOptimizer
+from threempose.engine.weights import WeightOptimizer, amp_grad_scaler
 
 RANDOM_ARCH_STREAM = 12345        # seed offset of the random strategy's architecture draw
 
@@ -61,8 +61,10 @@ class SearchOptimizers:
         self.weights = WeightOptimizer(module, groups, cfg, ctx, grad_clip=s.grad_clip)
         self.arch_opt: Optional[torch.optim.Adam] = None
         self.arch_sched = None
+        self.arch_scaler: Optional[torch.amp.GradScaler] = None
         if s.strategy == "bilevel":
             self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
+            self.arch_scaler = amp_grad_scaler(self.weights.amp_dtype, ctx.device)
             self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
                                                                    s.arch_lr_gamma)
 
@@ -71,13 +73,21 @@ class SearchOptimizers:
         return self.arch_opt is not None
 
     def arch_step(self, loss: torch.Tensor) -> None:
-        """Bilevel: gradients of ``loss`` w.r.t. alpha/beta/m only, averaged over ranks, one Adam step."""
-        grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
+        """Bilevel: gradients of ``loss`` w.r.t. alpha/beta/m only, averaged over ranks, one Adam
+        step. Under fp16 the loss is scaled and the step skipped when a gradient is not finite
+        (every rank agrees: the gradients are averaged before the check)."""
+        scaler = self.arch_scaler
+        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss,
+                                    self.arch_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
         self.ctx.all_reduce_mean_(grads)
         for p, g in zip(self.arch_params, grads):
             p.grad = g
-        self.arch_opt.step()
+        if scaler is not None:
+            scaler.step(self.arch_opt)
+            scaler.update()
+        else:
+            self.arch_opt.step()
         self.arch_opt.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
@@ -121,4 +131,5 @@ class SearchOptimizers:
 
     def stateful(self) -> dict[str, Any]:
         """For checkpoints (see :meth:`threempose.engine.job.EpochJob.stateful`)."""
-        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched}
+        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched,
+                "arch_scaler": self.arch_scaler}
