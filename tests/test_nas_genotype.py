@@ -8,6 +8,10 @@ import pytest
 from threempose.nas.genotype import FabricLayout, Genotype, GenotypeError
 
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
+TABLE_A1 = Path(__file__).resolve().parent / "data" / "thesis_table_a1.txt"
+# Table A.1's op names -> the genotype's (thesis §3.2.2 and the table caption)
+TABLE_OPS = {"Identity": "identity", "Conv": "conv", "Avg": "avg_pool", "Max": "max_pool",
+             "Residual": "residual", "SepConv": "sep_conv", "CSI": "csi", "ZoomConv": "zoom_conv", "SE": "se"}
 
 
 def small_genotype_dict() -> dict:
@@ -112,6 +116,35 @@ def test_thesis_genotype_is_table_a1_with_cell_2_pruned():
     table = g.to_markdown()
     assert "| 0 | 1 | 0 | parallel | Max + Avg | Max + Avg | Identity |" in table
     assert "| 2 | 2 | 0 | - | - | - | - |" in table
+
+
+def read_table_a1() -> list[tuple[int, list[str], list[list[str]]]]:
+    """``(cell number, inputs, [O^0, O^1, O^2] op lists)`` per row of the verbatim text fixture."""
+    rows = []
+    for line in TABLE_A1.read_text().splitlines():
+        if line.startswith("#") or line.startswith("Cell No."):
+            continue
+        number, inputs, *ops = line.split("\t")
+        if inputs == "-":
+            assert ops == ["-"] * 3, line
+            rows.append((int(number), [], []))
+        else:
+            rows.append((int(number), inputs.split(" + "),
+                         [[TABLE_OPS[name] for name in edge.split(" + ")] for edge in ops]))
+    return rows
+
+
+def test_thesis_genotype_matches_every_row_of_table_a1():
+    """All 37 cells of the shipped genotype against the table's text: the inputs once each copy
+    slot (a neighbour outside the fabric) is resolved to the neighbour it copies, the ops in the
+    table's order."""
+    g = Genotype.load(THESIS)
+    layout = FabricLayout(g.rows, g.layers)
+    table = read_table_a1()
+    assert [number for number, _, _ in table] == list(range(37)) == [c.index for c in g.cells]
+    for (number, inputs, edges), cell in zip(table, g.cells):
+        resolved = list(dict.fromkeys(layout.resolve(layout.cells[number], name) for name in inputs))
+        assert (cell.inputs, cell.edges) == (resolved, edges), f"cell {number}"
 
 
 def test_from_dict_copies_its_input():
