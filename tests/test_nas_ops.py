@@ -4,6 +4,7 @@ import torch
 
 from threempose.flops import measure_gflops
 from threempose.nas.cell import AbovePath, BelowPath, Cell, CellChoice, ParallelPath
+from threempose.nas.genotype import OP_LABELS
 from threempose.nas.ops import OP_NAMES, make_op
 
 
@@ -13,7 +14,8 @@ def measured_macs(fn) -> float:
 
 def test_op_names_are_the_genotype_schema_names():
     assert OP_NAMES == ("identity", "conv", "avg_pool", "max_pool", "residual", "sep_conv", "csi",
-                        "zoom_conv", "se")
+                        "zoom_conv", "se", "zero", "dil_conv")
+    assert set(OP_LABELS) == set(OP_NAMES)          # every op has a Table A.1-style label
 
 
 @pytest.mark.parametrize("name", OP_NAMES)
@@ -33,8 +35,35 @@ def test_op_macs_closed_forms():
     assert make_op("csi", c).macs(h, w) == c * c * h * w
     assert make_op("zoom_conv", c).macs(h, w) == 9 * c * c * 5 * 4        # ceil(10/2) x ceil(7/2)
     assert make_op("se", c).macs(h, w) == 2 * c * (c // 4)
-    for free in ("identity", "avg_pool", "max_pool"):
+    assert make_op("dil_conv", c).macs(h, w) == (9 * c + c * c) * h * w
+    for free in ("identity", "avg_pool", "max_pool", "zero"):
         assert make_op(free, c).macs(h, w) == 0
+
+
+def test_zero_is_zero_and_passes_no_gradient():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    y = make_op("zero", 3)(x)
+    assert torch.equal(y, torch.zeros_like(x)) and not y.requires_grad
+    assert not list(make_op("zero", 3).parameters())
+
+
+def test_dil_conv_is_a_depthwise_rate_2_conv_then_a_pointwise_conv():
+    """One impulse through the depthwise conv alone (identity pointwise, BN off in eval with
+    unit statistics): the response sits on the 3x3 grid of stride 2 around the impulse, i.e.
+    a 5x5 receptive field with holes."""
+    op = make_op("dil_conv", 1).eval()
+    depthwise, pointwise = [m for m in op.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert (depthwise.dilation, depthwise.groups, depthwise.kernel_size) == ((2, 2), 1, (3, 3))
+    assert pointwise.kernel_size == (1, 1)
+    with torch.no_grad():
+        depthwise.weight.fill_(1.0)
+        pointwise.weight.fill_(1.0)
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0
+    hit = op(x)[0, 0] > 0
+    expected = torch.zeros(9, 9, dtype=torch.bool)
+    expected[2:7:2, 2:7:2] = True
+    assert torch.equal(hit, expected)
 
 
 def test_unknown_op_is_an_error_naming_it():

@@ -358,8 +358,8 @@ class Genotype:
 
 OP_LABELS = {"identity": "Identity", "conv": "Conv", "avg_pool": "Avg", "max_pool": "Max",
              "residual": "Residual", "sep_conv": "SepConv", "csi": "CSI", "zoom_conv": "ZoomConv",
-             "se": "SE"}
-"""The thesis' short op names (Table A.1)."""
+             "se": "SE", "zero": "Zero", "dil_conv": "DilConv"}
+"""The thesis' short op names (Table A.1); PNFS' zero and dilated conv named alike."""
 
 
 def _check_keys(obj: dict, required: set[str], allowed: set[str], what: str) -> None:

@@ -1,4 +1,7 @@
-"""The nine candidate operations of a cell edge (thesis §3.2.2).
+"""The candidate operations of a cell edge: the nine of 3M-Pose (thesis §3.2.2) and the two
+of PNFS' op set (PNFS §III-B: zero, skip, 3x3 separable conv, 3x3 dilated conv with rate 2,
+3x3 avg and max pool) that 3M-Pose lacks. :data:`OPS` is the registry every other module
+(genotype validation, supernets, cost and latency tables) reads.
 
 Every op maps ``[B, C, H, W] -> [B, C, H, W]`` (same width and size) and has
 ``macs(h, w)``: multiply-adds for one ``h x w`` image (see :mod:`threempose.nas.cost`).
@@ -16,6 +19,10 @@ csi        conv-sigmoid * identity: ``x * sigmoid(BN(conv1x1(x)))``    C^2 HW
 zoom_conv  FasterSeg's zoomed conv: bilinear resize to ceil(H/2) x       9 C^2 ceil(H/2) ceil(W/2)
            ceil(W/2), 3x3 conv - BN, bilinear resize back, ReLU
 se         squeeze-and-excite: ``x * sigmoid(W2 relu(W1 mean_hw(x)))``  2 C (C/4)
+zero       ``0`` (PNFS): the edge contributes nothing                  0
+dil_conv   PNFS' 3x3 dilated conv, rate 2, separable as DARTS'         (9 C + C^2) HW
+           ``dil_conv_3x3``: depthwise 3x3 dilation 2 - BN - ReLU -
+           pointwise 1x1 - BN - ReLU
 ========== ============================================================ ===================
 
 Usage::
@@ -29,6 +36,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,10 +47,11 @@ SE_REDUCTION = 4  # squeeze width = max(1, C // SE_REDUCTION)
 
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-            relu: bool = True) -> nn.Sequential:
-    """``kernel x kernel`` conv (padding ``kernel // 2``, no bias) - BN [- ReLU]."""
-    layers = [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups,
-                        bias=False),
+            relu: bool = True, dilation: int = 1) -> nn.Sequential:
+    """``kernel x kernel`` conv (padding ``dilation * (kernel // 2)``: same size at stride 1;
+    no bias) - BN [- ReLU]."""
+    layers = [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=dilation * (kernel // 2),
+                        dilation=dilation, groups=groups, bias=False),
               nn.BatchNorm2d(out_ch)]
     if relu:
         layers.append(nn.ReLU(inplace=True))
@@ -102,8 +111,8 @@ class Residual(BasicBlock):
 class SepConv(nn.Sequential):
     """Depthwise-separable conv: depthwise 3x3 - BN - ReLU - pointwise 1x1 - BN - ReLU."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(*conv_bn(channels, channels, 3, groups=channels),
+    def __init__(self, channels: int, dilation: int = 1) -> None:
+        super().__init__(*conv_bn(channels, channels, 3, groups=channels, dilation=dilation),
                          *conv_bn(channels, channels, 1))
 
     def macs(self, h: int, w: int) -> int:
@@ -168,6 +177,29 @@ class SqueezeExcite(nn.Module):
         return conv_macs(self.fc1, 1, 1) + conv_macs(self.fc2, 1, 1)
 
 
+class Zero(nn.Module):
+    """``x -> 0`` (PNFS' "zero"): under a mixed-op sum its weight takes mass from the other
+    ops; it has no parameters, costs nothing and passes no gradient to ``x``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+    def macs(self, h: int, w: int) -> int:
+        return 0
+
+
+class DilConv(SepConv):
+    """PNFS' "3x3 dilated convolution with 2 rate", separable as in DARTS (whose op set PNFS
+    follows): depthwise 3x3 with dilation 2 - BN - ReLU - pointwise 1x1 - BN - ReLU. A 5x5
+    receptive field at a separable 3x3's cost."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, dilation=2)
+
+
 OPS: dict[str, Callable[[int], nn.Module]] = {
     "identity": Identity,
     "conv": Conv,
@@ -178,6 +210,8 @@ OPS: dict[str, Callable[[int], nn.Module]] = {
     "csi": CSI,
     "zoom_conv": ZoomConv,
     "se": SqueezeExcite,
+    "zero": Zero,
+    "dil_conv": DilConv,
 }
 OP_NAMES: tuple[str, ...] = tuple(OPS)  # the genotype's op names, in alpha's column order by default
 

@@ -339,7 +339,9 @@ class SearchableFabric(nn.Module):
 
     def prune(self, threshold: float) -> FabricArchitecture:
         """PNFS §III-F: drop ops and inputs whose normalised weight is below ``threshold``, then
-        the cells that no longer reach the output; keep the other weights unchanged.
+        the cells that no longer reach the output; keep the other weights unchanged. A ``zero``
+        op is dropped too wherever another op of its edge stays (it adds nothing); an edge
+        left with ``zero`` alone keeps it (the edge contributes nothing, at no cost).
 
         ``threshold`` must be below ``1 / max(K, 3)`` so that every edge keeps an op and every
         cell an input. Returns the pruned architecture (genotype + weights).
@@ -356,7 +358,7 @@ class SearchableFabric(nn.Module):
                 cells.append(c)
                 continue
             inputs = [p for p in c.inputs if paths_w[c.index][INPUT_NAMES.index(p)] >= threshold]
-            edges = [[o for o in edge if ops_w[c.index][e][self.ops.index(o)] >= threshold]
+            edges = [_drop_zero([o for o in edge if ops_w[c.index][e][self.ops.index(o)] >= threshold])
                      for e, edge in enumerate(c.edges)]
             cells.append(replace(c, inputs=inputs, edges=edges))
             kept[c.index] = CellWeights([paths_w[c.index][INPUT_NAMES.index(p)] for p in inputs],
@@ -370,6 +372,12 @@ class SearchableFabric(nn.Module):
         """The 3M-Pose derivation: argmax on m, top-(i+1) of alpha and beta; ops summed."""
         with torch.no_grad():
             return FabricArchitecture(self.genotype_of(self.sample(mode="argmax")))
+
+
+def _drop_zero(edge: list[str]) -> list[str]:
+    """``edge`` without ``"zero"`` unless it is the edge's only op."""
+    rest = [o for o in edge if o != "zero"]
+    return rest or edge
 
 
 class FixedFabric(nn.Module):
