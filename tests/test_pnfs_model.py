@@ -10,6 +10,7 @@ import torch
 
 from threempose.config import ConfigError, config_from_dict, load_config
 from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, save_checkpoint
+from threempose.engine.search_optim import multistep
 from threempose.flops import measure_gflops
 from threempose.models.higherhrnet import HigherHRNet
 from threempose.pnfs.backbone import HRNetBackbone
@@ -105,6 +106,17 @@ def test_pnfs_config_is_typed_and_checked(tmp_path):
     coco = load_config(CONFIGS / "pnfs-coco.json")     # PNFS Table VII ours-3: P=5, H=1, C=16 (row 0: 4C), 384x288
     assert (coco.pnfs.num_parts, coco.model.hidden, coco.model.channels, coco.pnfs.backbone) == (5, 1, 64, "hrnet")
     assert (coco.pnfs.topdown.input_height, coco.pnfs.topdown.input_width, coco.pnfs.topdown.vector_dim) == (384, 288, 8)
+    # §VI-b: O = zero, skip, 3x3 separable conv, 3x3 dilated conv (rate 2); synchronous search, 200
+    # epochs; Adam 1e-3 for the weights x0.25 at 90/120/150 (§IV-A) and, for ours-3, no decay of the
+    # architecture rate.
+    assert sorted(coco.model.ops) == sorted(["zero", "identity", "sep_conv", "dil_conv"])
+    assert (coco.search.strategy, coco.search.epochs, coco.search.weight_lr, coco.search.arch_lr) == (
+        "synchronous", 200, 1e-3, 1e-3)
+    weight_lr = [multistep(coco.search.weight_lr, coco.pnfs.weight_lr_milestones, coco.pnfs.weight_lr_gamma, e)
+                 for e in (89, 90, 119, 120, 150, 199)]
+    assert weight_lr == pytest.approx([1e-3, 2.5e-4, 2.5e-4, 6.25e-5, 1.5625e-5, 1.5625e-5])
+    assert {multistep(coco.search.arch_lr, coco.search.arch_lr_milestones, coco.search.arch_lr_gamma, e)
+            for e in range(200)} == {1e-3}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"extends": str(CONFIGS / "pnfs-small.json"), "pnfs": {"topdown": {"crop_width": 10}}}))
     with pytest.raises(ConfigError, match="pnfs.topdown.crop_width"):
