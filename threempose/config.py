@@ -211,13 +211,15 @@ class PnfsConfig:
 
     enabled: bool = False
     num_parts: int = 3                # P: a body-part mode of PNFS Table I (1, 3, 5 or 8)
-    backbone: Literal["fabric", "hrnet"] = "fabric"
-    backbone_channels: int = 40       # fabric: its row-0 width; hrnet: the HRNet width (32 = W32)
+    backbone: Literal["fabric", "hrnet", "mobilenet_v2"] = "fabric"
+    backbone_channels: int = 40       # fabric: its row-0 width; hrnet: the HRNet width (32 = W32); not mobilenet_v2
     backbone_layers: int = 3          # fabric: the first m layers of a fabric (Table VIII "layers reserved")
     backbone_hidden: int = 2          # fabric: H of its cells
     backbone_ops: list[str] = field(default_factory=lambda: [
         "identity", "sep_conv", "zoom_conv", "avg_pool", "max_pool"])
-    backbone_checkpoint: Optional[str] = None   # hrnet: HRNet / HigherHRNet weights for stem..stage 3
+    backbone_checkpoint: Optional[str] = None   # hrnet: HRNet / HigherHRNet weights for stem..stage 3;
+                                                # mobilenet_v2: a torchvision mobilenet_v2 state_dict
+                                                # (ImageNet); None: random initialisation
     share_alpha: bool = True          # one alpha per fabric (PNFS §III-F), else one per cell
     prune_threshold: float = 1e-3     # dense search: ops and inputs weighted below it are pruned
     weight_lr_milestones: list[int] = field(default_factory=lambda: [90, 120, 150])   # search
