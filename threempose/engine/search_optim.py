@@ -15,11 +15,13 @@ verifies after every epoch that every rank holds the same alpha/beta/m.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from threempose.atomic import atomic_torch_save
 from threempose.config import Config
 from threempose.engine.distributed import DistContext
 from threempose.engine.weights import WeightOptimizer, amp_grad_scaler
@@ -128,6 +130,17 @@ class SearchOptimizers:
                 f"after epoch {epoch + 1} (step {step}) the architecture parameters of the "
                 f"{self.ctx.world_size} ranks differ from rank 0's: {', '.join(bad)}; every rank must "
                 "draw the same Gumbel sample and see the same averaged arch gradients")
+
+    def save_rank_arch(self, run_dir, global_step: int) -> Path:
+        """Every rank: this rank's architecture tensors to ``arch/final_rank<R>.pt`` (by arch name,
+        on the CPU, with ``rank``, ``world_size``, ``global_step``), to compare ranks after a run."""
+        path = run_dir.arch_dir / f"final_rank{self.ctx.rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)      # a node without the shared run dir
+        atomic_torch_save(path, {**{name: p.detach().cpu().clone() for name, p in
+                                    zip(self.arch_names, self.arch_params)},
+                                 "rank": self.ctx.rank, "world_size": self.ctx.world_size,
+                                 "global_step": global_step})
+        return path
 
     def stateful(self) -> dict[str, Any]:
         """For checkpoints (see :meth:`threempose.engine.job.EpochJob.stateful`)."""

@@ -184,6 +184,7 @@ class PnfsSearchJob(_TopDownJob):
         return self.opt.stateful()
 
     def finish(self) -> dict[str, Path]:
+        self.opt.save_rank_arch(self.run_dir, self.global_step)        # every rank, to compare ranks
         if not self.ctx.is_main:
             return {}
         architecture = self.net.architecture(self.cfg.pnfs.prune_threshold)
