@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from threempose.config import CellOptions
 from threempose.nas.genotype import FabricLayout, Genotype, GenotypeError
 
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
@@ -49,7 +50,10 @@ def test_round_trip(tmp_path):
     g.save(tmp_path / "g.json")
     again = Genotype.load(tmp_path / "g.json")
     assert again == g
-    assert again.to_dict() == {**small_genotype_dict(), "fuse_split": True}
+    assert again.to_dict() == {**small_genotype_dict(), "fuse_split": True, "cell_options": {
+        "hidden_sum": False, "se_reduction": 4, "sep_conv_repeats": 1}}        # the defaults, written out
+    raw = {**small_genotype_dict(), "cell_options": {"hidden_sum": True, "sep_conv_repeats": 2}}
+    assert Genotype.from_dict(raw).cell_options == CellOptions(hidden_sum=True, se_reduction=4, sep_conv_repeats=2)
 
 
 def test_prune_removes_cells_that_reach_no_exit():
@@ -79,6 +83,9 @@ def test_prune_removes_cells_that_reach_no_exit():
     (lambda d: d["cells"][2].pop("edges"), "cell 2: missing key 'edges'"),
     (lambda d: d["cells"][2].update(weights=[1]), "cell 2: unknown key 'weights'"),
     (lambda d: d.update(format="threempose.genotype/2"), "'format' must be"),
+    (lambda d: d.update(cell_options={"se_reduction": 0}), "'cell_options.se_reduction' must be an integer >= 1"),
+    (lambda d: d.update(cell_options={"hidden_sum": 1}), "'cell_options.hidden_sum' must be true or false"),
+    (lambda d: d.update(cell_options={"se_ratio": 4}), "'cell_options': unknown key 'se_ratio'"),
     (lambda d: d.update(eels=[3]), "'eels'"),
     (lambda d: d["cells"].pop(), "has 8 cells"),
     (lambda d: [d["cells"][i].update(inputs=[], edges=[]) for i in (5, 6, 7)], "exit at layer 3 has no input"),

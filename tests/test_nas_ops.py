@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from threempose.config import CellOptions
 from threempose.flops import measure_gflops
 from threempose.nas.cell import AbovePath, BelowPath, Cell, CellChoice, ParallelPath
 from threempose.nas.genotype import OP_LABELS
@@ -64,6 +65,28 @@ def test_dil_conv_is_a_depthwise_rate_2_conv_then_a_pointwise_conv():
     expected = torch.zeros(9, 9, dtype=torch.bool)
     expected[2:7:2, 2:7:2] = True
     assert torch.equal(hit, expected)
+
+
+def test_cell_options_set_the_se_squeeze_and_the_separable_pairs():
+    c, h, w = 16, 6, 5
+    se = make_op("se", c, CellOptions(se_reduction=16))
+    assert se.fc1.out_channels == 1 and se.macs(h, w) == 2 * c * 1
+    assert sum(p.numel() for p in se.parameters()) == 2 * c * 1 + 1 + c      # two 1x1 convs with bias
+    sep = make_op("sep_conv", c, CellOptions(sep_conv_repeats=2)).eval()
+    x = torch.randn(1, c, h, w)
+    assert sep.macs(h, w) == 2 * (9 * c + c * c) * h * w
+    assert sep.macs(h, w) == pytest.approx(measured_macs(lambda: sep(x)), abs=0.5)
+    assert make_op("dil_conv", c, CellOptions(sep_conv_repeats=2)).macs(h, w) == (9 * c + c * c) * h * w
+
+
+@pytest.mark.parametrize("hidden_sum", [False, True])
+def test_hidden_sum_adds_eq_3_6s_earlier_nodes(hidden_sum):
+    """Edges I->h1 identity, I->h2 zero, h1->h2 zero: h2 is 0, or h1 (= I) with Eq. 3.6's sum."""
+    cell = Cell(4, {"parallel": 4}, [["identity"], ["zero"], ["zero"]], 2,
+                options=CellOptions(hidden_sum=hidden_sum)).eval()
+    x = torch.randn(2, 4, 5, 6)
+    h2 = x if hidden_sum else torch.zeros_like(x)
+    torch.testing.assert_close(cell({"parallel": x}, (5, 6)), cell.output(torch.cat([x, h2], dim=1)))
 
 
 def test_unknown_op_is_an_error_naming_it():

@@ -77,6 +77,17 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+@dataclass(frozen=True)
+class CellOptions:
+    """What the thesis leaves open about a cell, one setting for every cell of a fabric (config
+    ``model.cell_options``, genotype ``cell_options``; the defaults are threempose's reading,
+    README "Thesis choices")."""
+
+    hidden_sum: bool = False          # Eq. 3.6's fixed sum_{k<j} h_k added to hidden node h_j
+    se_reduction: int = 4             # squeeze-and-excite squeeze width: max(1, C // se_reduction)
+    sep_conv_repeats: int = 1         # depthwise-pointwise pairs in sep_conv (DARTS uses 2)
+
+
 @dataclass
 class ModelConfig:
     """The fabric supernet (thesis §3.1-3.3)."""
@@ -95,6 +106,7 @@ class ModelConfig:
     r_beta: int = 3                 # Dyn-EGS states for inputs per cell (1..r_beta inputs)
     sampling: Literal["dyn_egs", "argmax", "dense"] = "dyn_egs"
     stem_blocks: int = 4            # residual (bottleneck) units in the HRNet stem
+    cell_options: CellOptions = field(default_factory=CellOptions)
 
 
 @dataclass
@@ -388,6 +400,8 @@ def _check_semantics(cfg: Config, src: str) -> None:
     m = cfg.model
     if m.rows < 1 or m.layers < 1 or m.channels < 1 or m.hidden < 1:
         raise ConfigError(f"{src}: model.rows, layers, channels and hidden must be >= 1")
+    if m.cell_options.se_reduction < 1 or m.cell_options.sep_conv_repeats < 1:
+        raise ConfigError(f"{src}: model.cell_options.se_reduction and sep_conv_repeats must be >= 1")
     for e in m.eels:
         if not 1 <= e < m.layers:
             raise ConfigError(f"{src}: model.eels entry {e} must be a layer in 1..{m.layers - 1}")
