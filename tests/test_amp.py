@@ -2,12 +2,14 @@
 paths a GPU run takes, so a dtype bug in search or training shows up without a GPU."""
 import pytest
 import torch
+from test_pnfs_jobs import config as pnfs_config
 from test_search import tiny_config
 
 from threempose.config import ConfigError, load_config
 from threempose.engine.distributed import DistContext
 from threempose.engine.weights import WeightOptimizer
 from threempose.nas.fabric import Supernet
+from threempose.pnfs.jobs import PnfsSearchJob
 from threempose.search import SearchJob
 from threempose.train import TrainJob
 
@@ -20,11 +22,12 @@ def cache(tmp_path_factory):
 
 
 def conv_output_dtypes(net: torch.nn.Module) -> set:
-    """Record the output dtype of every Conv2d forward of ``net`` (the set fills as it runs)."""
+    """Record the output dtype of every training-mode Conv2d forward of ``net`` (the set fills as
+    it runs; the final profile's eval-mode forwards run without autocast)."""
     seen = set()
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
-            m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+            m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype) if mod.training else None)
     return seen
 
 
@@ -65,6 +68,20 @@ def test_train_steps_under_cpu_bf16_autocast(tmp_path, cache):
     after = list(job.net.parameters())
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_pnfs_bilevel_search_steps_under_cpu_bf16_autocast(tmp_path, cache):
+    small = {"cache_dir": str(cache), "train_images": 16, "val_images": 2, "min_size": 96, "max_size": 128}
+    cfg = load_config(pnfs_config(tmp_path, cache, run={"amp": "bf16", "val_ap_images": 0},
+                                  data={"batch_size": 4, "synthetic": small},
+                                  search={**TWO_STEPS, "strategy": "bilevel", "arch_val_fraction": 0.5}))
+    job = PnfsSearchJob(cfg, DistContext())
+    dtypes = conv_output_dtypes(job.net)
+    arch0 = [p.detach().clone() for p in job.arch_params]
+    job.run()
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in job.net.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(arch0, job.arch_params))
 
 
 def test_fp16_under_the_deepspeed_launcher_is_refused(tmp_path, cache):
