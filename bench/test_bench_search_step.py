@@ -17,6 +17,10 @@ and CPU tensors to the PyTorch reference, so on a CPU machine ``auto`` *is* ``re
 ``auto`` case and the comparison skip with that reason and only ``reference`` is timed.
 Peak memory is ``torch.cuda.max_memory_allocated`` of one step (GPU only).
 
+On a GPU the comparison also checks that ``auto`` really ran Triton: every kernel of a search
+step (:data:`STEP_KERNELS`) launched at least once per step, none fell back to the reference
+(no fallback warning), and ``reference`` launched nothing.
+
 Each benchmark's ``extra_info`` holds ``device``, ``backend``, ``input_size``, ``batch``,
 ``images_per_s`` (batch / median step time) and, on a GPU, ``peak_memory_MiB``; the GPU-only
 comparison records ``speedup`` (reference median / auto median) and ``memory_ratio`` (auto peak /
@@ -30,6 +34,7 @@ import torch
 
 from threempose.config import LossConfig, ModelConfig
 from threempose.data.targets import make_targets
+from threempose.kernels import backend as kernels_backend
 from threempose.kernels import use_backend
 from threempose.losses import PoseLoss
 from threempose.models.higherhrnet import HigherHRNet
@@ -42,6 +47,9 @@ DEVICE_NAME = (torch.cuda.get_device_name() if HAS_CUDA
 SIZE, BATCH = (512, 8) if HAS_CUDA else (128, 4)
 ROUNDS, WARMUP = 10, 2
 PEOPLE = 3
+STEP_KERNELS = ("mixed_op_sum_fwd", "mixed_op_sum_bwd", "gumbel_topk_fwd", "gumbel_topk_bwd",
+                "rdm_gram_fwd", "rdm_gram_bwd")
+"""The Triton kernels one search step launches (names of :data:`threempose.kernels.backend.launch_counts`)."""
 CPU_SAME_PATH = ("on a CPU the `auto` backend runs the PyTorch reference for CPU tensors - the same "
                  "path as `reference`; auto vs reference is measured on a CUDA GPU only")
 
@@ -115,6 +123,14 @@ def test_search_step(benchmark, backend):
         benchmark.extra_info["peak_memory_MiB"] = step.peak_memory_mib()
 
 
+def _losses_and_launches(step: SearchStep, seeds: range) -> tuple[list[float], dict[str, int]]:
+    """The losses of ``step`` for ``seeds`` and the Triton launches they took, per kernel."""
+    kernels_backend.launch_counts.clear()
+    kernels_backend.fallback_warnings.clear()
+    losses = [step(seed) for seed in seeds]
+    return losses, dict(kernels_backend.launch_counts)
+
+
 def _median_seconds(step: SearchStep, rounds: int = ROUNDS, warmup: int = WARMUP) -> float:
     for seed in range(warmup):
         step(seed)
@@ -135,15 +151,19 @@ def test_search_step_auto_vs_reference(benchmark):
         pytest.skip(CPU_SAME_PATH + "; peak memory (torch.cuda.max_memory_allocated) is a CUDA measure")
     benchmark.group = "search-step-ratio"
     ref = SearchStep("reference")
-    ref_losses = [ref(seed) for seed in range(3)]
+    ref_losses, ref_launches = _losses_and_launches(ref, range(3))
+    assert ref_launches == {}
     ref_memory = ref.peak_memory_mib()
     ref_median = _median_seconds(ref)
     del ref
     torch.cuda.empty_cache()
 
     auto = SearchStep("auto")
-    auto_losses = [auto(seed) for seed in range(3)]     # same architectures, weights and data
+    auto_losses, auto_launches = _losses_and_launches(auto, range(3))   # same architectures, weights, data
     assert auto_losses == pytest.approx(ref_losses, rel=1e-3, abs=1e-4)
+    assert not kernels_backend.fallback_warnings, f"auto fell back to the reference: {kernels_backend.fallback_warnings}"
+    missing = {name: auto_launches.get(name, 0) for name in STEP_KERNELS if auto_launches.get(name, 0) < 3}
+    assert not missing, f"auto did not launch these Triton kernels once per step (3 steps): {missing}"
     auto_memory = auto.peak_memory_mib()
     benchmark.pedantic(_rounds(auto), rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     if benchmark.stats is None:

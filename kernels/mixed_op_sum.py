@@ -13,16 +13,17 @@ gradients in the backward). This module holds, side by side:
 * :func:`mixed_op_sum_reference`: the PyTorch reference (same semantics, same zero-skip).
 * :func:`mixed_op_sum`: the public entry point, dispatching through :mod:`.backend`.
 
-Accumulation is in float32 for every input dtype; the result has the outputs' dtype.
+Accumulation is in float32 for every input dtype; the result has the outputs' (promoted) dtype.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .backend import TRITON_DTYPES, launch, resolve, tl, triton
+from .backend import launch, resolve, tl, triton, unsupported_dtype
 
 __all__ = ["mixed_op_sum", "mixed_op_sum_reference", "MixedOpSumFunction"]
 
@@ -198,27 +199,31 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> list[Tensor]:
         raise ValueError(f"mixed_op_sum: weights must be floating point, got {weights.dtype}")
     first = outputs[0]
     for k, o in enumerate(outputs):
-        if o.shape != first.shape or o.dtype != first.dtype or o.device != first.device:
+        if not o.is_floating_point():
+            raise ValueError(f"mixed_op_sum: outputs must be floating point; output {k} is {o.dtype}")
+        if o.shape != first.shape or o.device != first.device:
             raise ValueError(
-                f"mixed_op_sum: all outputs must share shape, dtype and device; output {k} is "
-                f"{tuple(o.shape)} {o.dtype} on {o.device}, output 0 is {tuple(first.shape)} "
-                f"{first.dtype} on {first.device}")
+                f"mixed_op_sum: all outputs must share shape and device; output {k} is "
+                f"{tuple(o.shape)} on {o.device}, output 0 is {tuple(first.shape)} on {first.device}")
     if weights.device != first.device:
         raise ValueError(f"mixed_op_sum: weights are on {weights.device}, "
                          f"outputs on {first.device}")
-    return outputs
+    dtype = functools.reduce(torch.promote_types, (o.dtype for o in outputs))
+    return [o.to(dtype) for o in outputs]
 
 
 def mixed_op_sum(outputs: Sequence[Tensor], weights: Tensor) -> Tensor:
     """Weighted sum of same-shaped op outputs: ``sum_k weights[k] * outputs[k]``.
 
     Args:
-        outputs: K tensors of one shape, dtype and device (any shape, e.g. ``[B, C, H, W]``).
+        outputs: K floating-point tensors of one shape and device (any shape, e.g.
+            ``[B, C, H, W]``). Mixed dtypes (under autocast some ops stay float32) are promoted
+            to the widest (``torch.promote_types``) before the sum.
         weights: ``[K]`` floating-point weights on the same device (e.g. Dyn-EGS
             straight-through weights).
 
     Returns:
-        A tensor of the outputs' shape and dtype (float32 accumulation).
+        A tensor of the outputs' shape and (promoted) dtype (float32 accumulation).
 
     Outputs whose weight is exactly zero (``0.0`` or ``-0.0``) are not read in the forward, so
     a NaN or inf in a switched-off op does not reach the sum. The backward reads all outputs:
@@ -227,7 +232,6 @@ def mixed_op_sum(outputs: Sequence[Tensor], weights: Tensor) -> Tensor:
     float64 outputs take the reference on every backend.
     """
     outputs = _validate(outputs, weights)
-    if (resolve("mixed_op_sum", weights, *outputs) == "triton"
-            and outputs[0].dtype in TRITON_DTYPES):
+    if resolve("mixed_op_sum", weights, *outputs, unsupported=unsupported_dtype(outputs[0])) == "triton":
         return MixedOpSumFunction.apply(weights, *outputs)
     return _MixedOpSumReference.apply(weights, *outputs)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import TRITON_DTYPES, launch, resolve, tl, triton
+from .backend import launch, resolve, tl, triton, unsupported_dtype
 
 __all__ = ["heatmap_moments", "heatmap_moments_reference", "HeatmapMomentsFunction",
            "FLAT_RTOL", "FLAT_ATOL"]
@@ -248,6 +248,6 @@ def heatmap_moments(heatmaps: Tensor) -> Tensor:
         backend.
     """
     _validate(heatmaps)
-    if resolve("heatmap_moments", heatmaps) == "triton" and heatmaps.dtype in TRITON_DTYPES:
+    if resolve("heatmap_moments", heatmaps, unsupported=unsupported_dtype(heatmaps)) == "triton":
         return HeatmapMomentsFunction.apply(heatmaps)
     return heatmap_moments_reference(heatmaps)

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .backend import HAS_TRITON, TRITON_DTYPES, launch, resolve, tl, triton
+from .backend import HAS_TRITON, launch, resolve, tl, triton, unsupported_dtype
 
 __all__ = ["rdm_pearson", "rdm_pearson_reference", "batched_gram", "batched_gram_reference"]
 
@@ -248,8 +248,8 @@ def batched_gram(tensors: Sequence[Tensor]) -> Tensor:
     sample); one Triton launch per input dtype, reference matmuls where Triton does not apply."""
     tensors = list(tensors)
     B = tensors[0].shape[0]
-    if (resolve("rdm_pearson", *tensors) == "triton" and B <= _MAX_TRITON_BATCH
-            and all(t.dtype in TRITON_DTYPES for t in tensors)):
+    too_big = f"the batch is above the kernel's limit of {_MAX_TRITON_BATCH}" if B > _MAX_TRITON_BATCH else None
+    if resolve("rdm_pearson", *tensors, unsupported=too_big or unsupported_dtype(*tensors)) == "triton":
         return _GramFunction.apply(*tensors)
     return batched_gram_reference(tensors)
 

@@ -1,17 +1,22 @@
-"""Multi-rank search on the CPU: a real 2-rank DeepSpeed launch (gloo) and the rank-sync guard.
+"""Multi-rank search on the CPU: real 2-rank DeepSpeed launches (gloo) and the rank-sync guard.
 
-``test_deepspeed_search_two_ranks_keep_identical_arch`` runs
+``test_deepspeed_search_two_ranks_keep_identical_arch_and_resume`` runs
 ``deepspeed --num_gpus 2 threempose/search.py --config tiny.json`` once (bilevel strategy,
 ZeRO stage 1: sharded optimizer state, all-reduced arch gradients, per-rank data shards,
-validation on rank 0 only) and compares the per-rank ``arch/final_rank<R>.pt`` files. The
-first DeepSpeed launch on a machine JIT-builds its shm comm op (~40 s, then cached).
+validation on rank 0 only) and compares the per-rank ``arch/final_rank<R>.pt`` files; then
+the same launch again, killed once its epoch-1 checkpoint exists, and resumed under the
+launcher: it must end with the uninterrupted run's architecture. ``test_deepspeed_pnfs_search_two_ranks``
+runs a PNFS search (synchronous, dense) the same way. The first DeepSpeed launch on a machine
+JIT-builds its shm comm op (~40 s, then cached).
 """
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,21 +63,56 @@ def two_rank_config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed package (and its launcher) is not installed")
-def test_deepspeed_search_two_ranks_keep_identical_arch(tmp_path):
-    config = two_rank_config(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-           "--master_port", str(free_port()), str(ROOT / "threempose" / "search.py"), "--config", str(config)]
+def launch_command(config: Path, *args: str) -> list[str]:
+    """``deepspeed --num_gpus 2 threempose/search.py --config config *args`` on the CPU."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+            str(free_port()), str(ROOT / "threempose" / "search.py"), "--config", str(config), *args]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(config: Path, *args: str) -> tuple[Path, str]:
+    """Run a 2-rank launch to the end; ``(run directory, a report of its output tails)``."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        proc = subprocess.run(launch_command(config, *args), cwd=ROOT, env=LAUNCH_ENV, capture_output=True,
+                              text=True, timeout=420)
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        pytest.fail(f"2-rank DeepSpeed search did not finish in {e.timeout} s; stderr tail:\n{tail(err)}")
+        pytest.fail(f"2-rank DeepSpeed launch did not finish in {e.timeout} s; stderr tail:\n{tail(err)}")
     report = f"stdout tail:\n{tail(proc.stdout, 20)}\nstderr tail:\n{tail(proc.stderr)}"
     assert proc.returncode == 0, f"deepspeed exited with {proc.returncode}\n{report}"
     assert "run directory: " in proc.stdout, report
-    run = Path(proc.stdout.split("run directory: ")[1].splitlines()[0].strip())
+    return Path(proc.stdout.split("run directory: ")[1].splitlines()[0].strip()), report
+
+
+def launch_and_kill_after_epoch_1(config: Path, runs: Path, known: set[Path]) -> Path:
+    """Start a 2-rank launch, SIGKILL its whole process group once a new run directory under
+    ``runs`` holds its epoch-1 checkpoint; returns that run directory."""
+    log = runs.parent / "killed-launch.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(launch_command(config), cwd=ROOT, env=LAUNCH_ENV, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        deadline, run = time.time() + 420, None
+        try:
+            while time.time() < deadline and proc.poll() is None and run is None:
+                found = [d for d in runs.iterdir() if d not in known and (d / "checkpoints" / "epoch_001.pt").exists()]
+                run = found[0] if found else None
+                time.sleep(0.05)
+            alive = proc.poll() is None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert run is not None and alive, (f"the launch ended before its epoch-1 checkpoint could be killed:\n"
+                                       f"{tail(log.read_text())}")
+    return run
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed package (and its launcher) is not installed")
+def test_deepspeed_search_two_ranks_keep_identical_arch_and_resume(tmp_path):
+    config = two_rank_config(tmp_path)
+    run, _ = launch(config)
 
     finals = [torch.load(run / "arch" / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [f["rank"] for f in finals] == [0, 1] and all(f["world_size"] == 2 for f in finals)
@@ -94,6 +134,19 @@ def test_deepspeed_search_two_ranks_keep_identical_arch(tmp_path):
         assert len(shards) == 2, shards
         assert (run / "checkpoints" / f"epoch_{epoch:03d}.pt").is_file()
     assert (run / "genotype.json").is_file() and (run / "profile.json").is_file()
+
+    # Killed after the epoch-1 checkpoint, resumed under the launcher: the same final
+    # architecture on both ranks as the uninterrupted run, and the same step count.
+    killed = launch_and_kill_after_epoch_1(config, run.parent, {run})
+    assert not (killed / "genotype.json").exists()
+    resumed, report = launch(config, "--resume", str(killed))
+    assert resumed == killed, report
+    for r in (0, 1):
+        again = torch.load(killed / "arch" / f"final_rank{r}.pt", weights_only=True)
+        assert again["global_step"] == finals[r]["global_step"]
+        for name in ARCH_NAMES:
+            assert torch.equal(again[name], finals[r][name]), f"rank {r}: resumed {name} differs"
+    assert json.loads((killed / "genotype.json").read_text()) == json.loads((run / "genotype.json").read_text())
 
 
 # --------------------------------------------------------------------------- #
@@ -166,3 +219,31 @@ def test_arch_guard_names_the_diverged_parameter():
     with pytest.raises(ArchDivergenceError, match=r"after epoch 3 \(step 12\).*beta by up to 0\.5") as e:
         _guard([0.0, 0.5, 0.0, 0.0]).check_in_sync(epoch=2, step=12)
     assert "alpha by" not in str(e.value)                 # only the parameters that differ
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed package (and its launcher) is not installed")
+def test_deepspeed_pnfs_search_two_ranks(tmp_path):
+    """PNFS' synchronous dense search (alpha/beta in the weight optimizer, so DeepSpeed's own
+    gradient all-reduce averages them) under the launcher: 2 steps per rank, ZeRO 1."""
+    raw = {
+        "extends": str(ROOT / "configs" / "pnfs-small.json"),
+        "run": {"device": "cpu", "out_dir": str(tmp_path / "runs"), "log_every": 1, "val_ap_images": 2,
+                "progress": False},
+        "data": {"batch_size": 4, "num_workers": 0,
+                 "synthetic": {"train_images": 16, "val_images": 2, "min_size": 96, "max_size": 128,
+                               "cache_dir": str(tmp_path / "cache")}},
+        "search": {"epochs": 1, "max_steps_per_epoch": 2},
+        "deepspeed": {"zero_optimization": {"stage": 1}},
+    }
+    config = tmp_path / "pnfs-ds.json"
+    config.write_text(json.dumps(raw))
+    run, report = launch(config)
+    finals = [torch.load(run / "arch" / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    names = [k for k in finals[0] if k.startswith("arch[")]
+    assert names and all(f["global_step"] == 2 and f["world_size"] == 2 for f in finals)
+    for name in names:
+        assert torch.equal(finals[0][name], finals[1][name]), f"{name} differs between ranks"
+    assert any(float(finals[0][name].abs().sum()) > 0 for name in names)     # synchronous: alpha/beta moved
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert len(list((run / "checkpoints" / "deepspeed" / "epoch_001").glob("*optim*"))) == 2
+    assert (run / "architecture.json").is_file() and (run / "model.pt").is_file(), report

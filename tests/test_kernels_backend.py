@@ -1,9 +1,11 @@
 """Backend switch of threempose.kernels: env var, set_backend, context manager, auto dispatch."""
 import importlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -138,3 +140,59 @@ def test_without_triton_installed_the_reference_still_works():
     """)
     assert res.returncode == 0, res.stderr
     assert "CLEAR_ERROR" in res.stdout
+
+
+def test_triton_below_the_floor_fails_at_import_with_the_versions(tmp_path):
+    fake = tmp_path / "triton"                   # a Triton 3.1 that the kernels cannot run on
+    (fake / "language").mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '3.1.0'\ndef jit(fn=None, **kw):\n    return fn\n")
+    (fake / "language" / "__init__.py").write_text("constexpr = None\n")
+    res = _run("import threempose.kernels", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr and "Triton >= 3.3" in res.stderr and "3.1.0" in res.stderr
+    for ok in ("3.3.0", "3.9.0+git1234", "4.0"):
+        backend._check_triton_version(ok)
+    for bad in ("3.2.1", "2.3.0", "unknown"):
+        with pytest.raises(ImportError, match=f"Triton {re.escape(bad)} is installed"):
+            backend._check_triton_version(bad)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CPU tensors that ``resolve`` takes for CUDA tensors, with a clean warn-once record."""
+    monkeypatch.setattr(backend, "_on_cuda", lambda tensors: True)
+    backend.fallback_warnings.clear()
+    yield
+    backend.fallback_warnings.clear()
+
+
+def _fallback_messages(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_auto_warns_once_when_cuda_tensors_fall_back_without_triton(fake_cuda, monkeypatch):
+    monkeypatch.setattr(backend, "HAS_TRITON", False)
+    x, w = [torch.randn(4), torch.randn(4)], torch.tensor([1.0, 2.0])
+    backend.launch_counts.clear()
+    with kernels.use_backend("auto"), pytest.warns(RuntimeWarning) as record:
+        for _ in range(3):
+            y = kernels.mixed_op_sum(x, w)
+    messages = _fallback_messages(record)
+    assert len(messages) == 1 and "mixed_op_sum" in messages[0] and "Triton is not installed" in messages[0]
+    assert sum(backend.launch_counts.values()) == 0
+    torch.testing.assert_close(y, x[0] + 2 * x[1])
+
+
+def test_auto_warns_once_per_reason_for_float64_and_large_rdm_batches(fake_cuda, monkeypatch):
+    with kernels.use_backend("auto"), pytest.warns(RuntimeWarning) as record:
+        for _ in range(2):
+            kernels.heatmap_moments(torch.rand(1, 2, 3, 3, dtype=torch.float64))
+            kernels.rdm_pearson([torch.randn(65, 3)], [torch.randn(65, 2)])
+    messages = _fallback_messages(record)
+    assert len(messages) == 2, messages
+    assert "heatmap_moments" in messages[0] and "float64" in messages[0]
+    assert "rdm_pearson" in messages[1] and "limit of 64" in messages[1]
+    with kernels.use_backend("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")              # supported CPU calls never warn
+        monkeypatch.setattr(backend, "_on_cuda", lambda tensors: False)
+        kernels.heatmap_moments(torch.rand(1, 2, 3, 3, dtype=torch.float64))

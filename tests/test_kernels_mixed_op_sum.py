@@ -157,3 +157,26 @@ def test_bf16_on_gpu(K):
     torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-3)
     for g, g_ref in zip(grads[1:], grads_ref[1:]):
         torch.testing.assert_close(g.float(), g_ref.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_mixed_dtypes_under_cpu_autocast_are_promoted(impl):
+    """Under autocast a conv's output is bf16 and an identity's stays float32: the sum is taken
+    in the promoted dtype (float32), and each output's gradient keeps that output's dtype."""
+    if impl == "triton" and not backend.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1 (set by conftest)")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 5, 6, generator=gen).requires_grad_(True)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    w = torch.tensor([0.75, -1.5], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(impl):
+        outs = [conv(x), x]
+        assert [o.dtype for o in outs] == [torch.bfloat16, torch.float32]
+        y = mixed_op_sum(outs, w)
+    assert y.dtype == torch.float32
+    y64, _, _ = _closed_form(outs, w, torch.ones_like(y))
+    torch.testing.assert_close(y.double(), y64, rtol=1e-6, atol=1e-6)
+    gw, g_conv, g_x = torch.autograd.grad(y.sum(), [w, outs[0], x])
+    assert g_conv.dtype == torch.bfloat16 and g_x.dtype == torch.float32
+    torch.testing.assert_close(gw, torch.stack([outs[0].detach().float().sum(), x.detach().sum()]),
+                               rtol=1e-5, atol=1e-4)

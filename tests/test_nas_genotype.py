@@ -5,9 +5,14 @@ from pathlib import Path
 
 import pytest
 
+from threempose.config import CellOptions
 from threempose.nas.genotype import FabricLayout, Genotype, GenotypeError
 
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
+TABLE_A1 = Path(__file__).resolve().parent / "data" / "thesis_table_a1.txt"
+# Table A.1's op names -> the genotype's (thesis §3.2.2 and the table caption)
+TABLE_OPS = {"Identity": "identity", "Conv": "conv", "Avg": "avg_pool", "Max": "max_pool",
+             "Residual": "residual", "SepConv": "sep_conv", "CSI": "csi", "ZoomConv": "zoom_conv", "SE": "se"}
 
 
 def small_genotype_dict() -> dict:
@@ -45,7 +50,10 @@ def test_round_trip(tmp_path):
     g.save(tmp_path / "g.json")
     again = Genotype.load(tmp_path / "g.json")
     assert again == g
-    assert again.to_dict() == {**small_genotype_dict(), "fuse_split": True}
+    assert again.to_dict() == {**small_genotype_dict(), "fuse_split": True, "cell_options": {
+        "hidden_sum": False, "se_reduction": 4, "sep_conv_repeats": 1}}        # the defaults, written out
+    raw = {**small_genotype_dict(), "cell_options": {"hidden_sum": True, "sep_conv_repeats": 2}}
+    assert Genotype.from_dict(raw).cell_options == CellOptions(hidden_sum=True, se_reduction=4, sep_conv_repeats=2)
 
 
 def test_prune_removes_cells_that_reach_no_exit():
@@ -75,6 +83,9 @@ def test_prune_removes_cells_that_reach_no_exit():
     (lambda d: d["cells"][2].pop("edges"), "cell 2: missing key 'edges'"),
     (lambda d: d["cells"][2].update(weights=[1]), "cell 2: unknown key 'weights'"),
     (lambda d: d.update(format="threempose.genotype/2"), "'format' must be"),
+    (lambda d: d.update(cell_options={"se_reduction": 0}), "'cell_options.se_reduction' must be an integer >= 1"),
+    (lambda d: d.update(cell_options={"hidden_sum": 1}), "'cell_options.hidden_sum' must be true or false"),
+    (lambda d: d.update(cell_options={"se_ratio": 4}), "'cell_options': unknown key 'se_ratio'"),
     (lambda d: d.update(eels=[3]), "'eels'"),
     (lambda d: d["cells"].pop(), "has 8 cells"),
     (lambda d: [d["cells"][i].update(inputs=[], edges=[]) for i in (5, 6, 7)], "exit at layer 3 has no input"),
@@ -112,6 +123,35 @@ def test_thesis_genotype_is_table_a1_with_cell_2_pruned():
     table = g.to_markdown()
     assert "| 0 | 1 | 0 | parallel | Max + Avg | Max + Avg | Identity |" in table
     assert "| 2 | 2 | 0 | - | - | - | - |" in table
+
+
+def read_table_a1() -> list[tuple[int, list[str], list[list[str]]]]:
+    """``(cell number, inputs, [O^0, O^1, O^2] op lists)`` per row of the verbatim text fixture."""
+    rows = []
+    for line in TABLE_A1.read_text().splitlines():
+        if line.startswith("#") or line.startswith("Cell No."):
+            continue
+        number, inputs, *ops = line.split("\t")
+        if inputs == "-":
+            assert ops == ["-"] * 3, line
+            rows.append((int(number), [], []))
+        else:
+            rows.append((int(number), inputs.split(" + "),
+                         [[TABLE_OPS[name] for name in edge.split(" + ")] for edge in ops]))
+    return rows
+
+
+def test_thesis_genotype_matches_every_row_of_table_a1():
+    """All 37 cells of the shipped genotype against the table's text: the inputs once each copy
+    slot (a neighbour outside the fabric) is resolved to the neighbour it copies, the ops in the
+    table's order."""
+    g = Genotype.load(THESIS)
+    layout = FabricLayout(g.rows, g.layers)
+    table = read_table_a1()
+    assert [number for number, _, _ in table] == list(range(37)) == [c.index for c in g.cells]
+    for (number, inputs, edges), cell in zip(table, g.cells):
+        resolved = list(dict.fromkeys(layout.resolve(layout.cells[number], name) for name in inputs))
+        assert (cell.inputs, cell.edges) == (resolved, edges), f"cell {number}"
 
 
 def test_from_dict_copies_its_input():

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from threempose.config import CellOptions
 from threempose.flops import measure_gflops
 from threempose.nas.cell import AbovePath, BelowPath, Cell, CellChoice, ParallelPath
+from threempose.nas.genotype import OP_LABELS
 from threempose.nas.ops import OP_NAMES, make_op
 
 
@@ -13,7 +15,8 @@ def measured_macs(fn) -> float:
 
 def test_op_names_are_the_genotype_schema_names():
     assert OP_NAMES == ("identity", "conv", "avg_pool", "max_pool", "residual", "sep_conv", "csi",
-                        "zoom_conv", "se")
+                        "zoom_conv", "se", "zero", "dil_conv")
+    assert set(OP_LABELS) == set(OP_NAMES)          # every op has a Table A.1-style label
 
 
 @pytest.mark.parametrize("name", OP_NAMES)
@@ -33,8 +36,57 @@ def test_op_macs_closed_forms():
     assert make_op("csi", c).macs(h, w) == c * c * h * w
     assert make_op("zoom_conv", c).macs(h, w) == 9 * c * c * 5 * 4        # ceil(10/2) x ceil(7/2)
     assert make_op("se", c).macs(h, w) == 2 * c * (c // 4)
-    for free in ("identity", "avg_pool", "max_pool"):
+    assert make_op("dil_conv", c).macs(h, w) == (9 * c + c * c) * h * w
+    for free in ("identity", "avg_pool", "max_pool", "zero"):
         assert make_op(free, c).macs(h, w) == 0
+
+
+def test_zero_is_zero_and_passes_no_gradient():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    y = make_op("zero", 3)(x)
+    assert torch.equal(y, torch.zeros_like(x)) and not y.requires_grad
+    assert not list(make_op("zero", 3).parameters())
+
+
+def test_dil_conv_is_a_depthwise_rate_2_conv_then_a_pointwise_conv():
+    """One impulse through the depthwise conv alone (identity pointwise, BN off in eval with
+    unit statistics): the response sits on the 3x3 grid of stride 2 around the impulse, i.e.
+    a 5x5 receptive field with holes."""
+    op = make_op("dil_conv", 1).eval()
+    depthwise, pointwise = [m for m in op.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert (depthwise.dilation, depthwise.groups, depthwise.kernel_size) == ((2, 2), 1, (3, 3))
+    assert pointwise.kernel_size == (1, 1)
+    with torch.no_grad():
+        depthwise.weight.fill_(1.0)
+        pointwise.weight.fill_(1.0)
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0
+    hit = op(x)[0, 0] > 0
+    expected = torch.zeros(9, 9, dtype=torch.bool)
+    expected[2:7:2, 2:7:2] = True
+    assert torch.equal(hit, expected)
+
+
+def test_cell_options_set_the_se_squeeze_and_the_separable_pairs():
+    c, h, w = 16, 6, 5
+    se = make_op("se", c, CellOptions(se_reduction=16))
+    assert se.fc1.out_channels == 1 and se.macs(h, w) == 2 * c * 1
+    assert sum(p.numel() for p in se.parameters()) == 2 * c * 1 + 1 + c      # two 1x1 convs with bias
+    sep = make_op("sep_conv", c, CellOptions(sep_conv_repeats=2)).eval()
+    x = torch.randn(1, c, h, w)
+    assert sep.macs(h, w) == 2 * (9 * c + c * c) * h * w
+    assert sep.macs(h, w) == pytest.approx(measured_macs(lambda: sep(x)), abs=0.5)
+    assert make_op("dil_conv", c, CellOptions(sep_conv_repeats=2)).macs(h, w) == (9 * c + c * c) * h * w
+
+
+@pytest.mark.parametrize("hidden_sum", [False, True])
+def test_hidden_sum_adds_eq_3_6s_earlier_nodes(hidden_sum):
+    """Edges I->h1 identity, I->h2 zero, h1->h2 zero: h2 is 0, or h1 (= I) with Eq. 3.6's sum."""
+    cell = Cell(4, {"parallel": 4}, [["identity"], ["zero"], ["zero"]], 2,
+                options=CellOptions(hidden_sum=hidden_sum)).eval()
+    x = torch.randn(2, 4, 5, 6)
+    h2 = x if hidden_sum else torch.zeros_like(x)
+    torch.testing.assert_close(cell({"parallel": x}, (5, 6)), cell.output(torch.cat([x, h2], dim=1)))
 
 
 def test_unknown_op_is_an_error_naming_it():

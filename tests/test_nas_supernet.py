@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from threempose.config import ModelConfig
+from threempose.config import CellOptions, ModelConfig
 from threempose.flops import measure_gflops
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import Supernet
 from threempose.nas.genotype import INPUT_NAMES
+from threempose.nas.ops import SqueezeExcite
 
 TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
 
@@ -166,3 +167,16 @@ def test_bad_model_configs_are_errors_naming_the_key():
         Supernet(ModelConfig(**TINY, ops=["conv", "dilated"]))
     with pytest.raises(ValueError, match="unknown sampling mode"):
         tiny_supernet().sample(1.0, 0, mode="random")
+
+
+def test_cell_options_reach_the_derived_genotype_and_network():
+    options = CellOptions(hidden_sum=True, se_reduction=2, sep_conv_repeats=2)
+    net = Supernet(ModelConfig(**TINY, ops=["se", "sep_conv"], cell_options=options))
+    genotype = net.derive()
+    assert genotype.cell_options == options
+    derived = DerivedNet(genotype, 17, TINY["stem_blocks"])
+    assert all(m.hidden_sum for m in derived.cells.values())
+    squeezes = {m.fc1.out_channels * 2 == m.fc1.in_channels for m in derived.cells.modules()
+                if isinstance(m, SqueezeExcite)}
+    assert squeezes == {True}                                       # C // 2 in every SE op
+    derived.load_state_dict({k: v for k, v in net.state_dict().items() if k in derived.state_dict()})

@@ -63,7 +63,7 @@ def test_part_and_backbone_fabrics_keep_the_cells_the_paper_counts():
     with pytest.raises(ValueError, match="at least 3 layers"):
         full_genotype("backbone", 4, 2, 1, 4, OPS)
     with pytest.raises(ValueError, match="distinct names"):
-        full_genotype("part", 4, 3, 1, 4, ["identity", "dil_conv"])
+        full_genotype("part", 4, 3, 1, 4, ["identity", "atrous_conv"])
 
 
 # --------------------------------------------------------------------------- #
@@ -180,6 +180,32 @@ def test_pruning_zero_weight_ops_and_cells_keeps_the_outputs():
     # The comparison can fail: pruning weights that are not ~0 (identity at 0.12) changes the output.
     coarse = pruned_network(net, cfg, net.architecture(prune_threshold=0.2))
     assert (coarse(x).scores - dense.scores).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("logits, kept", [({"zero": 2.0, "dil_conv": 2.0}, ["dil_conv"]),
+                                          ({"zero": 2.0}, ["zero"])])
+def test_pruning_drops_zero_ops_unless_alone_and_keeps_the_outputs(logits, kept):
+    """PNFS' op set (zero, skip, dilated conv): a zero op that survives the threshold beside
+    another op is dropped (it adds nothing); alone it stays, and the edge adds nothing."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.model.ops = ["identity", "zero", "dil_conv"]
+    net = PnfsNet(cfg)
+    with torch.no_grad():
+        for part in net.parts:
+            alpha = part.fabric.arch.shared_alpha
+            alpha.fill_(-40.0)
+            for op, value in logits.items():
+                alpha[..., part.fabric.ops.index(op)] = value
+    net.eval()
+    x = torch.randn(2, 3, 64, 48)
+    dense = net(x)
+    architecture = net.architecture(prune_threshold=1e-6)
+    for part in architecture.parts:
+        assert {tuple(edge) for c in part.genotype.cells if not c.pruned for edge in c.edges} == {tuple(kept)}
+    pruned = pruned_network(net, cfg, architecture)
+    assert not any("zero" in n for n, _ in pruned.named_modules()) or kept == ["zero"]
+    torch.testing.assert_close(pruned(x).scores, dense.scores, atol=1e-5, rtol=0)
 
 
 def test_prune_threshold_must_leave_every_edge_an_op():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 
 from threempose.config import ConfigError, config_from_dict, load_config
 from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, save_checkpoint
+from threempose.engine.search_optim import multistep
 from threempose.flops import measure_gflops
 from threempose.models.higherhrnet import HigherHRNet
-from threempose.pnfs.backbone import HRNetBackbone
+from threempose.pnfs.backbone import HRNetBackbone, MobileNetV2Backbone
 from threempose.pnfs.dispatch import pnfs_main, pnfs_requested
 from threempose.pnfs.model import (
     PnfsNet, check_pnfs_config, is_pnfs_model_file, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
@@ -63,6 +65,68 @@ def test_hrnet_backbone_loads_the_stem_to_stage3_of_a_higherhrnet_checkpoint(tmp
         backbone.load_pretrained(tmp_path / "missing.pth")
 
 
+TORCHVISION_MOBILENET_V2 = Path(__file__).resolve().parent / "data" / "torchvision_mobilenet_v2_parameters.txt"
+
+
+def torchvision_mobilenet_v2_listing() -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of torchvision's ``mobilenet_v2()`` parameters, from the text fixture."""
+    rows = []
+    for line in TORCHVISION_MOBILENET_V2.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape = line.split()
+            rows.append((name, tuple(int(d) for d in shape.split(","))))
+    return rows
+
+
+def test_mobilenet_v2_backbone_has_torchvisions_keys_and_shapes_up_to_block_16():
+    listing = torchvision_mobilenet_v2_listing()
+    assert len(listing) == 158 and sum(math.prod(s) for _, s in listing) == 3_504_872   # torchvision's 3.50 M
+    kept = [(n, s) for n, s in listing if n.startswith("features.") and int(n.split(".")[1]) <= 16]
+    backbone = MobileNetV2Backbone()
+    assert [(n, tuple(t.shape)) for n, t in backbone.named_parameters()] == kept
+    bn = [n[: -len(".weight")] for n, s in kept if n.endswith(".weight") and len(s) == 1]
+    buffers = {n for n, _ in backbone.named_buffers()}
+    assert buffers == {f"{m}.{b}" for m in bn for b in ("running_mean", "running_var", "num_batches_tracked")}
+    # PNFS Tables II-V, VII: "MobileNet-V2 (1.3M)"
+    assert round(sum(t.numel() for t in backbone.parameters()) / 1e6, 1) == 1.3
+    rows = backbone.eval()(torch.randn(2, 3, 64, 48))
+    assert [tuple(r.shape) for r in rows] == [(2, 24, 16, 12), (2, 32, 8, 6), (2, 96, 4, 3), (2, 160, 2, 2)]
+
+
+def test_mobilenet_v2_backbone_loads_a_torchvision_state_dict(tmp_path):
+    """A state_dict with torchvision's every key (classifier and blocks 17-18 included) loads;
+    the values land under the same names; a missing backbone key is a clear error."""
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in torchvision_mobilenet_v2_listing():
+        state[name] = torch.randn(shape, generator=gen)
+        if name.endswith(".weight") and len(shape) == 1:          # a BatchNorm: its buffers too
+            module = name[: -len(".weight")]
+            state[f"{module}.running_mean"] = torch.randn(shape, generator=gen)
+            state[f"{module}.running_var"] = torch.rand(shape, generator=gen) + 0.5
+            state[f"{module}.num_batches_tracked"] = torch.tensor(7)
+    torch.save(state, tmp_path / "mobilenet_v2.pth")
+    backbone = MobileNetV2Backbone()
+    backbone.load_pretrained(tmp_path / "mobilenet_v2.pth")
+    mine = backbone.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in mine.items())
+    del state["features.16.conv.2.weight"]
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(StateDictMismatchError, match="features.16.conv.2.weight"):
+        backbone.load_pretrained(tmp_path / "cut.pth")
+
+
+def test_mobilenet_v2_backbone_network_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    net = PnfsNet(tiny_cfg(backbone="mobilenet_v2"))
+    assert len(net.searchable_fabrics()) == 3 and net.backbone.widths == [24, 32, 96, 160]
+    assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)
+    torch.save(MobileNetV2Backbone().state_dict(), tmp_path / "imagenet.pth")
+    loaded = PnfsNet(tiny_cfg(backbone="mobilenet_v2", backbone_checkpoint=str(tmp_path / "imagenet.pth")))
+    saved = torch.load(tmp_path / "imagenet.pth")
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.backbone.state_dict().items())
+
+
 def test_hrnet_backbone_network_end_to_end():
     torch.manual_seed(0)
     net = PnfsNet(tiny_cfg(backbone="hrnet", backbone_channels=8))
@@ -105,6 +169,17 @@ def test_pnfs_config_is_typed_and_checked(tmp_path):
     coco = load_config(CONFIGS / "pnfs-coco.json")     # PNFS Table VII ours-3: P=5, H=1, C=16 (row 0: 4C), 384x288
     assert (coco.pnfs.num_parts, coco.model.hidden, coco.model.channels, coco.pnfs.backbone) == (5, 1, 64, "hrnet")
     assert (coco.pnfs.topdown.input_height, coco.pnfs.topdown.input_width, coco.pnfs.topdown.vector_dim) == (384, 288, 8)
+    # §VI-b: O = zero, skip, 3x3 separable conv, 3x3 dilated conv (rate 2); synchronous search, 200
+    # epochs; Adam 1e-3 for the weights x0.25 at 90/120/150 (§IV-A) and, for ours-3, no decay of the
+    # architecture rate.
+    assert sorted(coco.model.ops) == sorted(["zero", "identity", "sep_conv", "dil_conv"])
+    assert (coco.search.strategy, coco.search.epochs, coco.search.weight_lr, coco.search.arch_lr) == (
+        "synchronous", 200, 1e-3, 1e-3)
+    weight_lr = [multistep(coco.search.weight_lr, coco.pnfs.weight_lr_milestones, coco.pnfs.weight_lr_gamma, e)
+                 for e in (89, 90, 119, 120, 150, 199)]
+    assert weight_lr == pytest.approx([1e-3, 2.5e-4, 2.5e-4, 6.25e-5, 1.5625e-5, 1.5625e-5])
+    assert {multistep(coco.search.arch_lr, coco.search.arch_lr_milestones, coco.search.arch_lr_gamma, e)
+            for e in range(200)} == {1e-3}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"extends": str(CONFIGS / "pnfs-small.json"), "pnfs": {"topdown": {"crop_width": 10}}}))
     with pytest.raises(ConfigError, match="pnfs.topdown.crop_width"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from threempose.data.keypoints import JOINT_NAMES
-from threempose.pnfs.parts import merge_part_outputs, part_groups, part_names, parts_per_joint
+from threempose.pnfs.parts import TABLE_I_MPII_ORDER, merge_part_outputs, part_groups, part_names, parts_per_joint
+from threempose.pnfs.pckh import MPII_JOINT_NAMES
 
 
 def _indices(text: str) -> list[int]:
@@ -26,6 +27,30 @@ TABLE_I_COCO = {
     8: [("head-shoulder", "0-6"), ("left upper arm", "5,7"), ("left lower arm", "7,9"),
         ("right upper arm", "6,8"), ("right lower arm", "8,10"), ("thigh", "11-14"),
         ("left lower leg", "13,15"), ("right lower leg", "14,16")],
+}
+
+# Table I, MPII column, copied from the paper's text (its own MPII numbering).
+TABLE_I_MPII = {
+    1: [("all keypoints", "0-15")],
+    3: [("head part", "0-2"), ("upper limb part", "3-8"), ("lower limb part", "9-15")],
+    5: [("head-shoulder", "0-4"), ("left lower arm", "5,7"), ("right lower arm", "6,8"),
+        ("thigh", "9,10,15"), ("lower limb part", "11-14")],
+    8: [("head-shoulder", "0-4"), ("left upper arm", "3,5"), ("left lower arm", "5,7"),
+        ("right upper arm", "4,6"), ("right lower arm", "6,8"), ("thigh", "9-12,15"),
+        ("left lower leg", "11,13"), ("right lower leg", "12,14")],
+}
+
+# The MPII joints each group name stands for, by name.
+MPII_PART_JOINTS = {
+    "head part": {"head_top", "upper_neck", "thorax"},
+    "upper limb part": {f"{s}_{j}" for s in ("left", "right") for j in ("shoulder", "elbow", "wrist")},
+    "head-shoulder": {"head_top", "upper_neck", "thorax", "left_shoulder", "right_shoulder"},
+    "left upper arm": {"left_shoulder", "left_elbow"},
+    "left lower arm": {"left_elbow", "left_wrist"},
+    "right upper arm": {"right_shoulder", "right_elbow"},
+    "right lower arm": {"right_elbow", "right_wrist"},
+    "left lower leg": {"left_knee", "left_ankle"},
+    "right lower leg": {"right_knee", "right_ankle"},
 }
 
 # The joints each body-part name stands for (§III-E), by COCO joint name.
@@ -60,6 +85,31 @@ def test_group_names_match_their_joints():
         for name, group in zip(part_names(num_parts), part_groups(num_parts)):
             if name in PART_JOINTS_BY_NAME:
                 assert {JOINT_NAMES[j] for j in group} == PART_JOINTS_BY_NAME[name], (num_parts, name)
+
+
+@pytest.mark.parametrize("num_parts", [1, 3, 5, 8])
+def test_mpii_groups_equal_table_i_in_the_release_order(num_parts):
+    """part_groups(P, "mpii") is Table I's MPII column, renumbered from the table's order to the
+    MPII release order of annotation files (and of pckh)."""
+    table = [[TABLE_I_MPII_ORDER[j] for j in _indices(text)] for _, text in TABLE_I_MPII[num_parts]]
+    assert [[MPII_JOINT_NAMES[j] for j in g] for g in part_groups(num_parts, "mpii")] == table
+    assert set().union(*map(set, part_groups(num_parts, "mpii"))) == set(range(16))
+    for name, group in zip(part_names(num_parts), table):
+        if name in MPII_PART_JOINTS:
+            assert set(group) == MPII_PART_JOINTS[name], (num_parts, name)
+    if num_parts in (5, 8):                          # the thigh holds the pelvis (index 15) in MPII
+        assert "pelvis" in table[part_names(num_parts).index("thigh")]
+
+
+def test_mpii_merge_has_16_joints_and_sums_p8s_shared_ones():
+    groups = part_groups(8, "mpii")
+    merged = merge_part_outputs([torch.ones(1, len(g), 2, 2) for g in groups], 8, "mpii")
+    assert merged.shape == (1, 16, 2, 2)
+    shared = {MPII_JOINT_NAMES[j] for j, n in enumerate(parts_per_joint(8, "mpii")) if n == 2}
+    assert shared == {"left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_knee", "right_knee"}
+    assert [int(v) for v in merged[0, :, 0, 0]] == parts_per_joint(8, "mpii")
+    with pytest.raises(ValueError, match="'lsp'"):
+        part_groups(3, "lsp")
 
 
 def test_shared_keypoints_are_those_of_p8():

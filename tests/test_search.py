@@ -232,3 +232,33 @@ def test_run_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path, ca
     assert metric_values(killed.path) == metric_values(reference.run_dir.path)
     assert len(list(killed.tensorboard_dir.glob("events.out.tfevents.*"))) == 1
     assert not list(killed.checkpoints_dir.glob(".*.tmp"))
+
+
+def test_bilevel_steps_each_move_only_their_own_parameters(tmp_path, cache):
+    """The arch step changes alpha/beta/m and no weight; the weight step changes weights and no
+    alpha/beta/m (the BN running statistics, buffers, are not parameters of either step)."""
+    cfg = load_config(tiny_config(tmp_path, cache, run={"val_ap_images": 0},
+                                  search={"epochs": 1, "max_steps_per_epoch": 2}))
+    job = SearchJob(cfg, DistContext())
+    weights = job.supernet.weight_parameters()
+    assert {id(p) for p in weights}.isdisjoint(id(p) for p in job.arch_params)
+    assert len(weights) + len(job.arch_params) == len(list(job.supernet.parameters()))
+    calls = []
+
+    def snapshot():
+        return [p.detach().clone() for p in job.arch_params], [p.detach().clone() for p in weights]
+
+    def checked(step, kind):
+        def wrapper(loss):
+            arch0, weights0 = snapshot()
+            step(loss)
+            arch1, weights1 = snapshot()
+            moved_arch = any(not torch.equal(a, b) for a, b in zip(arch0, arch1))
+            moved_weights = any(not torch.equal(a, b) for a, b in zip(weights0, weights1))
+            calls.append((kind, moved_arch, moved_weights))
+        return wrapper
+
+    job.opt.arch_step = checked(job.opt.arch_step, "arch")
+    job.weights.step = checked(job.weights.step, "weights")
+    job.run()
+    assert calls == [("arch", True, False), ("weights", False, True)] * 2

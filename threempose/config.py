@@ -78,6 +78,17 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+@dataclass(frozen=True)
+class CellOptions:
+    """What the thesis leaves open about a cell, one setting for every cell of a fabric (config
+    ``model.cell_options``, genotype ``cell_options``; the defaults are threempose's reading,
+    README "Thesis choices")."""
+
+    hidden_sum: bool = False          # Eq. 3.6's fixed sum_{k<j} h_k added to hidden node h_j
+    se_reduction: int = 4             # squeeze-and-excite squeeze width: max(1, C // se_reduction)
+    sep_conv_repeats: int = 1         # depthwise-pointwise pairs in sep_conv (DARTS uses 2)
+
+
 @dataclass
 class ModelConfig:
     """The fabric supernet (thesis §3.1-3.3)."""
@@ -96,6 +107,7 @@ class ModelConfig:
     r_beta: int = 3                 # Dyn-EGS states for inputs per cell (1..r_beta inputs)
     sampling: Literal["dyn_egs", "argmax", "dense"] = "dyn_egs"
     stem_blocks: int = 4            # residual (bottleneck) units in the HRNet stem
+    cell_options: CellOptions = field(default_factory=CellOptions)
 
 
 @dataclass
@@ -214,13 +226,15 @@ class PnfsConfig:
 
     enabled: bool = False
     num_parts: int = 3                # P: a body-part mode of PNFS Table I (1, 3, 5 or 8)
-    backbone: Literal["fabric", "hrnet"] = "fabric"
-    backbone_channels: int = 40       # fabric: its row-0 width; hrnet: the HRNet width (32 = W32)
+    backbone: Literal["fabric", "hrnet", "mobilenet_v2"] = "fabric"
+    backbone_channels: int = 40       # fabric: its row-0 width; hrnet: the HRNet width (32 = W32); not mobilenet_v2
     backbone_layers: int = 3          # fabric: the first m layers of a fabric (Table VIII "layers reserved")
     backbone_hidden: int = 2          # fabric: H of its cells
     backbone_ops: list[str] = field(default_factory=lambda: [
         "identity", "sep_conv", "zoom_conv", "avg_pool", "max_pool"])
-    backbone_checkpoint: Optional[str] = None   # hrnet: HRNet / HigherHRNet weights for stem..stage 3
+    backbone_checkpoint: Optional[str] = None   # hrnet: HRNet / HigherHRNet weights for stem..stage 3;
+                                                # mobilenet_v2: a torchvision mobilenet_v2 state_dict
+                                                # (ImageNet); None: random initialisation
     share_alpha: bool = True          # one alpha per fabric (PNFS §III-F), else one per cell
     prune_threshold: float = 1e-3     # dense search: ops and inputs weighted below it are pruned
     weight_lr_milestones: list[int] = field(default_factory=lambda: [90, 120, 150])   # search
@@ -433,6 +447,8 @@ def _check_semantics(cfg: Config, src: str) -> None:
     m = cfg.model
     if m.rows < 1 or m.layers < 1 or m.channels < 1 or m.hidden < 1:
         raise ConfigError(f"{src}: model.rows, layers, channels and hidden must be >= 1")
+    if m.cell_options.se_reduction < 1 or m.cell_options.sep_conv_repeats < 1:
+        raise ConfigError(f"{src}: model.cell_options.se_reduction and sep_conv_repeats must be >= 1")
     for e in m.eels:
         if not 1 <= e < m.layers:
             raise ConfigError(f"{src}: model.eels entry {e} must be a layer in 1..{m.layers - 1}")

@@ -41,7 +41,6 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from threempose.atomic import atomic_torch_save
 from threempose.cli import entry_point
 from threempose.config import Config
 from threempose.data.loader import build_loaders
@@ -186,19 +185,8 @@ class SearchJob(EpochJob):
     def stateful(self) -> dict[str, Any]:
         return self.opt.stateful()
 
-    def save_rank_arch(self) -> Path:
-        """Every rank: this rank's alpha/beta/m to ``arch/final_rank<R>.pt`` (tensors on the CPU,
-        with ``rank``, ``world_size``, ``global_step``), to compare ranks after a run."""
-        path = self.run_dir.arch_dir / f"final_rank{self.ctx.rank}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)      # a node without the shared run dir
-        atomic_torch_save(path, {**{name: p.detach().cpu().clone() for name, p in
-                                    zip(ARCH_NAMES, self.arch_params)},
-                                 "rank": self.ctx.rank, "world_size": self.ctx.world_size,
-                                 "global_step": self.global_step})
-        return path
-
     def finish(self) -> dict[str, Path]:
-        self.save_rank_arch()
+        self.opt.save_rank_arch(self.run_dir, self.global_step)
         if not self.ctx.is_main:
             return {}
         genotype = self.supernet.derive()

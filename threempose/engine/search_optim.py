@@ -3,8 +3,8 @@
 ``search.strategy`` decides who updates alpha/beta/m:
 
 * ``bilevel`` - their own Adam (``search.arch_lr``, MultiStepLR at ``arch_lr_milestones``),
-  stepped on a held-out batch by :meth:`SearchOptimizers.arch_step`; the weight step
-  leaves them alone.
+  stepped on a held-out batch by :meth:`SearchOptimizers.arch_step` (with its own GradScaler
+  under ``run.amp: fp16``); the weight step leaves them alone.
 * ``synchronous`` - the weight optimizer, as its param group 1 (PNFS), with the same
   epoch schedule applied by :meth:`SearchOptimizers.end_epoch`.
 * ``random`` - nobody: drawn once from N(0, 1) and frozen (PNFS' baseline).
@@ -15,14 +15,16 @@ verifies after every epoch that every rank holds the same alpha/beta/m.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from threempose.atomic import atomic_torch_save
 from threempose.config import Config
 from threempose.engine.distributed import DistContext
-from threempose.engine.weights import WeightOptimizer
+from threempose.engine.weights import WeightOptimizer, amp_grad_scaler
 
 RANDOM_ARCH_STREAM = 12345        # seed offset of the random strategy's architecture draw
 
@@ -61,8 +63,10 @@ class SearchOptimizers:
         self.weights = WeightOptimizer(module, groups, cfg, ctx, grad_clip=s.grad_clip)
         self.arch_opt: Optional[torch.optim.Adam] = None
         self.arch_sched = None
+        self.arch_scaler: Optional[torch.amp.GradScaler] = None
         if s.strategy == "bilevel":
             self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
+            self.arch_scaler = amp_grad_scaler(self.weights.amp_dtype, ctx.device)
             self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
                                                                    s.arch_lr_gamma)
 
@@ -71,13 +75,21 @@ class SearchOptimizers:
         return self.arch_opt is not None
 
     def arch_step(self, loss: torch.Tensor) -> None:
-        """Bilevel: gradients of ``loss`` w.r.t. alpha/beta/m only, averaged over ranks, one Adam step."""
-        grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
+        """Bilevel: gradients of ``loss`` w.r.t. alpha/beta/m only, averaged over ranks, one Adam
+        step. Under fp16 the loss is scaled and the step skipped when a gradient is not finite
+        (every rank agrees: the gradients are averaged before the check)."""
+        scaler = self.arch_scaler
+        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss,
+                                    self.arch_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
         self.ctx.all_reduce_mean_(grads)
         for p, g in zip(self.arch_params, grads):
             p.grad = g
-        self.arch_opt.step()
+        if scaler is not None:
+            scaler.step(self.arch_opt)
+            scaler.update()
+        else:
+            self.arch_opt.step()
         self.arch_opt.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
@@ -119,6 +131,18 @@ class SearchOptimizers:
                 f"{self.ctx.world_size} ranks differ from rank 0's: {', '.join(bad)}; every rank must "
                 "draw the same Gumbel sample and see the same averaged arch gradients")
 
+    def save_rank_arch(self, run_dir, global_step: int) -> Path:
+        """Every rank: this rank's architecture tensors to ``arch/final_rank<R>.pt`` (by arch name,
+        on the CPU, with ``rank``, ``world_size``, ``global_step``), to compare ranks after a run."""
+        path = run_dir.arch_dir / f"final_rank{self.ctx.rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)      # a node without the shared run dir
+        atomic_torch_save(path, {**{name: p.detach().cpu().clone() for name, p in
+                                    zip(self.arch_names, self.arch_params)},
+                                 "rank": self.ctx.rank, "world_size": self.ctx.world_size,
+                                 "global_step": global_step})
+        return path
+
     def stateful(self) -> dict[str, Any]:
         """For checkpoints (see :meth:`threempose.engine.job.EpochJob.stateful`)."""
-        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched}
+        return {"arch_optimizer": self.arch_opt, "arch_scheduler": self.arch_sched,
+                "arch_scaler": self.arch_scaler}

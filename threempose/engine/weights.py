@@ -1,7 +1,10 @@
 """Stepping the network weights: torch Adam in one process, a DeepSpeed engine under the launcher.
 
-Mixed precision is ``run.amp`` (``bf16``/``fp16`` through ``torch.autocast``, with a
-GradScaler for fp16) on CUDA devices in both cases; on the CPU it is off. The config's
+Mixed precision is ``run.amp``: ``bf16``/``fp16`` through ``torch.autocast`` on the run's
+device (CUDA or CPU, whose autocast tests use), with a GradScaler for fp16. Under the DeepSpeed
+launcher only ``bf16`` is accepted: the engine steps the weights without torch's GradScaler,
+so fp16 gradients would underflow unscaled (and DeepSpeed's own fp16 would cast the
+architecture parameters, see below). The config's
 ``deepspeed`` section is handed to DeepSpeed with ``train_micro_batch_size_per_gpu`` set
 to ``data.batch_size``, ``gradient_accumulation_steps`` 1 and ``gradient_clipping`` from
 the job when the section does not set it. Its own ``fp16``/``bf16`` switches must stay
@@ -49,6 +52,15 @@ def deepspeed_config(cfg: Config, grad_clip: Optional[float]) -> dict[str, Any]:
     return ds
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""``run.amp`` -> the autocast dtype (``none``: no autocast)."""
+
+
+def amp_grad_scaler(amp_dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """A GradScaler on ``device`` for fp16 autocast (small gradients underflow in fp16), else None."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
 class WeightOptimizer:
     """Adam over ``param_groups`` of ``module``; ``model`` is what the job calls forward on.
 
@@ -61,10 +73,12 @@ class WeightOptimizer:
                  grad_clip: Optional[float] = None):
         self.ctx, self.grad_clip = ctx, grad_clip
         self.params = [p for g in param_groups for p in g["params"]]
-        cuda = ctx.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp) if cuda else None
+        self.amp_dtype = AMP_DTYPES.get(cfg.run.amp)
+        if self.amp_dtype == torch.float16 and ctx.launched:
+            raise ConfigError(f"{cfg.source}: run.amp \"fp16\" is not supported under the DeepSpeed launcher "
+                              f"(its engine steps the weights without loss scaling); use \"bf16\"")
         optimizer = torch.optim.Adam(param_groups)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = amp_grad_scaler(self.amp_dtype, ctx.device)
         self.engine = None
         if ctx.launched:
             import deepspeed
@@ -77,7 +91,7 @@ class WeightOptimizer:
         self.optimizer = optimizer
 
     def autocast(self):
-        """The forward's autocast context (a no-op without ``run.amp`` or on the CPU)."""
+        """The forward's autocast context on the run's device (a no-op without ``run.amp``)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)

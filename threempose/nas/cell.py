@@ -9,8 +9,9 @@
 Input paths ``T_p`` bring a neighbour of the previous layer to this cell's scale and width
 ``C``: ``above`` (row r-1, width C/2, twice the size) is a stride-2 3x3 conv-BN-ReLU; ``parallel``
 is the identity; ``below`` (row r+1, width 2C, half the size) is a 1x1 conv-BN then a bilinear
-resize to this row's size. Eq. 3.6's extra identity sum of earlier hidden nodes is not added:
-"identity" is a candidate op on every edge ``h_i -> h_j``, so that skip is searched, not fixed.
+resize to this row's size. Eq. 3.6 also adds ``sum_{0<k<j} h_k`` to ``h_j``; by default that fixed
+sum is left out, since "identity" is a candidate op on every edge ``h_i -> h_j`` and so the skip
+is searched (``CellOptions.hidden_sum`` adds it).
 
 One :class:`Cell` class serves both the supernet (every op on every edge, every existing path)
 and a derived network (only the genotype's ops and paths). Its forward runs the ops and paths it
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from threempose.config import CellOptions
 from threempose.kernels import mixed_op_sum
 from threempose.nas.cost import convs_macs
 from threempose.nas.genotype import edge_endpoints
@@ -107,18 +109,21 @@ class Cell(nn.Module):
         edges: the op names to build on each edge, in :func:`edge_endpoints` order.
         hidden: ``H``.
         name: used in error messages (e.g. ``"cell 5 (layer 3, row 0)"``).
+        options: the fabric's :class:`~threempose.config.CellOptions` (ops' settings, Eq. 3.6's sum).
     """
 
     def __init__(self, channels: int, input_channels: Mapping[str, int],
-                 edges: Sequence[Sequence[str]], hidden: int, name: str = "cell") -> None:
+                 edges: Sequence[Sequence[str]], hidden: int, name: str = "cell",
+                 options: CellOptions = CellOptions()) -> None:
         super().__init__()
         self.name = name
         self.hidden = hidden
+        self.hidden_sum = options.hidden_sum
         self.endpoints = edge_endpoints(hidden)
         if len(edges) != len(self.endpoints):
             raise ValueError(f"{name}: H = {hidden} needs {len(self.endpoints)} edges, got {len(edges)}")
         self.inputs = nn.ModuleDict({p: PATHS[p](c_in, channels) for p, c_in in input_channels.items()})
-        self.edges = nn.ModuleList(nn.ModuleDict({op: make_op(op, channels) for op in ops})
+        self.edges = nn.ModuleList(nn.ModuleDict({op: make_op(op, channels, options) for op in ops})
                                    for ops in edges)
         self.output = conv_bn(hidden * channels, channels, 1, relu=False)
 
@@ -148,7 +153,9 @@ class Cell(nn.Module):
         nodes = [_combine([self.inputs[p](inputs[p], size) for p in choice_paths], path_weights)]
         for (src, dst), ops, names, weights in zip(self.endpoints, self.edges, choice_edges, edge_weights):
             value = _combine([ops[o](nodes[src]) for o in names], weights)
-            if dst == len(nodes):
+            if dst == len(nodes):                # the first edge into h_dst: h_1 .. h_{dst-1} are done
+                if self.hidden_sum and dst > 1:
+                    value = value + sum(nodes[1:dst])
                 nodes.append(value)
             else:
                 nodes[dst] = nodes[dst] + value

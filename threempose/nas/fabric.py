@@ -88,7 +88,7 @@ class FabricNet(nn.Module):
                 continue
             width = g.channels * 2 ** cell.row
             in_widths = {p: g.channels * 2 ** (cell.row + ROW_STEP[p]) for p in cell.inputs}
-            self.cells[str(cell.index)] = Cell(width, in_widths, cell.edges, g.hidden, cell.name)
+            self.cells[str(cell.index)] = Cell(width, in_widths, cell.edges, g.hidden, cell.name, g.cell_options)
         self.exits = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         for i, layer in enumerate(g.exit_layers):
@@ -240,7 +240,7 @@ class Supernet(FabricNet):
         n_edges = len(edge_endpoints(cfg.hidden))
         full = Genotype(
             rows=cfg.rows, layers=cfg.layers, hidden=cfg.hidden, channels=cfg.channels,
-            eels=list(cfg.eels), fuse_split=cfg.fuse_split,
+            eels=list(cfg.eels), fuse_split=cfg.fuse_split, cell_options=cfg.cell_options,
             cells=[CellGene(c.index, c.layer, c.row,
                             [p for p in INPUT_NAMES if layout.source(c, p) is not None],
                             [list(cfg.ops) for _ in range(n_edges)]) for c in layout.cells])
@@ -284,7 +284,8 @@ class Supernet(FabricNet):
                           [[self.ops[k] for k in edge] for edge in sample.ops[c.index]])
                  for c in g.cells]
         return Genotype(rows=g.rows, layers=g.layers, hidden=g.hidden, channels=g.channels,
-                        eels=list(g.eels), cells=cells, fuse_split=g.fuse_split).prune()
+                        eels=list(g.eels), cells=cells, fuse_split=g.fuse_split,
+                        cell_options=g.cell_options).prune()
 
     def derive(self) -> Genotype:
         """The searched architecture: argmax on m, top-(i+1) of alpha and beta, pruned."""

@@ -36,19 +36,22 @@ JSON, format 1::
 ``inputs`` is a subset of ``above``, ``parallel``, ``below``; empty means the cell is
 pruned, and its ``edges`` are then ``[]``. ``edges`` lists the op names on each edge
 in the order above. ``fuse_split`` is optional (default true; false is the thesis'
-ablation with heads on row 0 only). Every error names the cell it is about.
+ablation with heads on row 0 only), and so is ``cell_options`` (an object with any of
+``hidden_sum``, ``se_reduction``, ``sep_conv_repeats``: :class:`~threempose.config.CellOptions`,
+its defaults where absent). Every error names the cell it is about.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from threempose.atomic import atomic_open
 from threempose.cli import UserError
+from threempose.config import CellOptions
 from threempose.nas.ops import OP_NAMES
 
 GENOTYPE_FORMAT = "threempose.genotype/1"
@@ -160,6 +163,7 @@ class Genotype:
     eels: list[int]
     cells: list[CellGene]
     fuse_split: bool = True
+    cell_options: CellOptions = CellOptions()
     layout: FabricLayout = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -282,7 +286,7 @@ class Genotype:
         """The format-1 JSON object."""
         return {"format": GENOTYPE_FORMAT, "rows": self.rows, "layers": self.layers,
                 "hidden": self.hidden, "channels": self.channels, "eels": list(self.eels),
-                "fuse_split": self.fuse_split,
+                "fuse_split": self.fuse_split, "cell_options": asdict(self.cell_options),
                 "cells": [{"index": c.index, "layer": c.layer, "row": c.row,
                            "inputs": list(c.inputs), "edges": [list(e) for e in c.edges]}
                           for c in self.cells]}
@@ -326,9 +330,10 @@ class Genotype:
         if raw.get("format") != GENOTYPE_FORMAT:
             raise GenotypeError(f"'format' must be {GENOTYPE_FORMAT!r}, got {raw.get('format')!r}")
         required = {"format", "rows", "layers", "hidden", "channels", "eels", "cells"}
-        _check_keys(raw, required, required | {"fuse_split"}, "the genotype")
+        _check_keys(raw, required, required | {"fuse_split", "cell_options"}, "the genotype")
         if not isinstance(raw.get("fuse_split", True), bool):
             raise GenotypeError(f"'fuse_split' must be true or false, got {raw['fuse_split']!r}")
+        options = _cell_options(raw.get("cell_options", {}))
         if not isinstance(raw["cells"], list):
             raise GenotypeError(f"'cells' must be a list, got {raw['cells']!r}")
         cells = []
@@ -340,7 +345,7 @@ class Genotype:
             cells.append(CellGene(c["index"], c["layer"], c["row"], c["inputs"], c["edges"]))
         return cls(rows=raw["rows"], layers=raw["layers"], hidden=raw["hidden"],
                    channels=raw["channels"], eels=raw["eels"], cells=cells,
-                   fuse_split=raw.get("fuse_split", True))
+                   fuse_split=raw.get("fuse_split", True), cell_options=options)
 
     # ----------------------------------------------------------------- display
     def to_markdown(self) -> str:
@@ -359,8 +364,22 @@ class Genotype:
 
 OP_LABELS = {"identity": "Identity", "conv": "Conv", "avg_pool": "Avg", "max_pool": "Max",
              "residual": "Residual", "sep_conv": "SepConv", "csi": "CSI", "zoom_conv": "ZoomConv",
-             "se": "SE"}
-"""The thesis' short op names (Table A.1)."""
+             "se": "SE", "zero": "Zero", "dil_conv": "DilConv"}
+"""The thesis' short op names (Table A.1); PNFS' zero and dilated conv named alike."""
+
+
+def _cell_options(raw: Any) -> CellOptions:
+    """A genotype's ``cell_options`` object -> :class:`CellOptions` (absent keys: the defaults)."""
+    if not isinstance(raw, dict):
+        raise GenotypeError(f"'cell_options' must be an object, got {raw!r}")
+    defaults = CellOptions()
+    _check_keys(raw, set(), {f.name for f in fields(CellOptions)}, "'cell_options'")
+    for key, value in raw.items():
+        want = type(getattr(defaults, key))
+        if type(value) is not want or (want is int and value < 1):
+            raise GenotypeError(f"'cell_options.{key}' must be {'an integer >= 1' if want is int else 'true or false'}, "
+                                f"got {value!r}")
+    return CellOptions(**raw)
 
 
 def _check_keys(obj: dict, required: set[str], allowed: set[str], what: str) -> None:

@@ -14,7 +14,7 @@ Networks (on :mod:`threempose.nas`' cells, ops, architecture parameters and samp
 
 * :mod:`~threempose.pnfs.cnf` — fabric backbones and part subnetworks as cell fabrics,
   searchable (dense / dyn_egs / argmax) or fixed, and pruning (§III-F);
-* :mod:`~threempose.pnfs.backbone` — HRNet stem..stage 3, or a fabric backbone;
+* :mod:`~threempose.pnfs.backbone` — HRNet stem..stage 3, MobileNet-V2, or a fabric backbone;
 * :mod:`~threempose.pnfs.model` — ``PnfsNet`` (backbone + P part CNFs + heads), architecture
   files, model files, params / GFLOPs per crop.
 
@@ -39,7 +39,7 @@ _EXPORTS = {
     "topdown_decode": ("coco_results", "decode_crops", "flip_back", "oks_nms"),
     "pckh": ("evaluate_pckh",),
     "cnf": ("FabricArchitecture", "FixedFabric", "PyramidGenotype", "PyramidLayout", "SearchableFabric"),
-    "backbone": ("FabricBackbone", "HRNetBackbone"),
+    "backbone": ("FabricBackbone", "HRNetBackbone", "MobileNetV2Backbone"),
     "model": ("PnfsArchitecture", "PnfsNet", "load_pnfs_model", "profile_pnfs", "pruned_network",
               "save_pnfs_model"),
     "jobs": ("PnfsSearchJob", "PnfsTrainJob"),

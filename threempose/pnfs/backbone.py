@@ -8,6 +8,10 @@ for a ``[B, 3, H, W]`` crop (1/4 .. 1/32 of the crop for ``R = 4``):
   8,128,320). The blocks are HigherHRNet's own (:class:`threempose.models.higherhrnet.HigherHRNet`,
   the teacher), with the official key names, so HRNet / HigherHRNet checkpoints load into it
   (:meth:`HRNetBackbone.load_pretrained`). Widths ``W, 2W, 4W, 8W``.
+* :class:`MobileNetV2Backbone` — MobileNet-V2 (Sandler et al. 2018) through its 160-channel
+  blocks (PNFS Tables II-V, VII: "MobileNet-V2 (1.3M)"; measured 1,337,792), with
+  torchvision's ``mobilenet_v2`` key names, so an ImageNet ``mobilenet_v2`` state_dict loads
+  into it (:meth:`MobileNetV2Backbone.load_pretrained`). Widths ``24, 32, 96, 160``.
 * :class:`FabricBackbone` — a fabric backbone (PNFS §III-C, Fig. 5, Table VIII): the fabric
   stem (two stride-2 3x3 convs, optional bottlenecks, a 1x1 conv to ``C``) and the first ``m``
   layers of a cell fabric, searchable (its own architecture parameters) or fixed. Widths
@@ -64,28 +68,101 @@ class HRNetBackbone(nn.Module):
     def load_pretrained(self, path: Union[str, Path]) -> None:
         """Load the stem .. stage-3 and transition-3 weights from an HRNet or HigherHRNet
         checkpoint (e.g. ImageNet-pretrained HRNet-W32, or ``pose_higher_hrnet_w32_512.pth``);
-        its other entries (stage 4, heads, classifier) are ignored.
+        its other entries (stage 4, heads, classifier) are ignored. Errors: :func:`load_backbone_weights`."""
+        load_backbone_weights(self, path, "HRNet stem..stage 3")
 
-        Raises:
-            FileNotFoundError: no such file.
-            CheckpointError: unreadable, no state_dict inside, or a backbone key missing / of
-                another shape (:class:`~threempose.engine.checkpoint.StateDictMismatchError`).
-        """
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone checkpoint not found: {path} (pnfs.backbone_checkpoint)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path}: holds objects other than tensors and plain containers; "
-                                  f"re-save its state_dict with torch.save(...) ({e})") from None
-        except Exception as e:  # corrupt or not a torch file
-            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {e}") from None
-        state = unwrap_state_dict(obj, str(path))
-        ours = self.state_dict()
-        subset = {k: v for k, v in state.items() if k in ours}
-        check_state_dict(self, subset, f"{path} (HRNet stem..stage 3)")
-        self.load_state_dict(subset)
+
+def load_backbone_weights(backbone: nn.Module, path: Union[str, Path], what: str) -> None:
+    """Load the entries of the checkpoint at ``path`` whose keys ``backbone`` has (a classifier's
+    or a later stage's are ignored); every key of ``backbone`` must be there, with its shape.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable, no state_dict inside, or a backbone key missing / of
+            another shape (:class:`~threempose.engine.checkpoint.StateDictMismatchError`,
+            naming ``what``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint not found: {path} (pnfs.backbone_checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers; "
+                              f"re-save its state_dict with torch.save(...) ({e})") from None
+    except Exception as e:  # corrupt or not a torch file
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {e}") from None
+    state = unwrap_state_dict(obj, str(path))
+    ours = backbone.state_dict()
+    subset = {k: v for k, v in state.items() if k in ours}
+    check_state_dict(backbone, subset, f"{path} ({what})")
+    backbone.load_state_dict(subset)
+
+
+class _ConvBNReLU6(nn.Sequential):
+    """``k x k`` conv (no bias, padding ``k // 2``) - BN - ReLU6: torchvision's ``Conv2dNormActivation``
+    layout (keys ``0.weight``, ``1.*``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(out_ch), nn.ReLU6(inplace=True))
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNet-V2's bottleneck: [1x1 expand x t - BN - ReLU6] - 3x3 depthwise (stride s) - BN - ReLU6
+    - 1x1 linear projection - BN, plus the input when the stride is 1 and the width is kept."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = in_ch * expand
+        layers = [_ConvBNReLU6(in_ch, hidden, 1)] if expand != 1 else []
+        layers += [_ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2Backbone(nn.Module):
+    """MobileNet-V2 (width 1.0) up to its 160-channel blocks: ``[B, 3, H, W]`` -> 4 rows of widths
+    ``24, 32, 96, 160`` at ``ceil(H / 2**(r+2))``, the outputs of ``features[3]``, ``[6]``,
+    ``[13]`` and ``[16]`` (the last block of each stride). The 320-channel block, the 1280-wide
+    1x1 conv and the classifier are left out, as PNFS' 1.3 M parameters imply.
+    """
+
+    # (expansion t, width c, blocks n, first stride s): the paper's Table 2, 320-channel row left out
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2))
+    TAPS = (3, 6, 13, 16)          # features[i] whose outputs are pyramid rows 0..3
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [_ConvBNReLU6(3, 32, 3, 2)]
+        width = 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                blocks.append(_InvertedResidual(width, c, s if i == 0 else 1, t))
+                width = c
+        self.features = nn.Sequential(*blocks)
+        self.widths = [24, 32, 96, 160]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"MobileNetV2Backbone needs crops [B, 3, H, W], got {list(x.shape)}")
+        rows = []
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i in self.TAPS:
+                rows.append(x)
+        return rows
+
+    def load_pretrained(self, path: Union[str, Path]) -> None:
+        """Load ``features.0`` .. ``features.16`` from a torchvision ``mobilenet_v2`` state_dict
+        (e.g. its ImageNet weights saved with ``torch.save(model.state_dict(), path)``); the
+        other entries (``features.17``, ``features.18``, ``classifier``) are ignored. Errors:
+        :func:`load_backbone_weights`."""
+        load_backbone_weights(self, path, "torchvision mobilenet_v2 features 0..16")
 
 
 class FabricBackbone(nn.Module):

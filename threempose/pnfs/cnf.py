@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from threempose.config import CellOptions
 from threempose.nas.cell import Cell, CellChoice
 from threempose.nas.dyn_egs import MAX_SEED, SAMPLING_MODES, ArchParameters, ArchSample, SamplingMode
 from threempose.nas.genotype import (
@@ -78,7 +79,7 @@ class PyramidGenotype(Genotype):
 
 
 def full_genotype(kind: str, rows: int, layers: int, hidden: int, channels: int,
-                  ops: Sequence[str]) -> Genotype:
+                  ops: Sequence[str], options: CellOptions = CellOptions()) -> Genotype:
     """Every cell with every existing input and every op in ``ops`` on every edge, pruned to the
     cells that reach the output.
 
@@ -88,6 +89,7 @@ def full_genotype(kind: str, rows: int, layers: int, hidden: int, channels: int,
             row 0).
         rows, layers, hidden, channels: the fabric (row ``r`` is ``channels * 2**r`` wide).
         ops: candidate op names (:data:`threempose.nas.ops.OP_NAMES`).
+        options: the cells' :class:`~threempose.config.CellOptions`.
     """
     if kind not in ("backbone", "part"):
         raise ValueError(f"fabric kind must be 'backbone' or 'part', got {kind!r}")
@@ -103,7 +105,7 @@ def full_genotype(kind: str, rows: int, layers: int, hidden: int, channels: int,
     cells = [CellGene(c.index, c.layer, c.row, [p for p in INPUT_NAMES if layout.source(c, p) is not None],
                       [list(ops) for _ in range(n_edges)]) for c in layout.cells]
     return cls(rows=rows, layers=layers, hidden=hidden, channels=channels, eels=[], cells=cells,
-               fuse_split=kind == "backbone").prune()
+               fuse_split=kind == "backbone", cell_options=options).prune()
 
 
 def output_rows(genotype: Genotype) -> list[int]:
@@ -144,7 +146,7 @@ class CellFabric(nn.Module):
             if not cell.pruned:
                 in_widths = {p: g.channels * 2 ** (cell.row + ROW_STEP[p]) for p in cell.inputs}
                 self.cells[str(cell.index)] = Cell(g.channels * 2 ** cell.row, in_widths, cell.edges,
-                                                   g.hidden, cell.name)
+                                                   g.hidden, cell.name, g.cell_options)
 
     def forward(self, feats: Mapping[int, Tensor], weights: Optional[WeightsFn] = None,
                 genotype: Optional[Genotype] = None) -> dict[int, Tensor]:
@@ -278,6 +280,7 @@ class SearchableFabric(nn.Module):
         r_alpha, r_beta: Dyn-EGS states (ops per edge, inputs per cell).
         share_alpha: one alpha per fabric (PNFS) or per cell.
         sampling: ``"dense"`` (PNFS), ``"dyn_egs"`` or ``"argmax"`` (3M-Pose).
+        options: the cells' :class:`~threempose.config.CellOptions`.
 
     ``forward(feats, tau, seed)``: ``feats`` as :class:`CellFabric` -> the output rows. Module
     names (``fabric.cells.<index>...``) are those of :class:`FixedFabric`, so a fixed fabric's
@@ -286,7 +289,7 @@ class SearchableFabric(nn.Module):
 
     def __init__(self, kind: str, rows: int, layers: int, hidden: int, channels: int,
                  ops: Sequence[str], r_alpha: int = 2, r_beta: int = 3, share_alpha: bool = True,
-                 sampling: SamplingMode = "dense") -> None:
+                 sampling: SamplingMode = "dense", options: CellOptions = CellOptions()) -> None:
         super().__init__()
         if not 1 <= r_alpha <= len(ops):
             raise ValueError(f"r_alpha must be in 1..{len(ops)} (the number of ops), got {r_alpha}")
@@ -294,7 +297,7 @@ class SearchableFabric(nn.Module):
             raise ValueError(f"r_beta must be in 1..3 (above, parallel, below), got {r_beta}")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {sampling!r}; use one of {list(SAMPLING_MODES)}")
-        self.fabric = CellFabric(full_genotype(kind, rows, layers, hidden, channels, ops))
+        self.fabric = CellFabric(full_genotype(kind, rows, layers, hidden, channels, ops, options))
         self.ops = list(ops)
         self.sampling: SamplingMode = sampling
         g = self.fabric.genotype
@@ -339,7 +342,9 @@ class SearchableFabric(nn.Module):
 
     def prune(self, threshold: float) -> FabricArchitecture:
         """PNFS §III-F: drop ops and inputs whose normalised weight is below ``threshold``, then
-        the cells that no longer reach the output; keep the other weights unchanged.
+        the cells that no longer reach the output; keep the other weights unchanged. A ``zero``
+        op is dropped too wherever another op of its edge stays (it adds nothing); an edge
+        left with ``zero`` alone keeps it (the edge contributes nothing, at no cost).
 
         ``threshold`` must be below ``1 / max(K, 3)`` so that every edge keeps an op and every
         cell an input. Returns the pruned architecture (genotype + weights).
@@ -356,7 +361,7 @@ class SearchableFabric(nn.Module):
                 cells.append(c)
                 continue
             inputs = [p for p in c.inputs if paths_w[c.index][INPUT_NAMES.index(p)] >= threshold]
-            edges = [[o for o in edge if ops_w[c.index][e][self.ops.index(o)] >= threshold]
+            edges = [_drop_zero([o for o in edge if ops_w[c.index][e][self.ops.index(o)] >= threshold])
                      for e, edge in enumerate(c.edges)]
             cells.append(replace(c, inputs=inputs, edges=edges))
             kept[c.index] = CellWeights([paths_w[c.index][INPUT_NAMES.index(p)] for p in inputs],
@@ -370,6 +375,12 @@ class SearchableFabric(nn.Module):
         """The 3M-Pose derivation: argmax on m, top-(i+1) of alpha and beta; ops summed."""
         with torch.no_grad():
             return FabricArchitecture(self.genotype_of(self.sample(mode="argmax")))
+
+
+def _drop_zero(edge: list[str]) -> list[str]:
+    """``edge`` without ``"zero"`` unless it is the edge's only op."""
+    rest = [o for o in edge if o != "zero"]
+    return rest or edge
 
 
 class FixedFabric(nn.Module):

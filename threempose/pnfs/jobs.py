@@ -15,7 +15,10 @@ Every fabric samples with ``model.sampling``: ``dense`` (PNFS: softmax-weighted 
 and input) or the 3M-Pose samplers ``dyn_egs`` / ``argmax`` (Gumbel temperature from
 ``search.tau_start`` to ``tau_end``). The weights' learning rate is multiplied by
 ``pnfs.weight_lr_gamma`` at ``pnfs.weight_lr_milestones``, the architecture's by
-``search.arch_lr_gamma`` at ``search.arch_lr_milestones`` (PNFS: both x0.25 at 90, 120, 150).
+``search.arch_lr_gamma`` at ``search.arch_lr_milestones``. PNFS §IV-A decays both by 0.25 at
+epochs 90, 120 and 150 (set both milestone lists so); for its COCO model ours-3 (§VI-b, the
+model of ``configs/pnfs-coco.json``) it "cancel[s] the learning rate decay for searching the
+architecture parameters": there only the weights decay (``search.arch_lr_milestones: []``).
 The run ends with ``architecture.json`` (dense: every fabric pruned at ``pnfs.prune_threshold``,
 its weights kept, §III-F; otherwise the argmax genotypes), ``model.pt`` (that architecture with
 the searched weights: a synchronous dense search needs no retraining) and ``profile.json``.
@@ -181,6 +184,7 @@ class PnfsSearchJob(_TopDownJob):
         return self.opt.stateful()
 
     def finish(self) -> dict[str, Path]:
+        self.opt.save_rank_arch(self.run_dir, self.global_step)        # every rank, to compare ranks
         if not self.ctx.is_main:
             return {}
         architecture = self.net.architecture(self.cfg.pnfs.prune_threshold)

@@ -33,7 +33,7 @@ from threempose.flops import measure_gflops
 from threempose.nas.dyn_egs import MAX_SEED
 from threempose.nas.genotype import GenotypeError
 from threempose.nas.ops import conv_bn
-from threempose.pnfs.backbone import FabricBackbone, HRNetBackbone
+from threempose.pnfs.backbone import FabricBackbone, HRNetBackbone, MobileNetV2Backbone
 from threempose.pnfs.cnf import FabricArchitecture, FixedFabric, PyramidGenotype, SearchableFabric, input_rows
 from threempose.pnfs.parts import part_groups, part_names
 from threempose.pnfs.vector_head import VectorInPixelHead, part_scores
@@ -56,8 +56,8 @@ def check_pnfs_config(cfg: Config) -> None:
                           f"last layer's row 0), got {m.eels}")
     if m.num_joints != NUM_JOINTS:
         raise ConfigError(f"{src}: model.num_joints must be {NUM_JOINTS} (PNFS' part tables are COCO's)")
-    if p.backbone == "hrnet" and m.rows != 4:
-        raise ConfigError(f"{src}: the hrnet backbone gives a 4-row pyramid; model.rows must be 4, got {m.rows}")
+    if p.backbone != "fabric" and m.rows != 4:
+        raise ConfigError(f"{src}: the {p.backbone} backbone gives a 4-row pyramid; model.rows must be 4, got {m.rows}")
     if p.backbone == "fabric" and p.backbone_layers < m.rows - 1:
         raise ConfigError(f"{src}: pnfs.backbone_layers must be >= model.rows - 1 = {m.rows - 1} (the "
                           f"backbone's last layer must hold every row), got {p.backbone_layers}")
@@ -181,7 +181,7 @@ class PnfsNet(nn.Module):
         cfg: a config with ``pnfs`` (parts, backbone, ``topdown.vector_dim``) and ``model`` (the
             part fabrics) sections; checked with :func:`check_pnfs_config`.
         architecture: None for the search space; else the searched architecture to build.
-        load_backbone: load ``pnfs.backbone_checkpoint`` (hrnet) when it is set.
+        load_backbone: load ``pnfs.backbone_checkpoint`` (hrnet, mobilenet_v2) when it is set.
     """
 
     def __init__(self, cfg: Config, architecture: Optional[PnfsArchitecture] = None,
@@ -195,7 +195,7 @@ class PnfsNet(nn.Module):
         if architecture is not None and architecture.num_parts != p.num_parts:
             raise ValueError(f"the architecture has P={architecture.num_parts} parts, the config pnfs.num_parts="
                              f"{p.num_parts}")
-        if architecture is not None and (architecture.backbone is None) != (p.backbone == "hrnet"):
+        if architecture is not None and (architecture.backbone is None) != (p.backbone != "fabric"):
             raise ValueError(f"the architecture {'has no' if architecture.backbone is None else 'has a'} fabric "
                              f"backbone, the config's pnfs.backbone is {p.backbone!r}")
 
@@ -204,10 +204,11 @@ class PnfsNet(nn.Module):
             if arch is not None:
                 return FixedFabric(arch)
             return SearchableFabric(kind, rows, layers, hidden, channels, ops, m.r_alpha, m.r_beta,
-                                    p.share_alpha, m.sampling)
+                                    p.share_alpha, m.sampling, m.cell_options)
 
-        if p.backbone == "hrnet":
-            self.backbone: Union[HRNetBackbone, FabricBackbone] = HRNetBackbone(p.backbone_channels)
+        if p.backbone != "fabric":
+            self.backbone: Union[HRNetBackbone, MobileNetV2Backbone, FabricBackbone] = (
+                HRNetBackbone(p.backbone_channels) if p.backbone == "hrnet" else MobileNetV2Backbone())
             if p.backbone_checkpoint and load_backbone:
                 self.backbone.load_pretrained(p.backbone_checkpoint)
         else:
@@ -351,9 +352,9 @@ def profile_pnfs(net: PnfsNet, input_hw: tuple[int, int]) -> dict[str, Any]:
     x = torch.zeros(1, 3, *input_hw, device=device)
     try:
         with torch.no_grad():
-            pyramid = (net.backbone(x) if isinstance(net.backbone, HRNetBackbone) else net.backbone(x, 1.0, 0))
-        backbone_gflops = measure_gflops(lambda: net.backbone(x) if isinstance(net.backbone, HRNetBackbone)
-                                         else net.backbone(x, 1.0, 0))
+            pyramid = (net.backbone(x, 1.0, 0) if isinstance(net.backbone, FabricBackbone) else net.backbone(x))
+        backbone_gflops = measure_gflops(lambda: net.backbone(x, 1.0, 0) if isinstance(net.backbone, FabricBackbone)
+                                         else net.backbone(x))
         parts = []
         for i, (part, name) in enumerate(zip(net.parts, part_names(net.num_parts))):
             g = part.fabric.genotype
