@@ -13,8 +13,8 @@ The HigherHRNet / Associative Embedding test procedure (thesis §4.1 "Testing"):
    (:mod:`~threempose.decode.grouping`, C++ when built);
 5. person score = mean of the J grouped joint values (0 for missing joints),
    taken before refinement as in HigherHRNet;
-6. quarter-pixel adjustment and refinement of missing joints
-   (:mod:`~threempose.decode.adjust`);
+6. quarter-pixel adjustment and refinement of missing joints in a window
+   around each person (:mod:`~threempose.decode.adjust`);
 7. mapping to original-image coordinates (:mod:`~threempose.decode.resize`).
 
 A predictor calls::
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from threempose.config import InferConfig
 from threempose.data.keypoints import NUM_JOINTS, flip_index as coco_flip_index
-from threempose.decode.adjust import adjust_people, refine_person
+from threempose.decode.adjust import adjust_people, refine_people, refine_windows
 from threempose.decode.grouping import MAX_ASSIGNMENT_SIZE, Backend, GroupingParams, group_people
 from threempose.decode.heatmap_nms import top_k_candidates
 from threempose.decode.resize import ResizeInfo
@@ -48,7 +48,7 @@ class DecodeParams(GroupingParams):
     nms_kernel: max-pool window of the heatmap NMS (odd; HigherHRNet-W32 at 512: 5,
         applied at the input resolution).
     adjust: quarter-pixel adjustment of grouped joints.
-    refine: fill missing joints from the full maps.
+    refine: fill missing joints from a window of the maps around each person.
     project_to_input: upsample heatmaps and tags to the network-input resolution
         before NMS (HigherHRNet's PROJECT2IMAGE); needs ``resize``. With False the
         maps are decoded at their own resolution (16x fewer pixels at stride 4).
@@ -224,9 +224,12 @@ def decode(heatmaps, tags, flip_heatmaps=None, flip_tags=None, *,
     scores = grouped[..., 2].astype(np.float64).mean(axis=1)
     xy = adjust_people(grouped, hm) if params.adjust else grouped[..., :2].astype(np.float64)
     keypoints = np.concatenate([xy, grouped[..., 2:3].astype(np.float64)], axis=-1)
+    if params.refine:
+        windows = refine_windows(grouped, (hm.shape[2], hm.shape[1]))
+        keypoints = refine_people(keypoints, grouped[..., 3:], hm, tg, windows)
     people = []
     for p in range(grouped.shape[0]):
-        kp = refine_person(keypoints[p], grouped[p, :, 3:], hm, tg) if params.refine else keypoints[p]
+        kp = keypoints[p]
         found = kp[:, 2] > 0
         if resize is not None:
             kp[:, :2] = resize.map_to_original(kp[:, :2], (hm.shape[2], hm.shape[1]))
