@@ -99,3 +99,21 @@ def test_candidates_carry_their_tags_and_locations():
     x, y = c.locs[..., 0], c.locs[..., 1]
     np.testing.assert_array_equal(c.tags[..., 0], x * 100 + y)
     np.testing.assert_array_equal(c.tags[..., 1], -(x * 100 + y))
+
+
+@pytest.mark.skipif(not heatmap_nms.native_nms_available(), reason="threempose._nms not built")
+def test_native_top_k_peaks_equal_the_reference():
+    rng = np.random.default_rng(5)
+    cases = [rng.normal(0, 1, (3, 17, 23)),                      # continuous, negatives
+             rng.integers(-1, 3, (3, 17, 23)),                   # plateaus, zeros and negatives
+             np.zeros((2, 5, 6)),                                 # nothing but zeros
+             -rng.random((2, 5, 6)),                              # only negative survivors
+             rng.integers(0, 2, (2, 30, 40)) * 0.5]               # large plateaus
+    for maps in cases:
+        maps = maps.astype(np.float32)
+        for kernel in (1, 3, 5):
+            for k in (1, 4, 30, 10_000):
+                ref = heatmap_nms.top_k_peaks(maps, k, kernel, "reference")
+                nat = heatmap_nms.top_k_peaks(maps, k, kernel, "native")
+                np.testing.assert_array_equal(nat[1], ref[1])
+                np.testing.assert_array_equal(nat[0], ref[0])

@@ -209,7 +209,8 @@ def decode(heatmaps, tags, flip_heatmaps=None, flip_tags=None, *,
         in original-image coordinates. Without it they stay in decoding-map
         coordinates (and ``project_to_input`` must be False).
     flip_index: joint permutation of a horizontal flip (default COCO's).
-    backend: grouping backend, "auto" | "native" | "reference".
+    backend: grouping backend, "auto" | "native" | "reference" ("reference" also
+        runs the NumPy NMS instead of the C++ one).
     Returns people sorted by score, highest first.
     """
     params = _params(cfg)
@@ -219,7 +220,8 @@ def decode(heatmaps, tags, flip_heatmaps=None, flip_tags=None, *,
             raise ValueError("project_to_input needs resize=ResizeInfo (the network-input size); "
                              "pass it or use DecodeParams(project_to_input=False)")
         hm, tg = project_maps(hm, tg, resize.input_size)
-    cands = top_k_candidates(hm, tg, params.top_k, params.nms_kernel)
+    cands = top_k_candidates(hm, tg, params.top_k, params.nms_kernel,
+                             "reference" if backend == "reference" else "auto")
     grouped = group_people(cands.vals, cands.tags, cands.locs, params, backend)  # [P, J, 3 + L]
     scores = grouped[..., 2].astype(np.float64).mean(axis=1)
     xy = adjust_people(grouped, hm) if params.adjust else grouped[..., :2].astype(np.float64)

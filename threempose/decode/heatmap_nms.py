@@ -12,13 +12,24 @@ value, one is dropped when an earlier one (row-major: y, then x) lies in its
 Non-positive survivors are left alone (they can never pass the detection
 threshold, which is >= 0). Unlike ``torch.topk``, ties in the top-k are broken
 deterministically too: equal values are taken in increasing row-major pixel index.
+
+:func:`top_k_candidates` runs the C++ extension ``threempose._nms``
+(``csrc/nms.cpp``, one pass per joint map, no full-size temporaries) when it was
+built, and this module's NumPy code (the reference) otherwise; both give the same
+candidates.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+
+try:  # built by `pip install` from csrc/nms.cpp (optional: see setup.py)
+    from threempose import _nms as _NATIVE  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the install
+    _NATIVE = None
 
 
 @dataclass(frozen=True)
@@ -148,21 +159,52 @@ def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def top_k_candidates(heatmaps: np.ndarray, tags: np.ndarray, k: int, nms_kernel: int) -> Candidates:
-    """NMS, then the k best candidates per joint with their tags and locations.
+def native_nms_available() -> bool:
+    """True when the C++ extension ``threempose._nms`` was built and imports."""
+    return _NATIVE is not None
 
-    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] (tag maps channel-first).
-    Returns :class:`Candidates` (K = min(k, h*w)).
+
+def top_k_peaks(heatmaps: np.ndarray, k: int, nms_kernel: int,
+                backend: Literal["auto", "native", "reference"] = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """NMS, then the k best pixels per joint: (float32 [J, K] values, int64 [J, K] flat indices).
+
+    heatmaps: float32 [J, h, w]; K = min(k, h*w). backend: "native" (C++; ImportError
+    if not built), "reference" (NumPy) or "auto" (native when built).
     """
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
-    det = nms_heatmaps(heatmaps, nms_kernel)
+    if nms_kernel < 1 or nms_kernel % 2 == 0:
+        raise ValueError(f"the NMS kernel must be an odd positive size, got {nms_kernel}")
+    if backend not in ("auto", "native", "reference"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'reference', got {backend!r}")
+    det = np.ascontiguousarray(heatmaps, dtype=np.float32)
+    if det.ndim != 3:
+        raise ValueError(f"heatmaps must be [J, h, w], got shape {det.shape}")
+    if backend == "native" and _NATIVE is None:
+        raise ImportError("the native NMS extension threempose._nms is not built; reinstall with a "
+                          "C++17 compiler available: pip install -e .")
+    if backend != "reference" and _NATIVE is not None:
+        return _NATIVE.top_k_peaks(det, nms_kernel, k)
+    det = nms_heatmaps(det, nms_kernel)
     num_joints, h, w = det.shape
-    if tags.ndim != 4 or tags.shape[0] != num_joints or tags.shape[2:] != (h, w):
-        raise ValueError(f"tags must be [J, L, h, w] matching heatmaps {det.shape}, got {tags.shape}")
     flat_idx = top_k_indices(det.reshape(num_joints, h * w), k)
-    rows = np.arange(num_joints)[:, None]
-    vals = det.reshape(num_joints, h * w)[rows, flat_idx]
+    return det.reshape(num_joints, h * w)[np.arange(num_joints)[:, None], flat_idx], flat_idx
+
+
+def top_k_candidates(heatmaps: np.ndarray, tags: np.ndarray, k: int, nms_kernel: int,
+                     backend: Literal["auto", "native", "reference"] = "auto") -> Candidates:
+    """NMS, then the k best candidates per joint with their tags and locations.
+
+    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] (tag maps channel-first).
+    backend: as for :func:`top_k_peaks`.
+    Returns :class:`Candidates` (K = min(k, h*w)).
+    """
+    heatmaps = np.asarray(heatmaps)
+    if heatmaps.ndim != 3 or tags.ndim != 4 or tags.shape[0] != heatmaps.shape[0] \
+            or tags.shape[2:] != heatmaps.shape[1:]:
+        raise ValueError(f"tags must be [J, L, h, w] matching heatmaps {heatmaps.shape}, got {tags.shape}")
+    vals, flat_idx = top_k_peaks(heatmaps, k, nms_kernel, backend)
+    num_joints, h, w = heatmaps.shape
     flat_tags = tags.reshape(num_joints, tags.shape[1], h * w)
     cand_tags = np.stack([flat_tags[j][:, flat_idx[j]].T for j in range(num_joints)])
     locs = np.stack([flat_idx % w, flat_idx // w], axis=-1)
