@@ -10,7 +10,11 @@ convention and is applied, for us, when mapping to the image (see
 """
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
+
+from threempose.decode.projection import ProjectedTags
 
 
 def quarter_offsets(heatmaps: np.ndarray, joints: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -78,12 +82,13 @@ def refine_windows(people: np.ndarray, map_size: tuple[int, int], margin: float 
 
 
 def refine_people(keypoints: np.ndarray, joint_tags: np.ndarray, heatmaps: np.ndarray,
-                  tags: np.ndarray, windows: np.ndarray) -> np.ndarray:
+                  tags: Union[np.ndarray, ProjectedTags], windows: np.ndarray) -> np.ndarray:
     """Fill the people's missing joints from their windows of the maps (HigherHRNet ``refine``).
 
     keypoints: [P, J, 3] (x, y, score) at the decoding resolution; score 0 = missing.
     joint_tags: [P, J, L] the tags of the grouped joints (rows with score > 0 are used).
-    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] (tag maps channel-first).
+    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] (tag maps channel-first),
+    or :class:`ProjectedTags` projected to (w, h).
     windows: int64 [P, 4] (x0, y0, x1, y1) from :func:`refine_windows`.
     Returns a new float64 [P, J, 3]. For each missing joint of a person with at least
     one grouped joint, the window pixel maximising ``heatmap - round(||tag - mean
@@ -93,6 +98,8 @@ def refine_people(keypoints: np.ndarray, joint_tags: np.ndarray, heatmaps: np.nd
     so it grows with people x joints x window area, not people x map area.
     """
     out = np.array(keypoints, dtype=np.float64)
+    if not isinstance(tags, ProjectedTags):
+        tags = ProjectedTags(tags, (tags.shape[3], tags.shape[2]))
     detected = out[..., 2] > 0                                         # [P, J]
     for p in np.flatnonzero(detected.any(axis=1) & ~detected.all(axis=1)):
         x0, y0, x1, y1 = (int(v) for v in windows[p])
@@ -101,7 +108,7 @@ def refine_people(keypoints: np.ndarray, joint_tags: np.ndarray, heatmaps: np.nd
         missing = np.flatnonzero(~detected[p])
         mean_tag = joint_tags[p, detected[p]].astype(np.float64).mean(axis=0).astype(np.float32)
         det = heatmaps[missing, y0:y1, x0:x1]                          # [m, h', w']
-        diff = tags[missing, :, y0:y1, x0:x1] - mean_tag[None, :, None, None]
+        diff = tags.window(missing, x0, y0, x1, y1) - mean_tag[None, :, None, None]
         sq = diff[:, 0] * diff[:, 0]
         for l in range(1, diff.shape[1]):
             sq += diff[:, l] * diff[:, l]

@@ -6,7 +6,8 @@ The HigherHRNet / Associative Embedding test procedure (thesis §4.1 "Testing"):
    copy (flipped back, joints permuted with the flip pairs) and concatenate their
    tags along the tag dimension (L -> 2L), as HigherHRNet does;
 2. optionally project both to the network-input resolution (HigherHRNet's
-   ``PROJECT2IMAGE``, bilinear);
+   ``PROJECT2IMAGE``, bilinear; the tags only where they are read,
+   :mod:`~threempose.decode.projection`);
 3. heatmap NMS by max-pooling and the top-k candidates per joint
    (:mod:`~threempose.decode.heatmap_nms`);
 4. grouping by tags with an optimal assignment per joint
@@ -37,6 +38,7 @@ from threempose.data.keypoints import NUM_JOINTS, flip_index as coco_flip_index
 from threempose.decode.adjust import adjust_people, refine_people, refine_windows
 from threempose.decode.grouping import MAX_ASSIGNMENT_SIZE, Backend, GroupingParams, group_people
 from threempose.decode.heatmap_nms import top_k_candidates
+from threempose.decode.projection import ProjectedTags
 from threempose.decode.resize import ResizeInfo
 
 
@@ -167,15 +169,14 @@ def merge_flip(heatmaps, tags, flip_heatmaps=None, flip_tags=None,
 
 
 def project_maps(heatmaps: np.ndarray, tags: np.ndarray,
-                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                 size: tuple[int, int]) -> tuple[np.ndarray, ProjectedTags]:
     """Bilinear (align_corners=False) resampling of heatmaps [J, h, w] and tag maps
-    [J, L, h, w] to size (width, height): [J, H, W] and [J, L, H, W], float32."""
+    [J, L, h, w] to size (width, height): float32 [J, H, W], and the tags as
+    :class:`ProjectedTags` (computed only where the decoder reads them)."""
     width, height = size
     hm = F.interpolate(torch.from_numpy(np.ascontiguousarray(heatmaps))[None], size=(height, width),
                        mode="bilinear", align_corners=False)[0]
-    tg = F.interpolate(torch.from_numpy(np.ascontiguousarray(tags)), size=(height, width),
-                       mode="bilinear", align_corners=False)
-    return hm.numpy(), tg.numpy()
+    return hm.numpy(), ProjectedTags(tags, size)
 
 
 # --------------------------------------------------------------------------- #
@@ -220,6 +221,8 @@ def decode(heatmaps, tags, flip_heatmaps=None, flip_tags=None, *,
             raise ValueError("project_to_input needs resize=ResizeInfo (the network-input size); "
                              "pass it or use DecodeParams(project_to_input=False)")
         hm, tg = project_maps(hm, tg, resize.input_size)
+    else:
+        tg = ProjectedTags(tg, (hm.shape[2], hm.shape[1]))
     cands = top_k_candidates(hm, tg, params.top_k, params.nms_kernel,
                              "reference" if backend == "reference" else "auto")
     grouped = group_people(cands.vals, cands.tags, cands.locs, params, backend)  # [P, J, 3 + L]

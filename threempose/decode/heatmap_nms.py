@@ -21,10 +21,12 @@ candidates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 import torch
+
+from threempose.decode.projection import ProjectedTags
 
 try:  # built by `pip install` from csrc/nms.cpp (optional: see setup.py)
     from threempose import _nms as _NATIVE  # type: ignore[attr-defined]
@@ -191,21 +193,25 @@ def top_k_peaks(heatmaps: np.ndarray, k: int, nms_kernel: int,
     return det.reshape(num_joints, h * w)[np.arange(num_joints)[:, None], flat_idx], flat_idx
 
 
-def top_k_candidates(heatmaps: np.ndarray, tags: np.ndarray, k: int, nms_kernel: int,
+def top_k_candidates(heatmaps: np.ndarray, tags: Union[np.ndarray, ProjectedTags], k: int, nms_kernel: int,
                      backend: Literal["auto", "native", "reference"] = "auto") -> Candidates:
     """NMS, then the k best candidates per joint with their tags and locations.
 
-    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] (tag maps channel-first).
-    backend: as for :func:`top_k_peaks`.
+    heatmaps: float32 [J, h, w]. tags: float32 [J, L, h, w] tag maps (channel-first),
+    or :class:`ProjectedTags` projected to (w, h). backend: as for :func:`top_k_peaks`.
     Returns :class:`Candidates` (K = min(k, h*w)).
     """
     heatmaps = np.asarray(heatmaps)
-    if heatmaps.ndim != 3 or tags.ndim != 4 or tags.shape[0] != heatmaps.shape[0] \
+    if heatmaps.ndim == 3 and isinstance(tags, np.ndarray) and tags.ndim == 4:
+        tags = ProjectedTags(tags, (tags.shape[3], tags.shape[2]))
+    if heatmaps.ndim != 3 or not isinstance(tags, ProjectedTags) or tags.shape[0] != heatmaps.shape[0] \
             or tags.shape[2:] != heatmaps.shape[1:]:
-        raise ValueError(f"tags must be [J, L, h, w] matching heatmaps {heatmaps.shape}, got {tags.shape}")
+        raise ValueError(f"tags must be [J, L, h, w] matching heatmaps {heatmaps.shape}, "
+                         f"got {getattr(tags, 'shape', None)}")
     vals, flat_idx = top_k_peaks(heatmaps, k, nms_kernel, backend)
     num_joints, h, w = heatmaps.shape
-    flat_tags = tags.reshape(num_joints, tags.shape[1], h * w)
-    cand_tags = np.stack([flat_tags[j][:, flat_idx[j]].T for j in range(num_joints)])
-    locs = np.stack([flat_idx % w, flat_idx // w], axis=-1)
+    xs, ys = flat_idx % w, flat_idx // w
+    joints = np.broadcast_to(np.arange(num_joints)[:, None], flat_idx.shape)
+    cand_tags = tags.at(joints.reshape(-1), xs.reshape(-1), ys.reshape(-1)).reshape(*flat_idx.shape, -1)
+    locs = np.stack([xs, ys], axis=-1)
     return Candidates(vals=vals.astype(np.float32), tags=cand_tags.astype(np.float32), locs=locs)
