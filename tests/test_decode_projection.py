@@ -22,3 +22,14 @@ def test_projected_tags_equal_interpolate(src, dst):
     np.testing.assert_allclose(got, expected[[2, 0], :, :, 1:dst[0] - 1], rtol=0, atol=1e-5)
     if src == dst:                              # no resampling: the maps' own values, exactly
         np.testing.assert_array_equal(tags.window(np.arange(3), 0, 0, *dst), maps)
+
+
+def test_materialized_tags_read_the_same():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(0, 3, (2, 1, 6, 5)).astype(np.float32)
+    lazy, full = ProjectedTags(maps, (20, 24)), ProjectedTags(maps, (20, 24))
+    full.materialize()
+    joints, xs, ys = np.array([0, 1, 1]), np.array([0, 7, 19]), np.array([23, 3, 0])
+    np.testing.assert_allclose(full.at(joints, xs, ys), lazy.at(joints, xs, ys), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(full.window(np.array([1]), 2, 3, 9, 20), lazy.window(np.array([1]), 2, 3, 9, 20),
+                               rtol=0, atol=1e-5)

@@ -95,13 +95,18 @@ def refine_people(keypoints: np.ndarray, joint_tags: np.ndarray, heatmaps: np.nd
     tag||)`` (float32; first in row-major order on ties) is taken, quarter-pixel
     adjusted, and filled in when its heatmap value is > 0; detected joints are
     unchanged. The work is one vectorised pass over each person's missing joints,
-    so it grows with people x joints x window area, not people x map area.
+    so it grows with people x joints x window area, not people x map area (the
+    tags are resampled to the decoding resolution at most once).
     """
     out = np.array(keypoints, dtype=np.float64)
     if not isinstance(tags, ProjectedTags):
         tags = ProjectedTags(tags, (tags.shape[3], tags.shape[2]))
     detected = out[..., 2] > 0                                         # [P, J]
-    for p in np.flatnonzero(detected.any(axis=1) & ~detected.all(axis=1)):
+    todo = np.flatnonzero(detected.any(axis=1) & ~detected.all(axis=1))
+    area = np.maximum(windows[:, 2] - windows[:, 0], 0) * np.maximum(windows[:, 3] - windows[:, 1], 0)
+    if ((~detected[todo]).sum(axis=1) * area[todo]).sum() > np.prod(tags.shape[::2]) * tags.shape[3]:
+        tags.materialize()        # more window pixels to read than the maps hold
+    for p in todo:
         x0, y0, x1, y1 = (int(v) for v in windows[p])
         if x1 <= x0 or y1 <= y0:
             continue
