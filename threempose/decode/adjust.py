@@ -104,7 +104,8 @@ def refine_people(keypoints: np.ndarray, joint_tags: np.ndarray, heatmaps: np.nd
     detected = out[..., 2] > 0                                         # [P, J]
     todo = np.flatnonzero(detected.any(axis=1) & ~detected.all(axis=1))
     area = np.maximum(windows[:, 2] - windows[:, 0], 0) * np.maximum(windows[:, 3] - windows[:, 1], 0)
-    if ((~detected[todo]).sum(axis=1) * area[todo]).sum() > np.prod(tags.shape[::2]) * tags.shape[3]:
+    num_joints, _, height, width = tags.shape
+    if ((~detected[todo]).sum(axis=1) * area[todo]).sum() > num_joints * height * width:
         tags.materialize()        # more window pixels to read than the maps hold
     for p in todo:
         x0, y0, x1, y1 = (int(v) for v in windows[p])
