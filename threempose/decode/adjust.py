@@ -115,10 +115,13 @@ def refine_people(keypoints: np.ndarray, joint_tags: np.ndarray, heatmaps: np.nd
         mean_tag = joint_tags[p, detected[p]].astype(np.float64).mean(axis=0).astype(np.float32)
         det = heatmaps[missing, y0:y1, x0:x1]                          # [m, h', w']
         diff = tags.window(missing, x0, y0, x1, y1) - mean_tag[None, :, None, None]
-        sq = diff[:, 0] * diff[:, 0]
+        np.multiply(diff, diff, out=diff)
+        score = diff[:, 0].copy()                                      # squared distance, summed in tag order
         for l in range(1, diff.shape[1]):
-            sq += diff[:, l] * diff[:, l]
-        score = det - np.rint(np.sqrt(sq))
+            score += diff[:, l]
+        np.sqrt(score, out=score)
+        np.rint(score, out=score)
+        np.subtract(det, score, out=score)
         win_w = x1 - x0
         flat = score.reshape(missing.size, -1).argmax(axis=1)
         ys, xs = flat // win_w + y0, flat % win_w + x0
