@@ -1,11 +1,11 @@
-"""Build script for the optional C++ extension ``threempose._grouping``.
+"""Build script for the optional C++ extensions ``threempose._grouping`` and ``threempose._nms``.
 
 Everything else about the package lives in ``pyproject.toml``. ``pip install``
-(regular or ``-e``) compiles ``csrc/grouping.cpp`` with pybind11 (listed in
+(regular or ``-e``) compiles ``csrc/grouping.cpp`` and ``csrc/nms.cpp`` with pybind11 (listed in
 ``[build-system] requires``). If the compiler or pybind11 is missing, or the
 compilation fails, the install still succeeds with a warning, and
-``threempose.decode.grouping`` falls back to its NumPy/SciPy reference
-(and warns once at run time).
+``threempose.decode.grouping`` and ``threempose.decode.heatmap_nms`` fall back
+to their NumPy/SciPy references (the grouping warns once at run time).
 """
 from __future__ import annotations
 
@@ -38,11 +38,12 @@ class OptionalBuildExt(build_ext):
         except Exception:  # noqa: BLE001 - any failure must leave a working install
             traceback.print_exc()
             self.warn(f"could not build the optional C++ extension {ext.name}; threempose will "
-                      "use the slower NumPy/SciPy keypoint grouping. Install a C++17 compiler "
+                      "use the slower NumPy/SciPy keypoint grouping / heatmap NMS. Install a C++17 compiler "
                       "and reinstall to build it.")
 
 
 setup(
-    ext_modules=[Extension("threempose._grouping", ["csrc/grouping.cpp"], language="c++", optional=True)],
+    ext_modules=[Extension("threempose._grouping", ["csrc/grouping.cpp"], language="c++", optional=True),
+                 Extension("threempose._nms", ["csrc/nms.cpp"], language="c++", optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
 )

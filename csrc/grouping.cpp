@@ -4,14 +4,15 @@
 // its module docstring for the specification. Costs are exact int64 values,
 // the optimal assignment per joint type comes from a Hungarian solver
 // (shortest augmenting paths with potentials, O(n^3)) and is then moved to the
-// lexicographically smallest optimal assignment, so that this code and the
-// SciPy reference return identical people, ties included.
+// optimal assignment with the lexicographically smallest vector of preference
+// ranks (the tie rule), so that this code and the SciPy reference return
+// identical people, ties included.
 //
 // Python API:
 //   group(vals f32[J,K], tags f32[J,K,L], locs f32[J,K,2], joint_order i64[J],
 //         detection_threshold, tag_threshold, use_detection_val,
-//         ignore_too_much, max_people) -> f32[P,J,3+L]
-//   assign(cost i64[n,m]) -> i64[n]   (column per row, -1 = unassigned)
+//         ignore_too_much, max_people, nearest_ties) -> f32[P,J,3+L]
+//   assign(cost i64[n,m], rank i64[n,m]) -> i64[n]   (column per row, -1 = unassigned)
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -94,14 +95,15 @@ void hungarian(const i64* a, int rows, int cols, std::vector<int>& match, std::v
     if (row_of_col[j] != 0) match[row_of_col[j] - 1] = j - 1;
 }
 
-// Moves a perfect matching of the size x size tight graph to the
-// lexicographically smallest one over rows 0..rows-1 (same procedure as
-// lexicographic_optimum in grouping.py): row i takes the smallest real column
-// c < min(match[i], real_cols) from which match[i] can be reached by shifting
-// rows > i along tight edges. Dummy columns (>= real_cols) are identical, so
-// moving between them is never needed.
+// Moves a perfect matching of the size x size tight graph to the one with the
+// lexicographically smallest rank vector over rows 0..rows-1 (same procedure as
+// lexicographic_optimum in grouping.py): row i takes its most preferred real
+// column (rank[i][c] smallest), preferred to match[i], from which match[i] can be
+// reached by shifting rows > i along tight edges. Dummy columns (>= real_cols)
+// are identical and ranked after every real column, so moving between them is
+// never needed. rank is rows x real_cols, row-major.
 void lexicographic_optimum(const std::vector<char>& tight, int size, int rows, int real_cols,
-                           std::vector<int>& match) {
+                           const i64* rank, std::vector<int>& match) {
   std::vector<int> row_of(size);
   for (int i = 0; i < size; ++i) row_of[match[i]] = i;
   std::vector<char> reached(size);
@@ -109,9 +111,12 @@ void lexicographic_optimum(const std::vector<char>& tight, int size, int rows, i
   stack.reserve(size);
   for (int i = 0; i < rows; ++i) {
     const int target = match[i];
-    const int limit = std::min(target, real_cols);
     const char* trow = &tight[static_cast<size_t>(i) * size];
-    if (std::find(trow, trow + limit, 1) == trow + limit) continue;
+    const i64* rrow = rank + static_cast<size_t>(i) * real_cols;
+    const i64 target_rank = target < real_cols ? rrow[target] : std::numeric_limits<i64>::max();
+    bool any_better = false;
+    for (int c = 0; c < real_cols && !any_better; ++c) any_better = trow[c] && rrow[c] < target_rank;
+    if (!any_better) continue;
     std::fill(reached.begin(), reached.end(), 0);
     reached[target] = 1;
     stack.assign(1, target);
@@ -129,11 +134,8 @@ void lexicographic_optimum(const std::vector<char>& tight, int size, int rows, i
       }
     }
     int col = -1;
-    for (int c = 0; c < limit; ++c) {
-      if (trow[c] && reached[c]) {
-        col = c;
-        break;
-      }
+    for (int c = 0; c < real_cols; ++c) {
+      if (trow[c] && reached[c] && rrow[c] < target_rank && (col < 0 || rrow[c] < rrow[col])) col = c;
     }
     if (col < 0) continue;
     int holder = row_of[col];
@@ -149,12 +151,13 @@ void lexicographic_optimum(const std::vector<char>& tight, int size, int rows, i
   }
 }
 
-// The lexicographically smallest minimum-cost assignment of an n x m problem
-// (row-major `cost`), defined on the zero-padded square problem; -1 for rows
+// The minimum-cost assignment of an n x m problem (row-major `cost`) with the
+// lexicographically smallest rank vector (row-major n x m `rank`, each row a
+// permutation), defined on the zero-padded square problem; -1 for rows
 // left unassigned (n > m). The Hungarian method runs on the rectangular
 // problem (transposed when n > m) and its potentials are extended to the
 // padded square: dummy rows/columns get potential 0.
-std::vector<int> canonical_assignment(const i64* cost, int n, int m) {
+std::vector<int> canonical_assignment(const i64* cost, const i64* rank, int n, int m) {
   if (n == 0) return {};
   const int size = std::max(n, m);
   std::vector<int> match(size, -1);       // square: row -> column
@@ -189,7 +192,7 @@ std::vector<int> canonical_assignment(const i64* cost, int n, int m) {
       const i64 c = (i < n && j < m) ? cost[static_cast<size_t>(i) * m + j] : 0;
       tight[static_cast<size_t>(i) * size + j] = (c - row_pot[i] - col_pot[j]) == 0;
     }
-  lexicographic_optimum(tight, size, n, m, match);
+  lexicographic_optimum(tight, size, n, m, rank, match);
   match.resize(n);
   for (int& c : match)
     if (c >= m) c = -1;
@@ -206,6 +209,7 @@ struct Params {
   double detection_threshold, tag_threshold;
   bool use_detection_val, ignore_too_much;
   int max_people;
+  bool nearest_ties;  // tie_rule "nearest" (else "lowest_index")
 };
 
 // Grouping (group_reference in grouping.py). vals [J,K], tags [J,K,L], locs [J,K,2].
@@ -215,8 +219,9 @@ std::vector<Person> group(const float* vals, const float* tags, const float* loc
   std::vector<Person> people;
   std::vector<int> cand;
   std::vector<double> dist;
-  std::vector<i64> cost;
+  std::vector<i64> cost, rank;
   std::vector<double> means;
+  std::vector<int> order_buf;
   auto add = [&](int person, int joint, int idx) {
     if (person < 0) {
       people.push_back(Person{std::vector<float>(static_cast<size_t>(num_joints) * width, 0.0f),
@@ -243,6 +248,7 @@ std::vector<Person> group(const float* vals, const float* tags, const float* loc
     for (int c = 0; c < k; ++c)
       if (static_cast<double>(jv[c]) > p.detection_threshold) cand.push_back(c);
     if (cand.empty()) continue;
+    std::stable_sort(cand.begin(), cand.end(), [&](int a, int b) { return jv[a] > jv[b]; });  // strongest first
     if (people.empty()) {
       for (int c : cand) add(-1, joint, c);
       continue;
@@ -278,7 +284,17 @@ std::vector<Person> group(const float* vals, const float* tags, const float* loc
         }
       }
     }
-    const std::vector<int> assigned = canonical_assignment(cost.data(), n, grouped);
+    rank.assign(static_cast<size_t>(n) * grouped, 0);
+    order_buf.resize(grouped);
+    for (int r = 0; r < n; ++r) {
+      for (int g = 0; g < grouped; ++g) order_buf[g] = g;
+      if (p.nearest_ties) {
+        const double* drow = &dist[static_cast<size_t>(r) * grouped];
+        std::stable_sort(order_buf.begin(), order_buf.end(), [&](int a, int b) { return drow[a] < drow[b]; });
+      }
+      for (int g = 0; g < grouped; ++g) rank[static_cast<size_t>(r) * grouped + order_buf[g]] = g;
+    }
+    const std::vector<int> assigned = canonical_assignment(cost.data(), rank.data(), n, grouped);
     for (int r = 0; r < n; ++r) {
       const int col = assigned[r];
       const bool accept = col >= 0 && dist[static_cast<size_t>(r) * grouped + col] < p.tag_threshold;
@@ -302,7 +318,7 @@ void check_shape(const py::buffer_info& b, std::vector<py::ssize_t> shape, const
 
 py::array_t<float> py_group(CArray<float> vals, CArray<float> tags, CArray<float> locs, CArray<i64> joint_order,
                             double detection_threshold, double tag_threshold, bool use_detection_val,
-                            bool ignore_too_much, int max_people) {
+                            bool ignore_too_much, int max_people, bool nearest_ties) {
   const auto bv = vals.request(), bt = tags.request(), bl = locs.request(), bo = joint_order.request();
   if (bv.ndim != 2) throw std::invalid_argument("vals must be [J, K]");
   if (bt.ndim != 3) throw std::invalid_argument("tags must be [J, K, L]");
@@ -319,7 +335,8 @@ py::array_t<float> py_group(CArray<float> vals, CArray<float> tags, CArray<float
     if (order[i] < 0 || order[i] >= j || seen[order[i]]) throw std::invalid_argument("joint_order must be a permutation of 0..J-1");
     seen[order[i]] = 1;
   }
-  const Params p{detection_threshold, tag_threshold, use_detection_val, ignore_too_much, max_people};
+  const Params p{detection_threshold, tag_threshold, use_detection_val, ignore_too_much, max_people,
+                 nearest_ties};
   std::vector<Person> people;
   {
     py::gil_scoped_release release;
@@ -334,10 +351,21 @@ py::array_t<float> py_group(CArray<float> vals, CArray<float> tags, CArray<float
   return out;
 }
 
-py::array_t<i64> py_assign(CArray<i64> cost) {
-  const auto b = cost.request();
+py::array_t<i64> py_assign(CArray<i64> cost, CArray<i64> rank) {
+  const auto b = cost.request(), br = rank.request();
   if (b.ndim != 2) throw std::invalid_argument("cost must be a 2-D int64 array");
   const py::ssize_t n = b.shape[0], m = b.shape[1];
+  check_shape(br, {n, m}, "rank");
+  const i64* rk = static_cast<const i64*>(br.ptr);
+  std::vector<char> seen(m);
+  for (py::ssize_t i = 0; i < n; ++i) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (py::ssize_t j = 0; j < m; ++j) {
+      const i64 v = rk[i * m + j];
+      if (v < 0 || v >= m || seen[v]) throw std::invalid_argument("each row of rank must be a permutation of 0..m-1");
+      seen[v] = 1;
+    }
+  }
   if (std::max(n, m) > kMaxAssignmentSize) throw std::invalid_argument("cost must be at most 256 x 256");
   const i64* c = static_cast<const i64*>(b.ptr);
   for (py::ssize_t i = 0; i < n * m; ++i)
@@ -345,7 +373,7 @@ py::array_t<i64> py_assign(CArray<i64> cost) {
   std::vector<int> match;
   {
     py::gil_scoped_release release;
-    match = canonical_assignment(c, static_cast<int>(n), static_cast<int>(m));
+    match = canonical_assignment(c, rk, static_cast<int>(n), static_cast<int>(m));
   }
   py::array_t<i64> out(n);
   i64* dst = static_cast<i64*>(out.request().ptr);
@@ -359,8 +387,8 @@ PYBIND11_MODULE(_grouping, m) {
   m.doc() = "Native associative-embedding keypoint grouping (see threempose/decode/grouping.py).";
   m.def("group", &py_group, py::arg("vals"), py::arg("tags"), py::arg("locs"), py::arg("joint_order"),
         py::arg("detection_threshold"), py::arg("tag_threshold"), py::arg("use_detection_val"),
-        py::arg("ignore_too_much"), py::arg("max_people"),
+        py::arg("ignore_too_much"), py::arg("max_people"), py::arg("nearest_ties"),
         "Group candidates into people: f32[J,K], f32[J,K,L], f32[J,K,2], i64[J] -> f32[P,J,3+L].");
-  m.def("assign", &py_assign, py::arg("cost"),
-        "Lexicographically smallest minimum-cost assignment: i64[n,m] -> i64[n] (-1 = unassigned).");
+  m.def("assign", &py_assign, py::arg("cost"), py::arg("rank"),
+        "Minimum-cost assignment with the lexicographically smallest ranks: i64[n,m], i64[n,m] -> i64[n] (-1 = unassigned).");
 }

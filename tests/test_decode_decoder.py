@@ -6,6 +6,7 @@ import pytest
 
 from threempose.config import InferConfig
 from threempose.data.keypoints import JOINT_NAMES, flip_index
+from threempose.decode import heatmap_nms
 from threempose.decode.decoder import DecodeParams, Person, coco_results, decode
 from threempose.decode.grouping import native_available
 from threempose.decode.resize import plan_resize
@@ -85,6 +86,20 @@ def test_known_people_decode_back(project):
         if not project:   # quarter-pixel adjustment: within 1/4 map pixel = 0.5 original pixel
             assert err * SCALE / STRIDE <= 0.25 + 1e-9
         assert person.score == pytest.approx(person.keypoints[:, 2].mean(), abs=1e-6)
+
+
+def test_gaussians_centred_between_pixels_give_no_duplicate_people(monkeypatch):
+    xy = np.floor(make_people(5)) + 0.5         # every peak is a 2 x 2 plateau of equal maxima
+    hm, tg = render(xy)
+    params = DecodeParams(project_to_input=False, nms_kernel=3)
+    people = decode(hm, tg, cfg=params, resize=INFO)
+    assert len(people) == 4
+    for k, person in by_tag(people).items():
+        assert (person.keypoints[:, 2] > 0.7).all()
+        assert np.abs(person.keypoints[:, :2] - to_original(xy[k])).max() < 1.0
+    # Every plateau pixel as a candidate (the previous NMS): duplicate people appear.
+    monkeypatch.setattr(heatmap_nms, "drop_plateau_duplicates", lambda det, peaks, kernel: peaks)
+    assert len(decode(hm, tg, cfg=params, resize=INFO, backend="reference")) > 4
 
 
 def test_flip_test_is_left_right_correct():

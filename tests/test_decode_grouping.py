@@ -14,14 +14,18 @@ needs_native = pytest.mark.skipif(not native_available(),
                                   reason="threempose._grouping not built (pip install -e . with a C++17 compiler)")
 
 
-def brute_force_assignment(cost: np.ndarray) -> np.ndarray:
-    """Lexicographically smallest minimum-cost assignment by enumerating every permutation."""
+def brute_force_assignment(cost: np.ndarray, rank=None) -> np.ndarray:
+    """Minimum-cost assignment with the lexicographically smallest rank vector (dummy
+    columns ranked last, all alike), by enumerating every permutation."""
     n, m = cost.shape
     size = max(n, m)
+    rank = np.tile(np.arange(m), (n, 1)) if rank is None else rank
     square = np.zeros((size, size), dtype=np.int64)
     square[:n, :m] = cost
-    best = min((sum(square[i, perm[i]] for i in range(size)), perm[:n])
+    best = min((sum(square[i, perm[i]] for i in range(size)),
+                tuple(rank[i, perm[i]] if perm[i] < m else m for i in range(n)), perm[:n])
                for perm in itertools.permutations(range(size)))
+    best = (best[0], best[2])
     out = np.array(best[1], dtype=np.int64)
     out[out >= m] = -1
     return out
@@ -39,10 +43,19 @@ def solvers():
 @pytest.mark.parametrize("solver", list(solvers()), ids=lambda f: f.__name__)
 def test_assignment_is_the_lexicographically_smallest_optimum(solver):
     rng = np.random.default_rng(0)
-    for _ in range(150):
+    for trial in range(300):
         n, m = rng.integers(1, 6, size=2)
         cost = rng.integers(-2, 3, size=(n, m)).astype(np.int64)   # few values: many ties
-        assert np.array_equal(solver(cost), brute_force_assignment(cost)), cost
+        if trial % 2:         # lowest column first
+            assert np.array_equal(solver(cost), brute_force_assignment(cost)), cost
+        else:                 # each row's own preference order
+            rank = np.argsort(rng.random((n, m)), axis=1).astype(np.int64)
+            assert np.array_equal(solver(cost, rank), brute_force_assignment(cost, rank)), (cost, rank)
+
+
+def test_preference_ranks_order_by_distance_then_index():
+    dist = np.array([[2.0, 0.5, 2.0, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(grouping.preference_ranks(dist), [[2, 1, 3, 0], [0, 1, 2, 3]])
 
 
 @pytest.mark.parametrize("solver", list(solvers()), ids=lambda f: f.__name__)
@@ -62,6 +75,8 @@ def test_assignment_rejects_bad_costs():
         canonical_assignment(np.zeros((2, 2)))
     with pytest.raises(ValueError, match="2\\*\\*44"):
         canonical_assignment(np.full((2, 2), 2**50, dtype=np.int64))
+    with pytest.raises(ValueError, match="permutations"):
+        canonical_assignment(np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64))
 
 
 # --------------------------------------------------------------------------- #
@@ -105,6 +120,30 @@ def test_exact_tag_ties_follow_the_lexicographic_rule():
     np.testing.assert_array_equal(people[:, 1, :2], [[1, 1], [8, 8]])
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_the_strongest_candidate_takes_its_own_person_among_equal_costs(backend):
+    if backend == "native" and not native_available():
+        pytest.skip("threempose._grouping not built")
+    # People 0 (tag 4) and 1 (tag 0). Candidate A (tag 0) belongs to person 1, X (tag -6)
+    # to nobody. Rounded costs tie: A->1, X->0 costs 0 + 1000 and A->0, X->1 400 + 600.
+    vals, tags, locs = candidates([[(0.9, 4.0, 0, 0), (0.8, 0.0, 5, 5)],
+                                   [(0.9, 0.0, 6, 6), (0.8, -6.0, 9, 9)]], k=2)
+    nearest = group_people(vals, tags, locs, GroupingParams(joint_order=(0, 1)), backend)
+    assert nearest.shape[0] == 3
+    np.testing.assert_array_equal(nearest[1, 1, :2], [6, 6])          # A joined its person
+    lowest = group_people(vals, tags, locs, GroupingParams(joint_order=(0, 1), tie_rule="lowest_index"), backend)
+    assert lowest.shape[0] == 4 and not lowest[1, 1].any()            # A went to person 0, was rejected
+
+
+def test_candidates_are_taken_strongest_first():
+    # Same candidates in another order: the same people (rows are sorted by value).
+    per_joint = [[(0.9, 4.0, 0, 0), (0.8, 0.0, 5, 5)], [(0.8, -6.0, 9, 9), (0.9, 0.0, 6, 6)]]
+    shuffled = group_reference(*candidates(per_joint, k=2), GroupingParams(joint_order=(0, 1)))
+    per_joint[1] = per_joint[1][::-1]
+    np.testing.assert_array_equal(shuffled, group_reference(*candidates(per_joint, k=2),
+                                                            GroupingParams(joint_order=(0, 1))))
+
+
 def test_max_people_and_ignore_too_much():
     first = [(0.9, float(t), t, 0) for t in range(0, 9, 3)]        # 3 people, tags 0, 3, 6
     second = [(0.9, 6.0, 0, 1), (0.9, 0.0, 0, 2)]
@@ -135,6 +174,8 @@ def test_bad_inputs_are_clear_errors():
         group_reference(vals, tags * np.nan, locs, GroupingParams(joint_order=(0,)))
     with pytest.raises(ValueError, match="detection_threshold"):
         GroupingParams(detection_threshold=-1.0)
+    with pytest.raises(ValueError, match="tie_rule"):
+        GroupingParams(tie_rule="first")
 
 
 # --------------------------------------------------------------------------- #
@@ -174,7 +215,8 @@ def test_native_equals_reference_on_random_inputs():
     rng = np.random.default_rng(2)
     for trial in range(150):
         params = GroupingParams(use_detection_val=bool(trial % 2), ignore_too_much=trial % 3 == 0,
-                                max_people=int(rng.integers(1, 31)), tag_threshold=float(rng.uniform(0.5, 2)))
+                                max_people=int(rng.integers(1, 31)), tag_threshold=float(rng.uniform(0.5, 2)),
+                                tie_rule="nearest" if trial % 5 else "lowest_index")
         dim = int(rng.integers(1, 3))
         if trial % 4 == 0:   # unstructured: values and quantised tags, many ties
             vals = rng.random((17, 30)).astype(np.float32)

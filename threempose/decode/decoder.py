@@ -6,15 +6,16 @@ The HigherHRNet / Associative Embedding test procedure (thesis §4.1 "Testing"):
    copy (flipped back, joints permuted with the flip pairs) and concatenate their
    tags along the tag dimension (L -> 2L), as HigherHRNet does;
 2. optionally project both to the network-input resolution (HigherHRNet's
-   ``PROJECT2IMAGE``, bilinear);
+   ``PROJECT2IMAGE``, bilinear; the tags only where they are read,
+   :mod:`~threempose.decode.projection`);
 3. heatmap NMS by max-pooling and the top-k candidates per joint
    (:mod:`~threempose.decode.heatmap_nms`);
 4. grouping by tags with an optimal assignment per joint
    (:mod:`~threempose.decode.grouping`, C++ when built);
 5. person score = mean of the J grouped joint values (0 for missing joints),
    taken before refinement as in HigherHRNet;
-6. quarter-pixel adjustment and refinement of missing joints
-   (:mod:`~threempose.decode.adjust`);
+6. quarter-pixel adjustment and refinement of missing joints in a window
+   around each person (:mod:`~threempose.decode.adjust`);
 7. mapping to original-image coordinates (:mod:`~threempose.decode.resize`).
 
 A predictor calls::
@@ -34,9 +35,10 @@ import torch.nn.functional as F
 
 from threempose.config import InferConfig
 from threempose.data.keypoints import NUM_JOINTS, flip_index as coco_flip_index
-from threempose.decode.adjust import adjust_people, refine_person
+from threempose.decode.adjust import adjust_people, refine_people, refine_windows
 from threempose.decode.grouping import MAX_ASSIGNMENT_SIZE, Backend, GroupingParams, group_people
 from threempose.decode.heatmap_nms import top_k_candidates
+from threempose.decode.projection import ProjectedTags
 from threempose.decode.resize import ResizeInfo
 
 
@@ -48,7 +50,7 @@ class DecodeParams(GroupingParams):
     nms_kernel: max-pool window of the heatmap NMS (odd; HigherHRNet-W32 at 512: 5,
         applied at the input resolution).
     adjust: quarter-pixel adjustment of grouped joints.
-    refine: fill missing joints from the full maps.
+    refine: fill missing joints from a window of the maps around each person.
     project_to_input: upsample heatmaps and tags to the network-input resolution
         before NMS (HigherHRNet's PROJECT2IMAGE); needs ``resize``. With False the
         maps are decoded at their own resolution (16x fewer pixels at stride 4).
@@ -167,15 +169,14 @@ def merge_flip(heatmaps, tags, flip_heatmaps=None, flip_tags=None,
 
 
 def project_maps(heatmaps: np.ndarray, tags: np.ndarray,
-                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                 size: tuple[int, int]) -> tuple[np.ndarray, ProjectedTags]:
     """Bilinear (align_corners=False) resampling of heatmaps [J, h, w] and tag maps
-    [J, L, h, w] to size (width, height): [J, H, W] and [J, L, H, W], float32."""
+    [J, L, h, w] to size (width, height): float32 [J, H, W], and the tags as
+    :class:`ProjectedTags` (computed only where the decoder reads them)."""
     width, height = size
     hm = F.interpolate(torch.from_numpy(np.ascontiguousarray(heatmaps))[None], size=(height, width),
                        mode="bilinear", align_corners=False)[0]
-    tg = F.interpolate(torch.from_numpy(np.ascontiguousarray(tags)), size=(height, width),
-                       mode="bilinear", align_corners=False)
-    return hm.numpy(), tg.numpy()
+    return hm.numpy(), ProjectedTags(tags, size)
 
 
 # --------------------------------------------------------------------------- #
@@ -209,7 +210,8 @@ def decode(heatmaps, tags, flip_heatmaps=None, flip_tags=None, *,
         in original-image coordinates. Without it they stay in decoding-map
         coordinates (and ``project_to_input`` must be False).
     flip_index: joint permutation of a horizontal flip (default COCO's).
-    backend: grouping backend, "auto" | "native" | "reference".
+    backend: grouping backend, "auto" | "native" | "reference" ("reference" also
+        runs the NumPy NMS instead of the C++ one).
     Returns people sorted by score, highest first.
     """
     params = _params(cfg)
@@ -219,14 +221,20 @@ def decode(heatmaps, tags, flip_heatmaps=None, flip_tags=None, *,
             raise ValueError("project_to_input needs resize=ResizeInfo (the network-input size); "
                              "pass it or use DecodeParams(project_to_input=False)")
         hm, tg = project_maps(hm, tg, resize.input_size)
-    cands = top_k_candidates(hm, tg, params.top_k, params.nms_kernel)
+    else:
+        tg = ProjectedTags(tg, (hm.shape[2], hm.shape[1]))
+    cands = top_k_candidates(hm, tg, params.top_k, params.nms_kernel,
+                             "reference" if backend == "reference" else "auto")
     grouped = group_people(cands.vals, cands.tags, cands.locs, params, backend)  # [P, J, 3 + L]
     scores = grouped[..., 2].astype(np.float64).mean(axis=1)
     xy = adjust_people(grouped, hm) if params.adjust else grouped[..., :2].astype(np.float64)
     keypoints = np.concatenate([xy, grouped[..., 2:3].astype(np.float64)], axis=-1)
+    if params.refine:
+        windows = refine_windows(grouped, (hm.shape[2], hm.shape[1]))
+        keypoints = refine_people(keypoints, grouped[..., 3:], hm, tg, windows)
     people = []
     for p in range(grouped.shape[0]):
-        kp = refine_person(keypoints[p], grouped[p, :, 3:], hm, tg) if params.refine else keypoints[p]
+        kp = keypoints[p]
         found = kp[:, 2] > 0
         if resize is not None:
             kp[:, :2] = resize.map_to_original(kp[:, :2], (hm.shape[2], hm.shape[1]))

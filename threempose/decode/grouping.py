@@ -11,7 +11,8 @@ The algorithm
 Joints are visited in ``joint_order`` (HigherHRNet's COCO order: head, shoulders,
 hips, elbows, wrists, knees, ankles). For each joint type the candidates whose
 detection value is ``> detection_threshold`` are matched against the people found
-so far (the first ``max_people`` of them, in creation order): the cost of
+so far (the first ``max_people`` of them, in creation order), the candidates taken in
+order of decreasing detection value (equal values keep their order): the cost of
 candidate ``r`` for person ``c`` is built from the L2 distance between the
 candidate's tag and the person's mean tag (see *Costs*), and one optimal
 assignment is solved (see *Ties*). A matched pair whose *unrounded* tag distance
@@ -40,12 +41,24 @@ that rounded tag distances beyond ``R_MAX = 1e5`` compare equal (tags are O(1)).
 Ties
 ----
 When several assignments reach the minimum total cost (common: rounded
-distances tie), the one taken is the **lexicographically smallest** column
-vector: candidate 0 gets the lowest-numbered person it can have in *some*
-optimal assignment, then candidate 1 given that, and so on. Non-square problems
-are padded to square with zero-cost dummy people (a candidate on a dummy starts
-a new person), so "lowest-numbered" prefers any real person to a new one. This
-rule is a property of the answer, not of the solver: scipy's
+distances tie), the one taken is fixed by a preference order of each candidate
+over the people, ``tie_rule``:
+
+* ``"nearest"`` (default): candidates in order of detection value each take
+  their *own cheapest* person: candidate 0 (the strongest) gets, among the people
+  it has in *some* optimal assignment, the one at the smallest unrounded tag
+  distance (then the lowest-numbered); candidate 1 the same given that, and so on.
+* ``"lowest_index"`` (this project's earlier rule): each takes the
+  lowest-numbered person it can have.
+
+That is the lexicographically smallest vector of preference ranks. With
+HigherHRNet's rounded costs, the lowest-numbered rule lets a strong candidate
+go to a far, older person while its own person (tag distance ~0) takes a
+leftover candidate at the same total cost; on noisy maps "nearest" scores
+clearly higher (``tests/test_decode_quality.py``). Non-square problems are
+padded to square with zero-cost dummy people (a candidate on a dummy starts a
+new person); every real person is preferred to a new one. This rule is a
+property of the answer, not of the solver: scipy's
 ``linear_sum_assignment`` and the C++ Hungarian algorithm may find different
 optimal assignments, and both are then moved to the same canonical one (see
 :func:`canonical_assignment`).
@@ -76,6 +89,7 @@ MAX_ABS_COST = 2 ** 44          # every cost the grouping builds is below this
 MAX_ASSIGNMENT_SIZE = 256       # keeps every sum the solvers form exact in float64
 
 Backend = Literal["auto", "native", "reference"]
+TieRule = Literal["nearest", "lowest_index"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class GroupingParams:
     max_people: only the first max_people people are matched against [MAX_NUM_PEOPLE].
     joint_order: the order joint types are visited; None = COCO_JOINT_ORDER for 17
         joints, 0..J-1 otherwise.
+    tie_rule: which optimal assignment is taken when several tie (module docstring).
     """
 
     detection_threshold: float = 0.1
@@ -97,8 +112,11 @@ class GroupingParams:
     ignore_too_much: bool = False
     max_people: int = 30
     joint_order: Optional[tuple[int, ...]] = None
+    tie_rule: TieRule = "nearest"
 
     def __post_init__(self) -> None:
+        if self.tie_rule not in ("nearest", "lowest_index"):
+            raise ValueError(f"tie_rule must be 'nearest' or 'lowest_index', got {self.tie_rule!r}")
         if self.detection_threshold < 0:
             raise ValueError(f"detection_threshold must be >= 0 (a joint with value 0 counts as missing), "
                              f"got {self.detection_threshold}")
@@ -165,20 +183,24 @@ def _dual_columns(cost: np.ndarray, match: np.ndarray) -> np.ndarray:
     raise RuntimeError("assignment given to _dual_columns is not optimal (negative cycle)")
 
 
-def lexicographic_optimum(tight: np.ndarray, match: np.ndarray, rows: int, real_cols: int) -> np.ndarray:
-    """Move a perfect matching inside the tight graph to the lexicographically smallest one.
+def lexicographic_optimum(tight: np.ndarray, match: np.ndarray, rows: int, real_cols: int,
+                          rank: np.ndarray) -> np.ndarray:
+    """Move a perfect matching inside the tight graph to the one with the lexicographically
+    smallest vector of preference ranks.
 
     tight: bool [N, N], the zero-reduced-cost edges of an optimal dual solution
         (its perfect matchings are exactly the optimal assignments).
     match: int64 [N], a perfect matching using only tight edges (row -> column).
     rows: only rows 0..rows-1 are made lexicographically smallest (later rows are
         padding whose columns do not matter).
-    real_cols: columns >= real_cols are identical zero-cost padding; a row is
-        never moved from one of them to another (that changes nothing).
+    real_cols: columns >= real_cols are identical zero-cost padding, ranked after
+        every real column; a row is never moved from one of them to another.
+    rank: int64 [rows, real_cols], row i's preference over the real columns (a
+        permutation of 0..real_cols-1 per row, 0 = most preferred).
     Returns the new matching (a copy), int64 [N].
 
-    Row i, in order, takes the smallest column c < min(match[i], real_cols) for
-    which an alternating cycle exists: the row holding c moves to another tight
+    Row i, in order, takes its most preferred real column c, preferred to match[i],
+    for which an alternating cycle exists: the row holding c moves to another tight
     column, whose row moves on, ..., until a row takes match[i], using only rows > i.
     """
     match = match.copy()
@@ -187,8 +209,10 @@ def lexicographic_optimum(tight: np.ndarray, match: np.ndarray, rows: int, real_
     row_of[match] = np.arange(size)
     for i in range(rows):
         target = int(match[i])
-        smaller = np.flatnonzero(tight[i, :min(target, real_cols)])
-        if smaller.size == 0:
+        better = np.flatnonzero(tight[i, :real_cols])
+        if target < real_cols:
+            better = better[rank[i, better] < rank[i, target]]
+        if better.size == 0:
             continue
         # Columns from which `target` is reachable by shifting rows > i along tight edges.
         reached = np.zeros(size, dtype=bool)
@@ -203,10 +227,10 @@ def lexicographic_optimum(tight: np.ndarray, match: np.ndarray, rows: int, real_
                     reached[held] = True
                     nxt[held] = col
                     stack.append(held)
-        usable = smaller[reached[smaller]]
+        usable = better[reached[better]]
         if usable.size == 0:
             continue
-        col = int(usable[0])
+        col = int(usable[np.argmin(rank[i, usable])])
         holder = int(row_of[col])
         match[i], row_of[col] = col, i
         while col != target:
@@ -227,10 +251,32 @@ def _check_cost(cost: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(cost)
 
 
-def canonical_assignment(cost: np.ndarray) -> np.ndarray:
-    """The lexicographically smallest minimum-cost assignment of rows to columns.
+def preference_ranks(dist: np.ndarray) -> np.ndarray:
+    """Each row's rank of the columns by (distance, column index): int64 [n, m], 0 = nearest."""
+    order = np.argsort(dist, axis=1, kind="stable")
+    rank = np.empty(dist.shape, dtype=np.int64)
+    np.put_along_axis(rank, order, np.arange(dist.shape[1], dtype=np.int64)[None, :], axis=1)
+    return rank
+
+
+def _check_rank(rank: Optional[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Validate a preference matrix (None = column index order): int64 [n, m], rows are permutations."""
+    if rank is None:
+        return np.broadcast_to(np.arange(shape[1], dtype=np.int64), shape).copy()
+    rank = np.ascontiguousarray(rank)
+    if rank.shape != shape or rank.dtype != np.int64 or \
+            (rank.size and not (np.sort(rank, axis=1) == np.arange(shape[1])).all()):
+        raise ValueError(f"rank must be an int64 {shape} array whose rows are permutations of 0..{shape[1] - 1}")
+    return rank
+
+
+def canonical_assignment(cost: np.ndarray, rank: Optional[np.ndarray] = None) -> np.ndarray:
+    """The minimum-cost assignment of rows to columns with the lexicographically
+    smallest vector of preference ranks.
 
     cost: int64 [n, m], |cost| <= MAX_ABS_COST, n, m <= MAX_ASSIGNMENT_SIZE.
+    rank: int64 [n, m], each row's preference over the columns (a permutation of
+        0..m-1, 0 = first choice); None = lowest column index first.
     Returns int64 [n]: the column of each row, or -1 when the row is left
     unassigned (only when n > m). The problem is padded to square with zero-cost
     dummy rows/columns; scipy finds one optimum (exact: every value is an integer
@@ -238,6 +284,7 @@ def canonical_assignment(cost: np.ndarray) -> np.ndarray:
     :func:`lexicographic_optimum` moves to the canonical optimum.
     """
     cost = _check_cost(cost)
+    rank = _check_rank(rank, cost.shape)
     n, m = cost.shape
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -249,7 +296,7 @@ def canonical_assignment(cost: np.ndarray) -> np.ndarray:
     w = _dual_columns(square, match)
     u = square[np.arange(size), match] - w[match]
     tight = (square - u[:, None] - w[None, :]) == 0
-    match = lexicographic_optimum(tight, match, n, m)[:n]
+    match = lexicographic_optimum(tight, match, n, m, rank)[:n]
     match[match >= m] = -1
     return match
 
@@ -308,9 +355,10 @@ def group_reference(vals: np.ndarray, tags: np.ndarray, locs: np.ndarray,
 
     vals64 = vals.astype(np.float64)  # thresholds compare in float64, as in the C++ code
     for joint in params.resolve_joint_order(num_joints):
-        keep = vals64[joint] > params.detection_threshold
-        if not keep.any():
+        keep = np.flatnonzero(vals64[joint] > params.detection_threshold)
+        if not keep.size:
             continue
+        keep = keep[np.argsort(-vals64[joint][keep], kind="stable")]   # strongest first
         cand_vals, cand_tags = vals[joint][keep], tags[joint][keep]
         rows = np.concatenate([locs[joint][keep], cand_vals[:, None], cand_tags], axis=1)
         cand_tags64 = cand_tags.astype(np.float64)
@@ -323,7 +371,8 @@ def group_reference(vals: np.ndarray, tags: np.ndarray, locs: np.ndarray,
             continue
         means = np.stack(tag_sums[:grouped]) / np.asarray(counts[:grouped], dtype=np.float64)[:, None]
         dist = tag_distances(cand_tags64, means)
-        assigned = canonical_assignment(assignment_costs(dist, cand_vals, params.use_detection_val))
+        rank = preference_ranks(dist) if params.tie_rule == "nearest" else None
+        assigned = canonical_assignment(assignment_costs(dist, cand_vals, params.use_detection_val), rank)
         for r, col in enumerate(assigned):
             accept = col >= 0 and dist[r, col] < params.tag_threshold
             add(int(col) if accept else None, joint, rows[r], cand_tags64[r])
@@ -385,10 +434,12 @@ def group_people(vals: np.ndarray, tags: np.ndarray, locs: np.ndarray,
     order = params.resolve_joint_order(vals.shape[0])
     return _NATIVE.group(vals, tags, locs, order, float(params.detection_threshold),
                          float(params.tag_threshold), bool(params.use_detection_val),
-                         bool(params.ignore_too_much), int(params.max_people))
+                         bool(params.ignore_too_much), int(params.max_people),
+                         params.tie_rule == "nearest")
 
 
-def native_canonical_assignment(cost: np.ndarray) -> np.ndarray:
+def native_canonical_assignment(cost: np.ndarray, rank: Optional[np.ndarray] = None) -> np.ndarray:
     """:func:`canonical_assignment` computed by the C++ Hungarian solver (ImportError if not built)."""
     _resolve_backend("native")
-    return _NATIVE.assign(_check_cost(cost))
+    cost = _check_cost(cost)
+    return _NATIVE.assign(cost, _check_rank(rank, cost.shape))
