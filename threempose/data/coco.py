@@ -21,7 +21,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -30,14 +30,20 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from threempose.config import DataConfig
-from threempose.data.augment import augment_sample, center_affine, draw_affine
+from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
 from threempose.data.targets import supervision_mask
 
 SampleKey = Union[int, tuple[int, int]]
+T = TypeVar("T")
 
 
 class AnnotationError(ValueError):
     """An annotation file is malformed or is not a COCO person-keypoints file."""
+
+
+def split_key(key: SampleKey) -> tuple[int, int]:
+    """``(index, epoch)`` of a sample key (a bare index means epoch 0)."""
+    return (int(key), 0) if isinstance(key, (int, np.integer)) else (int(key[0]), int(key[1]))
 
 
 def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -148,26 +154,33 @@ class CocoKeypoints(Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
 
-    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
-        index, epoch = (int(key), 0) if isinstance(key, (int, np.integer)) else key
+    def first_readable(self, index: int, read: Callable[[int], Optional[T]]) -> tuple[int, T, list[str]]:
+        """``(i, read(i), skipped)``: the first image ``i`` from ``index`` on (wrapping
+        around) that ``read`` does not return None for, and the files it skipped."""
         skipped = []
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
-            image = self._decode(i)
-            if image is not None:
-                break
+            value = read(i)
+            if value is not None:
+                self.skipped_files.extend(skipped)
+                return i, value, skipped
             skipped.append(str(self.image_path(i)))
-        else:
-            raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
-        self.skipped_files.extend(skipped)
+        raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
+
+    def augment_params(self, index: int, epoch: int) -> AugmentParams:
+        """The augmentation of image ``index`` in ``epoch``: drawn from
+        ``default_rng([seed, epoch, index])`` when training, else the centre/resize default."""
+        if not self.train:
+            return AugmentParams()
+        return draw_params(np.random.default_rng([self.seed, epoch, index]), self.cfg.augment)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, epoch = split_key(key)
+        i, image, skipped = self.first_readable(index, self._decode)
         width, height = image.size
         keypoints, anns = self.annotations(i)
         mask = supervision_mask(anns, height, width)
-        if self.train:
-            affine = draw_affine(np.random.default_rng([self.seed, epoch, i]), width, height,
-                                 self.cfg.input_size, self.cfg.augment)
-        else:
-            affine = center_affine(width, height, self.cfg.input_size)
+        affine = params_affine(self.augment_params(i, epoch), width, height, self.cfg.input_size)
         common = {"image_id": torch.tensor(self.image_ids[i]), "skipped": skipped}
         if self.raw:
             return {"image": torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(),
