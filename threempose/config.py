@@ -55,7 +55,7 @@ class AugmentConfig:
     rotation: float = 30.0          # degrees, drawn uniformly in [-rotation, rotation]
     translation: float = 40.0       # pixels (at input_size), in [-translation, translation]
     flip: bool = True               # horizontal flip with probability 0.5 (COCO flip pairs)
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # where the warp runs
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # where the warp runs (auto: gpu on CUDA runs)
 
 
 @dataclass
@@ -72,7 +72,8 @@ class DataConfig:
     max_people: int = 30            # joint arrays for the AE loss hold up to this many people
     num_joints: int = 17
     batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int = 2            # DataLoader workers (torch) / DALI CPU threads (dali)
+    backend: Literal["torch", "dali"] = "torch"   # dali: NVIDIA DALI graph (pip install -e ".[dali]")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

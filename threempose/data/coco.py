@@ -35,6 +35,7 @@ from threempose.data.targets import supervision_mask
 
 SampleKey = Union[int, tuple[int, int]]
 T = TypeVar("T")
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class AnnotationError(ValueError):
@@ -151,7 +152,19 @@ class CocoKeypoints(Dataset):
         try:
             with Image.open(self.image_path(index)) as f:
                 return f.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except _READ_ERRORS:
+            return None
+
+    def read_encoded(self, index: int) -> tuple[np.ndarray, int, int] | None:
+        """The ``index``-th image file undecoded: ``(bytes uint8 [n], width, height)``, the size
+        from its header; None where Pillow cannot open it (decoders that read the bytes
+        themselves, e.g. DALI's)."""
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as f:
+                width, height = f.size
+            return np.fromfile(path, np.uint8), width, height
+        except _READ_ERRORS:
             return None
 
     def first_readable(self, index: int, read: Callable[[int], Optional[T]]) -> tuple[int, T, list[str]]:

@@ -1,0 +1,278 @@
+"""The NVIDIA DALI data backend (``data.backend = "dali"``): the torch backend's batches from a DALI graph.
+
+Python resolves each sample key ``(index, epoch)`` exactly as the torch backend does
+(:class:`~threempose.data.coco.CocoKeypoints`: the same skip rule, annotations,
+supervision mask and :func:`~threempose.data.augment.draw_params` draw from
+``default_rng([seed, epoch, index])``) and feeds DALI, per batch, the encoded image,
+the mask, the augmentation parameters and the keypoints (joints renamed with
+:func:`~threempose.data.keypoints.flip_index` on flipped samples, people padded to
+the batch's most). The graph (:func:`build_pipeline`):
+
+* decodes the image: ``cpu`` (libjpeg-turbo, bit-identical to Pillow's decode) or
+  ``mixed`` (nvJPEG on the GPU), EXIF orientation ignored as Pillow's ``open`` does;
+* composes the affine of :mod:`threempose.data.augment` with ``fn.transforms``:
+  ``T(crop centre + t) . R(rotation) . S(+-zoom, zoom) . T(-source centre)``, the flip
+  folded in as the sign of the x zoom;
+* warps image and mask with ``fn.warp_affine`` (``cpu`` or ``gpu``) under the matrix
+  wrapped in +-0.5 translations (DALI puts (0, 0) at a pixel's corner, threempose at its
+  centre), bilinear with the source clamped at its edge, times a nearest-neighbour warp
+  of a constant image (filled with 0 outside): the torch/Pillow border rule (clamp within
+  half a pixel of the image, 0 beyond);
+* normalises the image (``crop_mirror_normalize``) and moves the keypoints
+  (``coord_transform``).
+
+:class:`DaliLoader` then makes the heatmap/joint targets on the run's device with the
+torch backend's :func:`~threempose.data.targets.make_targets`, after cutting the padding.
+Against the torch backend for the same key: decoded pixels are identical (``cpu``), the
+matrix agrees to float32 (~1e-5), keypoints to ~1e-4 px (so a joint within that of a
+heatmap-cell boundary may land in the neighbouring cell), images by < 1 grey level
+away from the border, masks on all but a few cells where the warped mask is 1/2.
+
+The order of a pass is :class:`~threempose.data.loader.EpochSampler`'s, so
+``set_epoch(epoch, skip_batches)`` resumes a killed run with the same batches.
+"""
+from __future__ import annotations
+
+import math
+import os
+import types
+from collections import deque
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from threempose.config import ConfigError, DataConfig
+from threempose.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from threempose.data.coco import CocoKeypoints, split_key
+from threempose.data.keypoints import flip_index
+from threempose.data.loader import warn_skipped
+from threempose.data.targets import make_targets, supervision_mask
+
+AHEAD = 1             # batches scheduled beyond the one being consumed (DALI works on it meanwhile)
+_INPUTS = ("encoded", "mask", "to_origin", "zoom", "angle", "to_crop", "points")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or a job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def dali_threads(num_workers: int) -> int:
+    """DALI CPU threads: ``data.num_workers`` (the CPU share a run gives its data, as for the
+    torch backend's workers), at least 1 and at most the usable cores, so DALI's threads do
+    not fight torch's on a small machine."""
+    return max(1, min(num_workers, usable_cores()))
+
+
+def import_dali() -> types.SimpleNamespace:
+    """``nvidia.dali`` as ``(pipeline, fn, types, pytorch)``; ConfigError naming the extra when missing."""
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as dali_types
+    except ImportError as e:
+        raise ConfigError(f'data.backend is "dali" but NVIDIA DALI is not installed ({e}); install it '
+                          'with pip install -e ".[dali]", or set data.backend to "torch"') from None
+    return types.SimpleNamespace(Pipeline=dali.Pipeline, fn=fn, types=dali_types)
+
+
+def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int,
+                   device_id: Optional[int] = None):
+    """The DALI graph of the module docstring (built), fed by name (:data:`_INPUTS`).
+
+    Inputs per sample: ``encoded`` uint8 ``[n]`` (the file); ``mask`` uint8 ``[H, W, 1]``;
+    ``to_origin`` float32 ``[2]`` (minus the source centre); ``zoom`` float32 ``[2]``
+    (``(-zoom if flipped else zoom, zoom)``); ``angle`` float32 ``[]`` (DALI's angle, minus
+    the rotation); ``to_crop`` float32 ``[2]`` (crop centre + translation); ``points``
+    float32 ``[P * J, 2]`` (source pixels).
+    Outputs per sample (on the GPU where ``gpu``): ``image`` float32 ``[3, S, S]``
+    normalised; ``mask`` bool ``[h, h]``; ``affine`` float32 ``[2, 3]`` (CPU); ``points``
+    float32 ``[P * J, 2]`` in crop pixels (CPU).
+    """
+    d = import_dali()
+    fn, t = d.fn, d.types
+    size, hm = cfg.input_size, cfg.input_size // cfg.heatmap_stride
+    pipe = d.Pipeline(batch_size=batch_size, num_threads=num_threads,
+                      device_id=device_id if gpu else None, prefetch_queue_depth=1)
+    with pipe:
+        encoded, mask, to_origin, zoom, angle, to_crop, points = (
+            fn.external_source(name=n, dtype=t.UINT8 if n in ("encoded", "mask") else t.FLOAT,
+                               layout="HWC" if n == "mask" else None)
+            for n in _INPUTS)
+        affine = fn.transforms.translation(offset=to_origin)
+        affine = fn.transforms.scale(affine, scale=zoom)
+        affine = fn.transforms.rotation(affine, angle=angle)
+        affine = fn.transforms.translation(affine, offset=to_crop)
+        corner = fn.transforms.combine(fn.transforms.translation(offset=[-0.5, -0.5]), affine)
+        corner = fn.transforms.translation(corner, offset=[0.5, 0.5])        # DALI's pixel-corner origin
+        corner_hm = fn.transforms.scale(corner, scale=[1.0 / cfg.heatmap_stride] * 2)
+
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=t.RGB,
+                                  adjust_orientation=False)
+        ones = fn.ones_like(mask)
+        if gpu:
+            mask, ones = mask.gpu(), ones.gpu()
+
+        def warp(src, matrix, out, nearest=False):
+            if nearest:      # 1 where the source point is within half a pixel of the image, else 0
+                return fn.warp_affine(src, matrix=matrix, size=[out, out], inverse_map=False,
+                                      interp_type=t.INTERP_NN, fill_value=0)
+            return fn.warp_affine(src, matrix=matrix, size=[out, out], inverse_map=False,
+                                  interp_type=t.INTERP_LINEAR, dtype=t.FLOAT)    # clamped at the edge
+
+        image = warp(image, corner, size) * warp(ones, corner, size, nearest=True)
+        image = fn.crop_mirror_normalize(image, dtype=t.FLOAT, output_layout="CHW",
+                                         mean=[m * 255.0 for m in IMAGENET_MEAN],
+                                         std=[s * 255.0 for s in IMAGENET_STD])
+        mask = warp(mask, corner_hm, hm) * warp(ones, corner_hm, hm, nearest=True) > 0.5
+        points = fn.coord_transform(points, MT=affine)
+        pipe.set_outputs(image, fn.squeeze(mask, axes=[2]), affine, points)
+    pipe.build()
+    return pipe
+
+
+def dali_loader_factory(cfg: DataConfig, device: torch.device, gpu: bool):
+    """``make(dataset, sampler, drop_last=...)`` -> a :class:`DaliLoader` of ``cfg``'s batch size
+    and threads (``build_loaders``' switch); ConfigError at once when DALI is not installed."""
+    import_dali()
+    threads = dali_threads(cfg.num_workers)
+
+    def make(dataset: CocoKeypoints, sampler, *, drop_last: bool) -> DaliLoader:
+        return DaliLoader(dataset, sampler, batch_size=cfg.batch_size, drop_last=drop_last, device=device,
+                          gpu=gpu, num_threads=threads)
+    return make
+
+
+class DaliLoader:
+    """What :class:`~threempose.data.loader.PoseDataLoader` is for the torch backend, on DALI:
+    batches of an :class:`~threempose.data.loader.EpochSampler`'s keys, ready on ``device``
+    (:meth:`~threempose.data.loader.DataLoaders.prepare` only checks the device).
+
+    Args:
+        dataset: the split (its ``cfg``, ``train`` and ``seed`` set the augmentation).
+        sampler: the order of each pass.
+        batch_size, drop_last: as for a DataLoader.
+        device: where batches go.
+        gpu: ``mixed`` decode and ``gpu`` warp on ``device`` (a CUDA device), else DALI's CPU operators.
+        num_threads: DALI CPU threads (:func:`dali_threads`).
+
+    A batch: ``image`` float32 ``[B, 3, S, S]``; ``heatmaps`` float32 ``[B, J, h, h]``; ``mask``
+    float32 ``[B, h, h]``; ``joints`` int64 ``[B, max_people, J, 2]``; ``affine`` float64
+    ``[B, 2, 3]``; ``flipped`` bool ``[B]``; ``image_id`` int64 ``[B]`` (the torch backend's).
+    """
+
+    def __init__(self, dataset: CocoKeypoints, sampler, *, batch_size: int, drop_last: bool,
+                 device: torch.device, gpu: bool, num_threads: int):
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.device = torch.device(device)
+        if gpu and self.device.type != "cuda":
+            raise ConfigError(f'data.backend "dali" with data.augment.device "gpu" needs a CUDA run device, '
+                              f'got {self.device}; use "auto" or "cpu"')
+        device_id = None
+        if gpu:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.pipe = build_pipeline(dataset.cfg, batch_size, gpu, num_threads, device_id)
+        self.skipped_files: list[str] = []
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Order of ``epoch``; skip its first ``skip_batches`` batches (resume part-way)."""
+        self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _feed(self, keys: list[tuple[int, int]]) -> dict[str, Any]:
+        """Resolve ``keys`` (as CocoKeypoints does), feed the pipeline one batch and schedule it;
+        returns what the outputs are completed with: ``visible`` float64 ``[B, P, J]``,
+        ``flipped``, ``image_id``, ``skipped``."""
+        ds, cfg = self.dataset, self.dataset.cfg
+        perm = flip_index(cfg.num_joints)
+        samples, skipped = [], []
+        for key in keys:
+            index, epoch = split_key(key)
+            i, (encoded, width, height), missed = ds.first_readable(index, ds.read_encoded)
+            keypoints, anns = ds.annotations(i)
+            params = ds.augment_params(i, epoch)
+            if params.flip:
+                keypoints = keypoints[:, perm]
+            samples.append((i, encoded, width, height, keypoints, anns, params))
+            skipped += missed
+        people = max(1, max(len(s[4]) for s in samples))
+        feed: dict[str, list[np.ndarray]] = {n: [] for n in _INPUTS}
+        visible = np.zeros((len(samples), people, cfg.num_joints))
+        for b, (i, encoded, width, height, keypoints, anns, params) in enumerate(samples):
+            padded = np.zeros((people, cfg.num_joints, 3), np.float32)
+            padded[: len(keypoints)] = keypoints
+            visible[b] = padded[..., 2]
+            zoom = params.zoom(width, height, cfg.input_size)
+            centre = (cfg.input_size - 1) / 2
+            feed["encoded"].append(encoded)
+            feed["mask"].append(supervision_mask(anns, height, width)[..., None])
+            feed["to_origin"].append(np.array([-(width - 1) / 2, -(height - 1) / 2], np.float32))
+            feed["zoom"].append(np.array([-zoom if params.flip else zoom, zoom], np.float32))
+            feed["angle"].append(np.array(-params.rotation, np.float32))
+            feed["to_crop"].append(np.array([centre + params.translation[0], centre + params.translation[1]],
+                                            np.float32))
+            feed["points"].append(np.ascontiguousarray(padded[..., :2].reshape(-1, 2)))
+        for name, data in feed.items():
+            self.pipe.feed_input(name, data)
+        self.pipe.schedule_run()
+        return {"visible": visible, "skipped": skipped,
+                "flipped": torch.tensor([s[6].flip for s in samples]),
+                "image_id": torch.tensor([ds.image_ids[s[0]] for s in samples])}
+
+    def _to_torch(self, tensors) -> Tensor:
+        """A DALI TensorList of equal shapes as one tensor on ``self.device``."""
+        if hasattr(tensors, "as_cpu") and not hasattr(tensors, "as_array"):       # GPU TensorList
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            dense = tensors.as_tensor()
+            out = torch.empty(dense.shape(), dtype=_TORCH_DTYPE[str(dense.dtype)], device=self.device)
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return torch.from_numpy(tensors.as_array()).to(self.device)
+
+    def _collect(self, fed: dict[str, Any]) -> dict[str, Tensor]:
+        """The next pipeline outputs, completed into a training batch (targets made on the device)."""
+        image, mask, affine, points = self.pipe.outputs()
+        cfg = self.dataset.cfg
+        visible = torch.from_numpy(fed["visible"])
+        b, p, j = visible.shape
+        xy = torch.from_numpy(points.as_array()).double().view(b, p, j, 2)
+        keypoints = torch.cat([xy, visible[..., None]], dim=-1).to(self.device)
+        heatmaps, joints = make_targets(keypoints, cfg.heatmap_stride, cfg.input_size // cfg.heatmap_stride,
+                                        cfg.sigma, cfg.max_people)
+        return {"image": self._to_torch(image), "heatmaps": heatmaps, "mask": self._to_torch(mask).float(),
+                "joints": joints, "affine": torch.from_numpy(affine.as_array()).double().to(self.device),
+                "flipped": fed["flipped"].to(self.device), "image_id": fed["image_id"].to(self.device)}
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        keys = list(self.sampler)
+        stop = len(self) * self.batch_size
+        batches = [keys[k: min(k + self.batch_size, stop)] for k in range(0, stop, self.batch_size)]
+        pending: deque = deque()
+        skipped: list[str] = []
+
+        def ready() -> dict[str, Tensor]:
+            fed = pending.popleft()
+            skipped.extend(fed["skipped"])
+            return self._collect(fed)
+
+        try:
+            for batch in batches:
+                pending.append(self._feed(batch))
+                if len(pending) > AHEAD:
+                    yield ready()
+            while pending:
+                yield ready()
+        finally:
+            for _ in pending:               # a pass left early: drop the batches scheduled ahead
+                self.pipe.outputs()
+            if skipped:
+                self.skipped_files += skipped
+                warn_skipped(skipped)
+
+
+_TORCH_DTYPE = {"DALIDataType.FLOAT": torch.float32, "DALIDataType.BOOL": torch.bool}
