@@ -37,14 +37,14 @@ import math
 import os
 import types
 from collections import deque
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from threempose.config import ConfigError, DataConfig
-from threempose.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from threempose.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams
 from threempose.data.coco import CocoKeypoints, split_key
 from threempose.data.keypoints import flip_index
 from threempose.data.loader import warn_skipped
@@ -78,6 +78,13 @@ def import_dali() -> types.SimpleNamespace:
     return types.SimpleNamespace(Pipeline=dali.Pipeline, fn=fn, types=dali_types)
 
 
+def decode(d: types.SimpleNamespace, encoded, gpu: bool):
+    """The graph's decode (``d`` from :func:`import_dali`): RGB uint8 ``HWC`` from file bytes; ``cpu``
+    (libjpeg-turbo, Pillow's decode) or ``mixed`` (nvJPEG); EXIF orientation ignored, as by Pillow's open."""
+    return d.fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=d.types.RGB,
+                               adjust_orientation=False)
+
+
 def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int,
                    device_id: Optional[int] = None):
     """The DALI graph of the module docstring (built), fed by name (:data:`_INPUTS`).
@@ -88,7 +95,7 @@ def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int
     the rotation); ``to_crop`` float32 ``[2]`` (crop centre + translation); ``points``
     float32 ``[P * J, 2]`` (source pixels).
     Outputs per sample (on the GPU where ``gpu``): ``image`` float32 ``[3, S, S]``
-    normalised; ``mask`` bool ``[h, h]``; ``affine`` float32 ``[2, 3]`` (CPU); ``points``
+    normalised; ``mask`` float32 ``[h, h]`` of 0/1; ``affine`` float32 ``[2, 3]`` (CPU); ``points``
     float32 ``[P * J, 2]`` in crop pixels (CPU).
     """
     d = import_dali()
@@ -109,8 +116,7 @@ def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int
         corner = fn.transforms.translation(corner, offset=[0.5, 0.5])        # DALI's pixel-corner origin
         corner_hm = fn.transforms.scale(corner, scale=[1.0 / cfg.heatmap_stride] * 2)
 
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=t.RGB,
-                                  adjust_orientation=False)
+        image = decode(d, encoded, gpu)
         ones = fn.ones_like(mask)
         if gpu:
             mask, ones = mask.gpu(), ones.gpu()
@@ -128,7 +134,7 @@ def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int
                                          std=[s * 255.0 for s in IMAGENET_STD])
         mask = warp(mask, corner_hm, hm) * warp(ones, corner_hm, hm, nearest=True) > 0.5
         points = fn.coord_transform(points, MT=affine)
-        pipe.set_outputs(image, fn.squeeze(mask, axes=[2]), affine, points)
+        pipe.set_outputs(image, fn.cast(fn.squeeze(mask, axes=[2]), dtype=t.FLOAT), affine, points)
     pipe.build()
     return pipe
 
@@ -143,6 +149,19 @@ def dali_loader_factory(cfg: DataConfig, device: torch.device, gpu: bool):
         return DaliLoader(dataset, sampler, batch_size=cfg.batch_size, drop_last=drop_last, device=device,
                           gpu=gpu, num_threads=threads)
     return make
+
+
+class _Sample(NamedTuple):
+    """One resolved sample key: the image read (``index``, file bytes, size) and its labels."""
+
+    index: int
+    encoded: np.ndarray
+    width: int
+    height: int
+    keypoints: np.ndarray           # [P, J, 3] source pixels, joints renamed on flipped samples
+    annotations: list[dict]
+    params: AugmentParams
+    skipped: list[str]
 
 
 class DaliLoader:
@@ -184,81 +203,91 @@ class DaliLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _resolve(self, key: tuple[int, int]) -> _Sample:
+        """One key as CocoKeypoints resolves it (skip rule, annotations, draw), joints renamed if flipped."""
+        ds = self.dataset
+        index, epoch = split_key(key)
+        i, (encoded, width, height), skipped = ds.first_readable(index, ds.read_encoded)
+        keypoints, anns = ds.annotations(i)
+        params = ds.augment_params(i, epoch)
+        if params.flip:
+            keypoints = keypoints[:, flip_index(ds.cfg.num_joints)]
+        return _Sample(i, encoded, width, height, keypoints, anns, params, skipped)
+
     def _feed(self, keys: list[tuple[int, int]]) -> dict[str, Any]:
-        """Resolve ``keys`` (as CocoKeypoints does), feed the pipeline one batch and schedule it;
-        returns what the outputs are completed with: ``visible`` float64 ``[B, P, J]``,
+        """Feed the pipeline the batch of ``keys`` and schedule it; returns what its outputs are
+        completed with: ``visible`` float64 ``[B, P, J]`` (P: the batch's most people, at least 1),
         ``flipped``, ``image_id``, ``skipped``."""
-        ds, cfg = self.dataset, self.dataset.cfg
-        perm = flip_index(cfg.num_joints)
-        samples, skipped = [], []
-        for key in keys:
-            index, epoch = split_key(key)
-            i, (encoded, width, height), missed = ds.first_readable(index, ds.read_encoded)
-            keypoints, anns = ds.annotations(i)
-            params = ds.augment_params(i, epoch)
-            if params.flip:
-                keypoints = keypoints[:, perm]
-            samples.append((i, encoded, width, height, keypoints, anns, params))
-            skipped += missed
-        people = max(1, max(len(s[4]) for s in samples))
+        cfg = self.dataset.cfg
+        samples = [self._resolve(key) for key in keys]
+        people = max(1, max(len(s.keypoints) for s in samples))
+        centre = (cfg.input_size - 1) / 2
         feed: dict[str, list[np.ndarray]] = {n: [] for n in _INPUTS}
         visible = np.zeros((len(samples), people, cfg.num_joints))
-        for b, (i, encoded, width, height, keypoints, anns, params) in enumerate(samples):
+        for b, s in enumerate(samples):
             padded = np.zeros((people, cfg.num_joints, 3), np.float32)
-            padded[: len(keypoints)] = keypoints
+            padded[: len(s.keypoints)] = s.keypoints
             visible[b] = padded[..., 2]
-            zoom = params.zoom(width, height, cfg.input_size)
-            centre = (cfg.input_size - 1) / 2
-            feed["encoded"].append(encoded)
-            feed["mask"].append(supervision_mask(anns, height, width)[..., None])
-            feed["to_origin"].append(np.array([-(width - 1) / 2, -(height - 1) / 2], np.float32))
-            feed["zoom"].append(np.array([-zoom if params.flip else zoom, zoom], np.float32))
-            feed["angle"].append(np.array(-params.rotation, np.float32))
-            feed["to_crop"].append(np.array([centre + params.translation[0], centre + params.translation[1]],
-                                            np.float32))
+            zoom = s.params.zoom(s.width, s.height, cfg.input_size)
+            tx, ty = s.params.translation
+            feed["encoded"].append(s.encoded)
+            feed["mask"].append(supervision_mask(s.annotations, s.height, s.width)[..., None])
+            feed["to_origin"].append(np.array([-(s.width - 1) / 2, -(s.height - 1) / 2], np.float32))
+            feed["zoom"].append(np.array([-zoom if s.params.flip else zoom, zoom], np.float32))
+            feed["angle"].append(np.array(-s.params.rotation, np.float32))
+            feed["to_crop"].append(np.array([centre + tx, centre + ty], np.float32))
             feed["points"].append(np.ascontiguousarray(padded[..., :2].reshape(-1, 2)))
         for name, data in feed.items():
             self.pipe.feed_input(name, data)
         self.pipe.schedule_run()
-        return {"visible": visible, "skipped": skipped,
-                "flipped": torch.tensor([s[6].flip for s in samples]),
-                "image_id": torch.tensor([ds.image_ids[s[0]] for s in samples])}
+        return {"visible": visible, "skipped": [f for s in samples for f in s.skipped],
+                "flipped": torch.tensor([s.params.flip for s in samples]),
+                "image_id": torch.tensor([self.dataset.image_ids[s.index] for s in samples])}
 
     def _to_torch(self, tensors) -> Tensor:
         """A DALI TensorList of equal shapes as one tensor on ``self.device``."""
-        if hasattr(tensors, "as_cpu") and not hasattr(tensors, "as_array"):       # GPU TensorList
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        from nvidia.dali.tensors import TensorListGPU
+        if isinstance(tensors, TensorListGPU):
             dense = tensors.as_tensor()
-            out = torch.empty(dense.shape(), dtype=_TORCH_DTYPE[str(dense.dtype)], device=self.device)
+            out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
             return out
         return torch.from_numpy(tensors.as_array()).to(self.device)
 
     def _collect(self, fed: dict[str, Any]) -> dict[str, Tensor]:
-        """The next pipeline outputs, completed into a training batch (targets made on the device)."""
+        """The next pipeline outputs as tensors on the device: ``image``, ``mask``, ``affine``
+        float64, ``keypoints`` float64 ``[B, P, J, 3]`` (crop pixels, visibility), ``flipped``,
+        ``image_id``."""
         image, mask, affine, points = self.pipe.outputs()
-        cfg = self.dataset.cfg
         visible = torch.from_numpy(fed["visible"])
-        b, p, j = visible.shape
-        xy = torch.from_numpy(points.as_array()).double().view(b, p, j, 2)
-        keypoints = torch.cat([xy, visible[..., None]], dim=-1).to(self.device)
-        heatmaps, joints = make_targets(keypoints, cfg.heatmap_stride, cfg.input_size // cfg.heatmap_stride,
-                                        cfg.sigma, cfg.max_people)
-        return {"image": self._to_torch(image), "heatmaps": heatmaps, "mask": self._to_torch(mask).float(),
-                "joints": joints, "affine": torch.from_numpy(affine.as_array()).double().to(self.device),
+        xy = torch.from_numpy(points.as_array()).double().view(*visible.shape, 2)
+        return {"image": self._to_torch(image), "mask": self._to_torch(mask),
+                "affine": self._to_torch(affine).double(),
+                "keypoints": torch.cat([xy, visible[..., None]], dim=-1).to(self.device),
                 "flipped": fed["flipped"].to(self.device), "image_id": fed["image_id"].to(self.device)}
+
+    def augment(self, keys: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """The graph's outputs for one batch of sample keys (:meth:`_collect`; not during a pass)."""
+        return self._collect(self._feed(keys))
+
+    def _with_targets(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A training batch: the heatmaps and joints of ``out``'s keypoints replace them."""
+        cfg = self.dataset.cfg
+        heatmaps, joints = make_targets(out.pop("keypoints"), cfg.heatmap_stride,
+                                        cfg.input_size // cfg.heatmap_stride, cfg.sigma, cfg.max_people)
+        return {**out, "heatmaps": heatmaps, "joints": joints}
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         keys = list(self.sampler)
-        stop = len(self) * self.batch_size
-        batches = [keys[k: min(k + self.batch_size, stop)] for k in range(0, stop, self.batch_size)]
+        batches = [keys[k: k + self.batch_size] for k in range(0, len(keys), self.batch_size)][: len(self)]
         pending: deque = deque()
         skipped: list[str] = []
 
         def ready() -> dict[str, Tensor]:
             fed = pending.popleft()
             skipped.extend(fed["skipped"])
-            return self._collect(fed)
+            return self._with_targets(self._collect(fed))
 
         try:
             for batch in batches:
@@ -273,6 +302,3 @@ class DaliLoader:
             if skipped:
                 self.skipped_files += skipped
                 warn_skipped(skipped)
-
-
-_TORCH_DTYPE = {"DALIDataType.FLOAT": torch.float32, "DALIDataType.BOOL": torch.bool}
