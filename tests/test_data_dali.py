@@ -3,13 +3,14 @@ import dataclasses
 import importlib.util
 import io
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from threempose.config import ConfigError, DataConfig, SyntheticConfig
+from threempose.config import ConfigError, DataConfig, SyntheticConfig, load_config
 from threempose.data.augment import IMAGENET_STD, params_affine, transform_keypoints
 from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints
@@ -32,6 +33,7 @@ needs_dali = pytest.mark.skipif(not _has_dali(), reason="the DALI extra is not i
 CFG = DataConfig(input_size=64, heatmap_stride=4, sigma=1.5, max_people=6, batch_size=4, num_workers=1)
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="DALI's mixed decode and gpu warp need a CUDA device")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GREY_LEVELS = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0      # normalised units -> 0..255
 
 
@@ -242,3 +244,13 @@ def test_nvjpeg_decode_is_close_to_pillows():
     for blob, got in zip(blobs, _decode_files(blobs, gpu_ops=True)):
         want = np.array(Image.open(io.BytesIO(blob)).convert("RGB")).astype(int)
         assert got.shape == want.shape and np.abs(got - want).mean() < 1.0
+
+
+def test_the_backend_switch_in_configs():
+    assert load_config(CONFIGS / "search-small.json").data.backend == "torch"
+    dali_cfg = load_config(CONFIGS / "search-small-dali.json")
+    assert dali_cfg.data.backend == "dali" and dali_cfg.data.input_size == 128
+    with pytest.raises(ConfigError, match="data.backend' must be one of"):
+        load_config(CONFIGS / "search-small.json", overrides={"data": {"backend": "opencv"}})
+    with pytest.raises(ConfigError, match="PNFS mode"):
+        load_config(CONFIGS / "pnfs-small.json", overrides={"data": {"backend": "dali"}})

@@ -396,3 +396,6 @@ def _check_semantics(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
     if not 0.0 < cfg.search.arch_val_fraction < 1.0:
         raise ConfigError(f"{src}: search.arch_val_fraction must be in (0, 1)")
+    if cfg.pnfs.enabled and cfg.data.backend == "dali":
+        raise ConfigError(f'{src}: data.backend "dali" feeds the bottom-up pipeline; PNFS mode\'s top-down '
+                          'crops (pnfs.enabled) use the torch backend')

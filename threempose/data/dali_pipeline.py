@@ -16,8 +16,8 @@ the batch's most). The graph (:func:`build_pipeline`):
 * warps image and mask with ``fn.warp_affine`` (``cpu`` or ``gpu``) under the matrix
   wrapped in +-0.5 translations (DALI puts (0, 0) at a pixel's corner, threempose at its
   centre), bilinear with the source clamped at its edge, times a nearest-neighbour warp
-  of a constant image (filled with 0 outside): the torch/Pillow border rule (clamp within
-  half a pixel of the image, 0 beyond);
+  filled with 0 outside (of the mask, fed as 1 + mask so it is nonzero everywhere inside):
+  the torch/Pillow border rule (clamp within half a pixel of the image, 0 beyond);
 * normalises the image (``crop_mirror_normalize``) and moves the keypoints
   (``coord_transform``).
 
@@ -67,7 +67,7 @@ def dali_threads(num_workers: int) -> int:
 
 
 def import_dali() -> types.SimpleNamespace:
-    """``nvidia.dali`` as ``(pipeline, fn, types, pytorch)``; ConfigError naming the extra when missing."""
+    """``nvidia.dali``'s ``Pipeline``, ``fn`` and ``types``; ConfigError naming the extra when it is missing."""
     try:
         import nvidia.dali as dali
         import nvidia.dali.fn as fn
@@ -89,7 +89,8 @@ def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int
                    device_id: Optional[int] = None):
     """The DALI graph of the module docstring (built), fed by name (:data:`_INPUTS`).
 
-    Inputs per sample: ``encoded`` uint8 ``[n]`` (the file); ``mask`` uint8 ``[H, W, 1]``;
+    Inputs per sample: ``encoded`` uint8 ``[n]`` (the file); ``mask`` uint8 ``[H, W, 1]``, 1 +
+    the supervision mask (so that its nearest-neighbour warp filled with 0 is the inside test);
     ``to_origin`` float32 ``[2]`` (minus the source centre); ``zoom`` float32 ``[2]``
     (``(-zoom if flipped else zoom, zoom)``); ``angle`` float32 ``[]`` (DALI's angle, minus
     the rotation); ``to_crop`` float32 ``[2]`` (crop centre + translation); ``points``
@@ -117,22 +118,22 @@ def build_pipeline(cfg: DataConfig, batch_size: int, gpu: bool, num_threads: int
         corner_hm = fn.transforms.scale(corner, scale=[1.0 / cfg.heatmap_stride] * 2)
 
         image = decode(d, encoded, gpu)
-        ones = fn.ones_like(mask)
         if gpu:
-            mask, ones = mask.gpu(), ones.gpu()
+            mask = mask.gpu()
 
-        def warp(src, matrix, out, nearest=False):
-            if nearest:      # 1 where the source point is within half a pixel of the image, else 0
-                return fn.warp_affine(src, matrix=matrix, size=[out, out], inverse_map=False,
-                                      interp_type=t.INTERP_NN, fill_value=0)
+        def warp(src, matrix, out):                 # bilinear, the source clamped at its edge
             return fn.warp_affine(src, matrix=matrix, size=[out, out], inverse_map=False,
-                                  interp_type=t.INTERP_LINEAR, dtype=t.FLOAT)    # clamped at the edge
+                                  interp_type=t.INTERP_LINEAR, dtype=t.FLOAT)
 
-        image = warp(image, corner, size) * warp(ones, corner, size, nearest=True)
+        def inside(matrix, out):                    # where the source point is within half a pixel
+            return fn.warp_affine(mask, matrix=matrix, size=[out, out], inverse_map=False,
+                                  interp_type=t.INTERP_NN, fill_value=0) > 0
+
+        image = warp(image, corner, size) * inside(corner, size)
         image = fn.crop_mirror_normalize(image, dtype=t.FLOAT, output_layout="CHW",
                                          mean=[m * 255.0 for m in IMAGENET_MEAN],
                                          std=[s * 255.0 for s in IMAGENET_STD])
-        mask = warp(mask, corner_hm, hm) * warp(ones, corner_hm, hm, nearest=True) > 0.5
+        mask = (warp(mask, corner_hm, hm) - 1.0) * inside(corner_hm, hm) > 0.5
         points = fn.coord_transform(points, MT=affine)
         pipe.set_outputs(image, fn.cast(fn.squeeze(mask, axes=[2]), dtype=t.FLOAT), affine, points)
     pipe.build()
@@ -231,7 +232,7 @@ class DaliLoader:
             zoom = s.params.zoom(s.width, s.height, cfg.input_size)
             tx, ty = s.params.translation
             feed["encoded"].append(s.encoded)
-            feed["mask"].append(supervision_mask(s.annotations, s.height, s.width)[..., None])
+            feed["mask"].append(supervision_mask(s.annotations, s.height, s.width)[..., None] + 1)
             feed["to_origin"].append(np.array([-(s.width - 1) / 2, -(s.height - 1) / 2], np.float32))
             feed["zoom"].append(np.array([-zoom if s.params.flip else zoom, zoom], np.float32))
             feed["angle"].append(np.array(-s.params.rotation, np.float32))
