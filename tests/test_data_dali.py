@@ -2,6 +2,7 @@
 import dataclasses
 import importlib.util
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -184,6 +185,26 @@ def test_a_run_killed_mid_epoch_and_resumed_gets_the_same_batches(synthetic_set)
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(expected, killed))
     whole.set_epoch(3)
     assert [b["image_id"].tolist() for b in whole] != [b["image_id"].tolist() for b in expected]
+
+
+@needs_dali
+def test_undecodable_images_are_skipped_as_the_torch_backend_skips_them(synthetic_set, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_set[0], images)
+    garbage, truncated = images / "000003.jpg", images / "000008.jpg"
+    garbage.write_bytes(b"not an image")                                  # Pillow cannot even open it
+    truncated.write_bytes(truncated.read_bytes()[:3000])                 # header fine, data cut: DALI fails
+    ds = CocoKeypoints(images, synthetic_set[1], CFG, train=True, seed=3)
+    reference = [ds[k]["image_id"].item() for k in _keys()]
+    loader = DaliLoader(ds, EpochSampler(range(12), 3, shuffle=False), batch_size=4, drop_last=True,
+                        device=torch.device("cpu"), gpu=False, num_threads=1)
+    loader.set_epoch(1)
+    with pytest.warns(RuntimeWarning, match="000003.jpg.*000008.jpg"):
+        ids = [i for batch in loader for i in batch["image_id"].tolist()]
+    assert ids == reference and ids.count(4) == 2 and ids.count(9) == 2
+    assert sorted(set(loader.skipped_files)) == [str(garbage), str(truncated)]
+    with pytest.warns(RuntimeWarning, match="000008.jpg"):                # known now: no second failure
+        assert [i for batch in loader for i in batch["image_id"].tolist()] == reference
 
 
 @needs_dali

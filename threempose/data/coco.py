@@ -148,7 +148,8 @@ class CocoKeypoints(Dataset):
         kpts = [a["keypoints"] for a in anns if not a.get("iscrowd", 0) and a["num_keypoints"] > 0]
         return np.asarray(kpts, np.float64).reshape(-1, self.cfg.num_joints, 3), anns
 
-    def _decode(self, index: int) -> Image.Image | None:
+    def decode(self, index: int) -> Image.Image | None:
+        """The ``index``-th image decoded by Pillow (RGB); None where that fails."""
         try:
             with Image.open(self.image_path(index)) as f:
                 return f.convert("RGB")
@@ -189,7 +190,7 @@ class CocoKeypoints(Dataset):
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, epoch = split_key(key)
-        i, image, skipped = self.first_readable(index, self._decode)
+        i, image, skipped = self.first_readable(index, self.decode)
         width, height = image.size
         keypoints, anns = self.annotations(i)
         mask = supervision_mask(anns, height, width)

@@ -33,6 +33,7 @@ The order of a pass is :class:`~threempose.data.loader.EpochSampler`'s, so
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -193,8 +194,10 @@ class DaliLoader:
         device_id = None
         if gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.pipe = build_pipeline(dataset.cfg, batch_size, gpu, num_threads, device_id)
+        self._build = functools.partial(build_pipeline, dataset.cfg, batch_size, gpu, num_threads, device_id)
+        self.pipe = self._build()
         self.skipped_files: list[str] = []
+        self.undecodable: set[int] = set()      # images whose header reads but whose data does not decode
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Order of ``epoch``; skip its first ``skip_batches`` batches (resume part-way)."""
@@ -208,7 +211,8 @@ class DaliLoader:
         """One key as CocoKeypoints resolves it (skip rule, annotations, draw), joints renamed if flipped."""
         ds = self.dataset
         index, epoch = split_key(key)
-        i, (encoded, width, height), skipped = ds.first_readable(index, ds.read_encoded)
+        i, (encoded, width, height), skipped = ds.first_readable(
+            index, lambda i: None if i in self.undecodable else ds.read_encoded(i))
         keypoints, anns = ds.annotations(i)
         params = ds.augment_params(i, epoch)
         if params.flip:
@@ -241,9 +245,23 @@ class DaliLoader:
         for name, data in feed.items():
             self.pipe.feed_input(name, data)
         self.pipe.schedule_run()
-        return {"visible": visible, "skipped": [f for s in samples for f in s.skipped],
+        return {"keys": keys, "indices": [s.index for s in samples], "visible": visible,
+                "skipped": [f for s in samples for f in s.skipped],
                 "flipped": torch.tensor([s.params.flip for s in samples]),
                 "image_id": torch.tensor([self.dataset.image_ids[s.index] for s in samples])}
+
+    def _recover(self, pending: deque, error: Exception) -> None:
+        """The graph failed on ``pending[0]``: Pillow decodes the pending batches' images in full, the
+        ones it cannot decode are skipped from now on (as the torch backend skips them), and the
+        pending batches run again on a new pipeline (DALI's is unusable after an error). Re-raises
+        ``error`` when every image decodes (then it was not the data)."""
+        bad = {i for fed in pending for i in fed["indices"] if self.dataset.decode(i) is None}
+        if not bad:
+            raise error
+        self.undecodable |= bad
+        self.pipe = self._build()
+        for k, fed in enumerate(list(pending)):
+            pending[k] = self._feed(fed["keys"])
 
     def _to_torch(self, tensors) -> Tensor:
         """A DALI TensorList of equal shapes as one tensor on ``self.device``."""
@@ -286,9 +304,13 @@ class DaliLoader:
         skipped: list[str] = []
 
         def ready() -> dict[str, Tensor]:
-            fed = pending.popleft()
-            skipped.extend(fed["skipped"])
-            return self._with_targets(self._collect(fed))
+            try:
+                out = self._collect(pending[0])
+            except RuntimeError as e:                # e.g. a JPEG truncated after its header
+                self._recover(pending, e)
+                out = self._collect(pending[0])
+            skipped.extend(pending.popleft()["skipped"])
+            return self._with_targets(out)
 
         try:
             for batch in batches:
@@ -298,8 +320,11 @@ class DaliLoader:
             while pending:
                 yield ready()
         finally:
-            for _ in pending:               # a pass left early: drop the batches scheduled ahead
-                self.pipe.outputs()
+            try:
+                for _ in pending:           # a pass left early: drop the batches scheduled ahead
+                    self.pipe.outputs()
+            except RuntimeError:            # the pass failed in the graph: start the next on a new one
+                self.pipe = self._build()
             if skipped:
                 self.skipped_files += skipped
                 warn_skipped(skipped)
