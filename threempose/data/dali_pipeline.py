@@ -29,7 +29,11 @@ heatmap-cell boundary may land in the neighbouring cell), images by < 1 grey lev
 away from the border, masks on all but a few cells where the warped mask is 1/2.
 
 The order of a pass is :class:`~threempose.data.loader.EpochSampler`'s, so
-``set_epoch(epoch, skip_batches)`` resumes a killed run with the same batches.
+``set_epoch(epoch, skip_batches)`` resumes a killed run with the same batches (the loader,
+not DALI, holds the state, so DALI's own checkpointing is not needed). Images Pillow cannot
+open are skipped before DALI sees them; one whose data fails in DALI's decoder (a JPEG cut
+after its header) fails the batch, is found with Pillow and skipped from then on, and the
+batch runs again: the torch backend's skip rule either way.
 """
 from __future__ import annotations
 
