@@ -216,7 +216,7 @@ class DaliLoader:
         ds = self.dataset
         index, epoch = split_key(key)
         i, (encoded, width, height), skipped = ds.first_readable(
-            index, lambda i: None if i in self.undecodable else ds.read_encoded(i))
+            index, lambda k: None if k in self.undecodable else ds.read_encoded(k))
         keypoints, anns = ds.annotations(i)
         params = ds.augment_params(i, epoch)
         if params.flip:

@@ -202,6 +202,7 @@ def build_loaders(cfg: DataConfig, *, seed: int = 0, device: torch.device | str 
         progress: show a progress bar while the synthetic data set is generated.
     Raises:
         FileNotFoundError: COCO files missing (the message shows the expected layout).
+        ConfigError: ``data.backend`` is ``dali`` and DALI is not installed (names the extra).
     """
     device = torch.device(device)
     gpu = cfg.augment.device == "gpu" or (cfg.augment.device == "auto" and device.type == "cuda")
