@@ -183,6 +183,11 @@ def test_a_run_killed_mid_epoch_and_resumed_gets_the_same_batches(synthetic_set)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     killed.set_epoch(2)                            # the abandoned pass's batch in flight is dropped
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(expected, killed))
+    early = iter(killed)                           # a pass left early and still referenced ...
+    next(early)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(expected, killed))   # ... the next is right
+    with pytest.raises(RuntimeError, match="newer pass"):
+        next(early)
     whole.set_epoch(3)
     assert [b["image_id"].tolist() for b in whole] != [b["image_id"].tolist() for b in expected]
 

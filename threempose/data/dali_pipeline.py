@@ -200,6 +200,8 @@ class DaliLoader:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self._build = functools.partial(build_pipeline, dataset.cfg, batch_size, gpu, num_threads, device_id)
         self.pipe = self._build()
+        self._in_flight = 0                     # batches scheduled and not yet collected
+        self._pass = 0                          # passes started (the latest one owns the pipeline)
         self.skipped_files: list[str] = []
         self.undecodable: set[int] = set()      # images whose header reads but whose data does not decode
 
@@ -249,6 +251,7 @@ class DaliLoader:
         for name, data in feed.items():
             self.pipe.feed_input(name, data)
         self.pipe.schedule_run()
+        self._in_flight += 1
         return {"keys": keys, "indices": [s.index for s in samples], "visible": visible,
                 "skipped": [f for s in samples for f in s.skipped],
                 "flipped": torch.tensor([s.params.flip for s in samples]),
@@ -263,7 +266,7 @@ class DaliLoader:
         if not bad:
             raise error
         self.undecodable |= bad
-        self.pipe = self._build()
+        self.pipe, self._in_flight = self._build(), 0
         for k, fed in enumerate(list(pending)):
             pending[k] = self._feed(fed["keys"])
 
@@ -283,6 +286,7 @@ class DaliLoader:
         float64, ``keypoints`` float64 ``[B, P, J, 3]`` (crop pixels, visibility), ``flipped``,
         ``image_id``."""
         image, mask, affine, points = self.pipe.outputs()
+        self._in_flight -= 1
         visible = torch.from_numpy(fed["visible"])
         xy = torch.from_numpy(points.as_array()).double().view(*visible.shape, 2)
         return {"image": self._to_torch(image), "mask": self._to_torch(mask),
@@ -301,13 +305,29 @@ class DaliLoader:
                                         cfg.input_size // cfg.heatmap_stride, cfg.sigma, cfg.max_people)
         return {**out, "heatmaps": heatmaps, "joints": joints}
 
+    def _drain(self) -> None:
+        """Drop the batches scheduled but not collected (a pass left early); a pipeline that failed
+        cannot be drained and is replaced."""
+        try:
+            while self._in_flight:
+                self._in_flight -= 1
+                self.pipe.outputs()
+        except RuntimeError:
+            self.pipe, self._in_flight = self._build(), 0
+
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        """One pass. A new pass takes over the pipeline: an earlier, unfinished one then fails if resumed."""
+        self._pass += 1
+        me = self._pass
+        self._drain()
         keys = list(self.sampler)
         batches = [keys[k: k + self.batch_size] for k in range(0, len(keys), self.batch_size)][: len(self)]
         pending: deque = deque()
         skipped: list[str] = []
 
         def ready() -> dict[str, Tensor]:
+            if self._pass != me:
+                raise RuntimeError("a newer pass over this DaliLoader started; this one cannot go on")
             try:
                 out = self._collect(pending[0])
             except RuntimeError as e:                # e.g. a JPEG truncated after its header
@@ -324,11 +344,8 @@ class DaliLoader:
             while pending:
                 yield ready()
         finally:
-            try:
-                for _ in pending:           # a pass left early: drop the batches scheduled ahead
-                    self.pipe.outputs()
-            except RuntimeError:            # the pass failed in the graph: start the next on a new one
-                self.pipe = self._build()
+            if self._pass == me:
+                self._drain()
             if skipped:
                 self.skipped_files += skipped
                 warn_skipped(skipped)
