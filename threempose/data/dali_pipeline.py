@@ -325,9 +325,12 @@ class DaliLoader:
         pending: deque = deque()
         skipped: list[str] = []
 
-        def ready() -> dict[str, Tensor]:
+        def owned() -> None:
             if self._pass != me:
                 raise RuntimeError("a newer pass over this DaliLoader started; this one cannot go on")
+
+        def ready() -> dict[str, Tensor]:
+            owned()
             try:
                 out = self._collect(pending[0])
             except RuntimeError as e:                # e.g. a JPEG truncated after its header
@@ -338,6 +341,7 @@ class DaliLoader:
 
         try:
             for batch in batches:
+                owned()
                 pending.append(self._feed(batch))
                 if len(pending) > AHEAD:
                     yield ready()
