@@ -173,7 +173,7 @@ class _Sample(NamedTuple):
 class DaliLoader:
     """What :class:`~threempose.data.loader.PoseDataLoader` is for the torch backend, on DALI:
     batches of an :class:`~threempose.data.loader.EpochSampler`'s keys, ready on ``device``
-    (:meth:`~threempose.data.loader.DataLoaders.prepare` only checks the device).
+    (:meth:`~threempose.data.loader.DataLoaders.prepare`'s move to the device is a no-op).
 
     Args:
         dataset: the split (its ``cfg``, ``train`` and ``seed`` set the augmentation).
@@ -228,7 +228,8 @@ class DaliLoader:
     def _feed(self, keys: list[tuple[int, int]]) -> dict[str, Any]:
         """Feed the pipeline the batch of ``keys`` and schedule it; returns what its outputs are
         completed with: ``visible`` float64 ``[B, P, J]`` (P: the batch's most people, at least 1),
-        ``flipped``, ``image_id``, ``skipped``."""
+        ``flipped``, ``image_id``, ``skipped``; and ``keys``, ``indices`` (the images read) to
+        feed it again after a failure."""
         cfg = self.dataset.cfg
         samples = [self._resolve(key) for key in keys]
         people = max(1, max(len(s.keypoints) for s in samples))
