@@ -56,7 +56,7 @@ class AugmentConfig:
     rotation: float = 30.0          # degrees, drawn uniformly in [-rotation, rotation]
     translation: float = 40.0       # pixels (at input_size), in [-translation, translation]
     flip: bool = True               # horizontal flip with probability 0.5 (COCO flip pairs)
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # where the warp runs
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # where the warp runs (auto: gpu on CUDA runs)
 
 
 @dataclass
@@ -73,7 +73,8 @@ class DataConfig:
     max_people: int = 30            # joint arrays for the AE loss hold up to this many people
     num_joints: int = 17
     batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int = 2            # DataLoader workers (torch) / DALI CPU threads (dali)
+    backend: Literal["torch", "dali"] = "torch"   # dali: NVIDIA DALI graph (pip install -e ".[dali]")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -458,3 +459,6 @@ def _check_semantics(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
     if not 0.0 < cfg.search.arch_val_fraction < 1.0:
         raise ConfigError(f"{src}: search.arch_val_fraction must be in (0, 1)")
+    if cfg.pnfs.enabled and cfg.data.backend == "dali":
+        raise ConfigError(f'{src}: data.backend "dali" feeds the bottom-up pipeline; PNFS mode\'s top-down '
+                          'crops (pnfs.enabled) use the torch backend')

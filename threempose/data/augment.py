@@ -51,13 +51,28 @@ class Affine:
     flipped: bool
 
 
+@dataclass(frozen=True)
+class AugmentParams:
+    """The four numbers of one augmentation (module docstring); the defaults are
+    the evaluation-time transform (short side fills the crop, centred, no flip)."""
+
+    scale: float = 1.0
+    rotation: float = 0.0
+    translation: tuple[float, float] = (0.0, 0.0)
+    flip: bool = False
+
+    def zoom(self, width: int, height: int, input_size: int) -> float:
+        """Crop pixels per source pixel of a ``width x height`` image."""
+        return self.scale * input_size / min(width, height)
+
+
 def make_affine(width: int, height: int, input_size: int, scale: float = 1.0,
                 rotation: float = 0.0, translation: tuple[float, float] = (0.0, 0.0),
                 flip: bool = False) -> Affine:
     """The affine of the module docstring for a ``width x height`` source image."""
     flip_m = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) if flip else np.eye(3)
     to_origin = np.array([[1.0, 0.0, -(width - 1) / 2], [0.0, 1.0, -(height - 1) / 2], [0.0, 0.0, 1.0]])
-    zoom = scale * input_size / min(width, height)
+    zoom = AugmentParams(scale).zoom(width, height, input_size)
     c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
     rotate_zoom = np.array([[c * zoom, s * zoom, 0.0], [-s * zoom, c * zoom, 0.0], [0.0, 0.0, 1.0]])
     centre = (input_size - 1) / 2
@@ -66,9 +81,15 @@ def make_affine(width: int, height: int, input_size: int, scale: float = 1.0,
     return Affine(matrix=(to_crop @ rotate_zoom @ to_origin @ flip_m)[:2], flipped=bool(flip))
 
 
+def params_affine(params: AugmentParams, width: int, height: int, input_size: int) -> Affine:
+    """:func:`make_affine` of drawn (or default) parameters."""
+    return make_affine(width, height, input_size, params.scale, params.rotation, params.translation,
+                       params.flip)
+
+
 def center_affine(width: int, height: int, input_size: int) -> Affine:
     """Evaluation-time transform: short side resized to ``input_size``, centred, no flip."""
-    return make_affine(width, height, input_size)
+    return params_affine(AugmentParams(), width, height, input_size)
 
 
 def _uniform(rng: Generator, low: float, high: float) -> float:
@@ -79,8 +100,7 @@ def _uniform(rng: Generator, low: float, high: float) -> float:
     return low + (high - low) * u
 
 
-def draw_affine(rng: Generator, width: int, height: int, input_size: int,
-                cfg: AugmentConfig) -> Affine:
+def draw_params(rng: Generator, cfg: AugmentConfig) -> AugmentParams:
     """Draw a random augmentation: scale ~ U[scale_min, scale_max], rotation ~
     U[-rotation, rotation] degrees, tx, ty ~ U[-translation, translation] crop
     pixels, flip with probability 1/2 when ``cfg.flip``. Five uniforms are drawn
@@ -90,7 +110,13 @@ def draw_affine(rng: Generator, width: int, height: int, input_size: int,
     tx = _uniform(rng, -cfg.translation, cfg.translation)
     ty = _uniform(rng, -cfg.translation, cfg.translation)
     flip = _uniform(rng, 0.0, 1.0) < 0.5 and cfg.flip
-    return make_affine(width, height, input_size, scale, rotation, (tx, ty), flip)
+    return AugmentParams(scale, rotation, (tx, ty), flip)
+
+
+def draw_affine(rng: Generator, width: int, height: int, input_size: int,
+                cfg: AugmentConfig) -> Affine:
+    """:func:`draw_params` (the same five draws) as the affine of a ``width x height`` image."""
+    return params_affine(draw_params(rng, cfg), width, height, input_size)
 
 
 def transform_keypoints(keypoints: Tensor, matrix: Tensor, flipped: Tensor) -> Tensor:

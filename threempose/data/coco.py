@@ -21,7 +21,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -31,15 +31,23 @@ from torch.utils.data import Dataset
 
 from threempose.cli import UserError
 from threempose.config import DataConfig
-from threempose.data.augment import augment_sample, center_affine, draw_affine
+from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.targets import supervision_mask
 
 SampleKey = Union[int, tuple[int, int]]
+T = TypeVar("T")
+EXIF_ORIENTATION = 0x0112
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class AnnotationError(UserError, ValueError):
     """An annotation file is malformed or is not a COCO person-keypoints file."""
+
+
+def split_key(key: SampleKey) -> tuple[int, int]:
+    """``(index, epoch)`` of a sample key (a bare index means epoch 0)."""
+    return (int(key), 0) if isinstance(key, (int, np.integer)) else (int(key[0]), int(key[1]))
 
 
 def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -143,10 +151,10 @@ class CocoKeypoints(Dataset):
         kpts = [a["keypoints"] for a in anns if not a.get("iscrowd", 0) and a["num_keypoints"] > 0]
         return np.asarray(kpts, np.float64).reshape(-1, self.cfg.num_joints, 3), anns
 
-    def _decode(self, index: int) -> Image.Image | None:
-        """The image (:func:`~threempose.data.image_io.read_image`), or None when it cannot be
-        read or its upright size is not the annotation's width x height (its keypoints would
-        not fit it; e.g. an EXIF rotation the annotation tool did not apply)."""
+    def decode(self, index: int) -> Image.Image | None:
+        """The ``index``-th image (:func:`~threempose.data.image_io.read_image`), or None when it
+        cannot be read or its upright size is not the annotation's width x height (its keypoints
+        would not fit it; e.g. an EXIF rotation the annotation tool did not apply)."""
         try:
             image = read_image(self.image_path(index))
         except ImageReadError:
@@ -154,26 +162,59 @@ class CocoKeypoints(Dataset):
         info = self.coco.imgs[self.image_ids[index]]
         return image if image.size == (info["width"], info["height"]) else None
 
-    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
-        index, epoch = (int(key), 0) if isinstance(key, (int, np.integer)) else key
+    def read_encoded(self, index: int) -> tuple[np.ndarray, int, int] | None:
+        """The ``index``-th image as encoded bytes for decoders that read files themselves (e.g.
+        DALI's): ``(bytes uint8 [n], width, height)``; None where :meth:`decode` gives None.
+
+        A plain 8-bit RGB or grayscale JPEG/PNG with no EXIF rotation is passed as its file; any
+        other image (16-bit, alpha, palette, CMYK, EXIF-rotated) goes through :meth:`decode`, the
+        one reader, and is passed re-encoded as a lossless PNG, so every backend sees the same
+        pixels."""
+        path = self.image_path(index)
+        info = self.coco.imgs[self.image_ids[index]]
+        try:
+            with Image.open(path) as f:
+                plain = (f.format in ("JPEG", "PNG") and f.mode in ("RGB", "L")
+                         and f.getexif().get(EXIF_ORIENTATION, 1) == 1)
+                size = f.size
+        except _READ_ERRORS:
+            return None
+        if plain and size == (info["width"], info["height"]):
+            return np.fromfile(path, np.uint8), *size
+        image = self.decode(index)
+        if image is None:
+            return None
+        png = io.BytesIO()
+        image.save(png, "PNG")
+        return np.frombuffer(png.getvalue(), np.uint8), *image.size
+
+    def first_readable(self, index: int, read: Callable[[int], Optional[T]]) -> tuple[int, T, list[str]]:
+        """``(i, read(i), skipped)``: the first image ``i`` from ``index`` on (wrapping
+        around) that ``read`` does not return None for, and the files it skipped."""
         skipped = []
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
-            image = self._decode(i)
-            if image is not None:
-                break
+            value = read(i)
+            if value is not None:
+                self.skipped_files.extend(skipped)
+                return i, value, skipped
             skipped.append(str(self.image_path(i)))
-        else:
-            raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
-        self.skipped_files.extend(skipped)
+        raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
+
+    def augment_params(self, index: int, epoch: int) -> AugmentParams:
+        """The augmentation of image ``index`` in ``epoch``: drawn from
+        ``default_rng([seed, epoch, index])`` when training, else the centre/resize default."""
+        if not self.train:
+            return AugmentParams()
+        return draw_params(np.random.default_rng([self.seed, epoch, index]), self.cfg.augment)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, epoch = split_key(key)
+        i, image, skipped = self.first_readable(index, self.decode)
         width, height = image.size
         keypoints, anns = self.annotations(i)
         mask = supervision_mask(anns, height, width)
-        if self.train:
-            affine = draw_affine(np.random.default_rng([self.seed, epoch, i]), width, height,
-                                 self.cfg.input_size, self.cfg.augment)
-        else:
-            affine = center_affine(width, height, self.cfg.input_size)
+        affine = params_affine(self.augment_params(i, epoch), width, height, self.cfg.input_size)
         common = {"image_id": torch.tensor(self.image_ids[i]), "skipped": skipped}
         if self.raw:
             return {"image": torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(),

@@ -11,16 +11,20 @@ Usage::
 
 The sample order of an epoch depends on ``(seed, epoch)`` only, and so does every
 sample's augmentation (see :mod:`threempose.data.coco`), whatever the worker count.
-``data.augment.device`` picks where the warp runs: ``cpu`` (Pillow, per sample,
-in the workers), ``gpu`` (the batched torch path on ``device``, normally a GPU),
-``auto`` (``gpu`` when ``device`` is CUDA).
+``data.backend`` picks what feeds the run: ``torch`` (DataLoaders) or ``dali``
+(:mod:`threempose.data.dali_pipeline`, the same batches from an NVIDIA DALI graph);
+``data.augment.device`` picks where the warp runs: ``cpu`` (torch: Pillow, per
+sample, in the workers; dali: DALI's CPU operators), ``gpu`` (torch: the batched
+torch path on ``device``, normally a GPU; dali: nvJPEG decode and the GPU warp),
+``auto`` (``gpu`` when ``device`` is CUDA). Nothing downstream of
+:meth:`DataLoaders.prepare` can tell the backends apart.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,6 +36,9 @@ from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints, coco_split_paths
 from threempose.data.synthetic import ensure_synthetic
 from threempose.engine.threads import single_threaded_worker
+
+if TYPE_CHECKING:
+    from threempose.data.dali_pipeline import DaliLoader
 
 
 _ARCH_SPLIT_STREAM = 2**31   # numpy seed-sequence entry of the train/arch split (epochs use [seed, epoch])
@@ -104,9 +111,17 @@ class PoseDataLoader(DataLoader):
         finally:
             if skipped:
                 self.skipped_files += skipped
-                names = ", ".join(sorted(set(skipped)))
-                warnings.warn(f"{len(skipped)} image reads failed to decode and were replaced by other "
-                              f"images: {names}", RuntimeWarning, stacklevel=2)
+                warn_skipped(skipped)
+
+
+def warn_skipped(skipped: list[str]) -> None:
+    """One warning for a pass's images that failed to decode (and were replaced), by name."""
+    names = ", ".join(sorted(set(skipped)))
+    warnings.warn(f"{len(skipped)} image reads failed to decode and were replaced by other images: {names}",
+                  RuntimeWarning, stacklevel=3)
+
+
+Loader = Union[PoseDataLoader, "DaliLoader"]
 
 
 @dataclass
@@ -117,11 +132,13 @@ class DataLoaders:
     in image-id order), ``arch`` (a held-out part of the train split for architecture
     parameters, augmented; None unless asked for). ``val_annotations``, ``val_images``:
     the val split's COCO file and image folder; ``val_image_ids``: its image ids.
+    ``gpu_augment``: the loaders yield raw batches that :meth:`prepare` warps (the torch
+    backend's GPU path); DaliLoaders yield finished batches on ``device``.
     """
 
-    train: PoseDataLoader
-    val: PoseDataLoader
-    arch: Optional[PoseDataLoader]
+    train: Loader
+    val: Loader
+    arch: Optional[Loader]
     val_annotations: Path
     val_images: Path
     val_image_ids: list[int]
@@ -133,7 +150,7 @@ class DataLoaders:
         """A loader batch as training tensors on ``device``: ``image`` float32 ``[B, 3, S, S]``,
         ``heatmaps`` float32 ``[B, J, h, h]``, ``mask`` float32 ``[B, h, h]``, ``joints`` int64
         ``[B, max_people, J, 2]``, ``affine`` float64 ``[B, 2, 3]``, ``flipped`` bool ``[B]``,
-        ``image_id`` int64 ``[B]`` (warped here on the GPU path)."""
+        ``image_id`` int64 ``[B]`` (warped here on the torch backend's GPU path)."""
         if self.gpu_augment:
             return augment_batch(batch, self.cfg, self.device)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -182,30 +199,45 @@ def build_loaders(cfg: DataConfig, *, seed: int = 0, device: torch.device | str 
         progress: show a progress bar while the synthetic data set is generated.
     Raises:
         FileNotFoundError: COCO files missing (the message shows the expected layout).
+        ConfigError: ``data.backend`` is ``dali`` and DALI is not installed (names the extra).
     """
     device = torch.device(device)
     gpu = cfg.augment.device == "gpu" or (cfg.augment.device == "auto" and device.type == "cuda")
+    dali = cfg.backend == "dali"
+    if dali:
+        from threempose.data.dali_pipeline import dali_loader_factory
+        make_loader = dali_loader_factory(cfg, device, gpu)          # ConfigError when DALI is missing
+    else:
+        make_loader = _torch_loader_factory(cfg, device, gpu)
     train_images, train_ann, val_images, val_ann = split_paths(cfg, progress)
-    train_set = CocoKeypoints(train_images, train_ann, cfg, train=True, seed=seed, raw=gpu)
-    val_set = CocoKeypoints(val_images, val_ann, cfg, train=False, seed=seed, raw=gpu)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  collate_fn=collate_raw if gpu else collate_samples, pin_memory=device.type == "cuda",
-                  worker_init_fn=single_threaded_worker if cfg.num_workers else None)
+    raw = gpu and not dali
+    train_set = CocoKeypoints(train_images, train_ann, cfg, train=True, seed=seed, raw=raw)
+    val_set = CocoKeypoints(val_images, val_ann, cfg, train=False, seed=seed, raw=raw)
 
     indices = list(range(len(train_set)))
     arch = None
     if arch_fraction is not None:
         indices, held_out = held_out_split(len(indices), arch_fraction, seed, _ARCH_SPLIT_STREAM)
-        arch = PoseDataLoader(train_set, EpochSampler(held_out, seed + 1, True, rank, world_size),
-                              drop_last=True, **common)
-    train = PoseDataLoader(train_set, EpochSampler(indices, seed, True, rank, world_size),
-                           drop_last=True, **common)
+        arch = make_loader(train_set, EpochSampler(held_out, seed + 1, True, rank, world_size), drop_last=True)
+    train = make_loader(train_set, EpochSampler(indices, seed, True, rank, world_size), drop_last=True)
     for name, loader in (("train", train), ("arch", arch)):
         if loader is not None and len(loader) == 0:
             raise ValueError(f"{train_ann}: the {name} loader gets {len(loader.sampler)} images per "
                              f"process, fewer than data.batch_size {cfg.batch_size}; lower the batch size "
                              "or add images")
-    val = PoseDataLoader(val_set, EpochSampler(range(len(val_set)), seed, False, rank, world_size),
-                         drop_last=False, **common)
+    val = make_loader(val_set, EpochSampler(range(len(val_set)), seed, False, rank, world_size), drop_last=False)
     return DataLoaders(train=train, val=val, arch=arch, val_annotations=val_ann, val_images=val_images,
-                       val_image_ids=list(val_set.image_ids), gpu_augment=gpu, cfg=cfg, device=device)
+                       val_image_ids=list(val_set.image_ids), gpu_augment=raw, cfg=cfg, device=device)
+
+
+LoaderFactory = Callable[..., Loader]   # (dataset, sampler, drop_last=...) -> a loader of that split
+
+
+def _torch_loader_factory(cfg: DataConfig, device: torch.device, gpu: bool) -> LoaderFactory:
+    """PoseDataLoaders collating per-sample CPU augmentations, or raw samples for the GPU path."""
+    def make(dataset: CocoKeypoints, sampler: EpochSampler, *, drop_last: bool) -> PoseDataLoader:
+        return PoseDataLoader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              collate_fn=collate_raw if gpu else collate_samples,
+                              pin_memory=device.type == "cuda", drop_last=drop_last,
+                              worker_init_fn=single_threaded_worker if cfg.num_workers else None)
+    return make
