@@ -1,22 +1,33 @@
 """optimize_for_inference: exact BatchNorm folding, and optimized networks (folded, channels-last,
 oneDNN-fused) giving the eager network's outputs at every exit, for the thesis genotype, random
-genotypes and HigherHRNet-W32, while staying the same class with lazy exits.
+genotypes and HigherHRNet-W32, while staying the same class with lazy exits; the Predictor and
+``threempose.infer`` run it by default and give the unoptimized network's people.
 
 Tolerance: float32 on the CPU, every output within ``TOL * max(1, max |eager output|)`` (max abs).
 Folding and fusion only reorder float arithmetic; the measured differences are ~1e-7 relative.
 """
+import dataclasses
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from threempose import predictor as predictor_module
 from threempose.config import ModelConfig
 from threempose.deploy import PackedConv2d, fold_batchnorm, optimize_for_inference, output_tensors
+from threempose.infer import main as infer_main
+from threempose.model_file import save_model_file
 from threempose.models.higherhrnet import HigherHRNet
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import Supernet
 from threempose.nas.genotype import Genotype
+from threempose.predictor import Predictor
+
+from test_predictor import loud_heads, random_image, tiny_infer, tiny_net
 
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
 TOL = 1e-4
@@ -170,3 +181,59 @@ def test_a_network_folding_does_not_fit_is_refused():
 def test_half_precision_off_cuda_is_refused(thesis_net):
     with pytest.raises(ValueError, match="float16 is for CUDA"):
         optimize_for_inference(thesis_net, input_size=(32, 32), dtype=torch.float16)
+
+
+# --------------------------------------------------------------------------- #
+# Predictor and threempose.infer run the optimized network by default
+# --------------------------------------------------------------------------- #
+def same_predictions(a, b, atol=1e-3) -> None:
+    """Same exits, EEL scores and people (keypoints and scores within ``atol``)."""
+    assert a.exit == b.exit and a.gflops == b.gflops and a.input_size == b.input_size
+    assert a.scores.keys() == b.scores.keys()
+    for layer, s in a.scores.items():
+        assert s.detected == b.scores[layer].detected
+        assert s.confidence == pytest.approx(b.scores[layer].confidence, abs=1e-4)
+    assert len(a.people) == len(b.people)
+    for p, q in zip(a.people, b.people):
+        np.testing.assert_allclose(p.keypoints, q.keypoints, atol=atol)
+        assert p.score == pytest.approx(q.score, abs=atol)
+
+
+@pytest.mark.parametrize("exit", ["final", "dynamic"])
+def test_predictor_optimized_equals_unoptimized(exit):
+    net = loud_heads(random_bn_stats_(tiny_net()))
+    images = [random_image(64, 80, 1), random_image(70, 64, 2), random_image(64, 84, 3)]
+    cfg = tiny_infer(exit=exit)
+    fast, plain = Predictor(net, cfg), Predictor(net, cfg, optimize=False)
+    assert fast.net is not net and plain.net is net
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.net.modules())
+    got, expected = fast.predict_batch(images), plain.predict_batch(images)
+    assert sum(len(p.people) for p in expected) > 0
+    for g, e in zip(got, expected):
+        same_predictions(g, e)
+
+
+def test_infer_optimizes_unless_told_not_to(tmp_path, monkeypatch):
+    model = tmp_path / "model.pt"
+    save_model_file(model, loud_heads(random_bn_stats_(tiny_net())), dataclasses.asdict(tiny_infer()))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(random_image(64, 80, i)).save(folder / f"{i + 1}.png")
+    optimized = []
+    real = predictor_module.optimize_for_inference
+    monkeypatch.setattr(predictor_module, "optimize_for_inference",
+                        lambda *a, **k: optimized.append(1) or real(*a, **k))
+    results = {}
+    for flag in ([], ["--no-optimize"]):
+        out = tmp_path / f"results{len(flag)}.json"
+        assert infer_main(["--checkpoint", str(model), "--images", str(folder), "--out", str(out),
+                           "--no-progress", *flag]) == 0
+        results[bool(flag)] = json.loads(out.read_text())
+    assert optimized == [1]                               # once: the default run, not --no-optimize
+    fast, plain = results[False], results[True]
+    assert len(fast) == len(plain) > 0
+    for f, p in zip(fast, plain):
+        assert f["image_id"] == p["image_id"]
+        np.testing.assert_allclose(f["keypoints"], p["keypoints"], atol=1e-3)
+        assert f["score"] == pytest.approx(p["score"], abs=1e-3)
