@@ -6,6 +6,7 @@ genotypes and HigherHRNet-W32, while staying the same class with lazy exits; the
 Tolerance: float32 on the CPU, every output within ``TOL * max(1, max |eager output|)`` (max abs).
 Folding and fusion only reorder float arithmetic; the measured differences are ~1e-7 relative.
 """
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_thesis_network_every_exit_matches_eager(thesis_net, fuse):
         assert_same_outputs(expected, got)
         # another size and batch than the one it was optimized for
         assert_same_outputs(thesis_net(x[:1, :, :45, :70]), fast(x[:1, :, :45, :70]))
+        assert_same_outputs(expected, copy.deepcopy(fast)(x))       # copies repack their weights
 
 
 @onednn

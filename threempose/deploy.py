@@ -24,8 +24,8 @@ optimized one. What it does, in order:
    (:class:`~threempose.models.hrnet_blocks.BasicBlock`, :class:`Bottleneck`) the shortcut add
    and the final ReLU fused into the last convolution. The fused modules are subclasses of the
    originals (``isinstance`` holds, parameters keep their names). A fused network is for
-   ``torch.no_grad()`` inference on the CPU only: it is not differentiable, cannot be moved to
-   another device and does not export to ONNX; export from ``fuse=False``.
+   inference on the CPU only: it is not differentiable, cannot be moved to another device and
+   does not export to ONNX; export from ``fuse=False`` (folding and channels-last only).
 4. **Half precision** (``dtype``, CUDA only): ``torch.float16`` or ``torch.bfloat16`` weights;
    inputs are cast on the way in and the exits' outputs back to float32.
 5. **torch.compile** (``compile``; off by default): each part the network runs (for a
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import weakref
 from typing import Any, Iterable, Optional
 
@@ -144,6 +145,21 @@ class PackedConv2d(nn.Conv2d):
 
     activation: str
     packed_weight: Tensor
+    pack_shape: list[int]
+
+    def repack(self) -> None:
+        """(Re)pack ``self.weight`` into oneDNN's layout for inputs of ``self.pack_shape``."""
+        self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            self.weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
+            self.groups, self.pack_shape)
+
+    def __getstate__(self) -> dict:
+        # the packed weight is an opaque oneDNN tensor: copies and pickles repack from the weight
+        return {k: v for k, v in super().__getstate__().items() if k != "packed_weight"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.repack()
 
     def forward(self, x: Tensor) -> Tensor:
         """``act(conv(x))``: ``[B, Cin, H, W] -> [B, Cout, H', W']``."""
@@ -164,13 +180,10 @@ def pack_conv(conv: nn.Conv2d, input_shape: Iterable[int]) -> PackedConv2d:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"pack_conv: zero padding given as numbers needed, got {conv.padding!r} "
                          f"({conv.padding_mode})")
-    weight = conv.weight.detach()
-    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-        list(input_shape))
     conv.__class__ = PackedConv2d
     conv.activation = "none"
-    conv.packed_weight = packed
+    conv.pack_shape = [int(v) for v in input_shape]
+    conv.repack()
     return conv
 
 
@@ -254,7 +267,8 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         check: compare the result with ``net`` on a random ``64 x 64`` image (float32 only).
 
     Returns:
-        The optimized module: same class, same outputs (float32: within float rounding).
+        The optimized module: same class, same outputs (float32: within float rounding), eval
+        mode, no parameter requires grad.
 
     Raises:
         ValueError: a half ``dtype`` off CUDA, ``fuse`` where oneDNN cannot run, CUDA missing.
@@ -272,7 +286,7 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         raise ValueError(f"fuse=True needs the CPU with oneDNN (device {device}, oneDNN "
                          f"{'available' if torch.backends.mkldnn.is_available() else 'missing'})")
     original = net
-    net = copy.deepcopy(net).cpu().float().eval()
+    net = copy.deepcopy(net).cpu().float().eval().requires_grad_(False)
     example = torch.randn(1, 3, *input_size)
     trace = trace_network(net, example)
     for conv, bn in trace.pairs:
@@ -297,7 +311,12 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
     if check and dtype in (None, torch.float32):
         check_same_outputs(original, net, device)
     if compile:
-        for m in _compiled_parts(net):
+        parts = _compiled_parts(net)
+        # instances of one class (the cells) share a code object, each with its own guards
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, len(parts))
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * len(parts))
+        for m in parts:
             m.compile(dynamic=False)
     return net
 
@@ -305,18 +324,16 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
 def _convert_inputs(net: nn.Module, first_conv: Optional[nn.Module], dtype: Optional[torch.dtype],
                     channels_last: bool) -> None:
     """Cast the image (the first convolution's input) to ``dtype`` and NHWC, by a pre-hook."""
-    if first_conv is None or (dtype is None and not channels_last):
-        return
+    if first_conv is not None and (dtype is not None or channels_last):
+        first_conv.register_forward_pre_hook(functools.partial(_convert_input, dtype=dtype,
+                                                               channels_last=channels_last))
 
-    def convert(module, inputs):
-        x = inputs[0]
-        if dtype is not None:
-            x = x.to(dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return (x, *inputs[1:])
 
-    first_conv.register_forward_pre_hook(convert)
+def _convert_input(module: nn.Module, inputs: tuple, dtype: Optional[torch.dtype], channels_last: bool) -> tuple:
+    x = inputs[0] if dtype is None else inputs[0].to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, *inputs[1:])
 
 
 def _exit_modules(net: nn.Module) -> list[nn.Module]:
