@@ -1,6 +1,7 @@
 """Inference speed at 512 x 512: the thesis network vs HigherHRNet-W32, eager vs optimized.
 
     pytest bench/test_bench_inference.py -s [--benchmark-json out.json]
+    OMP_NUM_THREADS=1 pytest bench/test_bench_inference.py -s     # on a CPU other jobs share
 
 Networks (random weights; speed does not depend on them): the thesis' Table A.1 network
 (``configs/genotypes/3m-pose-thesis.json``, all three exits computed, as ``net(images)`` does)
