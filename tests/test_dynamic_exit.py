@@ -136,7 +136,7 @@ def test_forced_exits_skip_later_layers_and_report_the_profilers_gflops(net, thr
                      eels=[EELConfig(layer=1, threshold=thresholds[0]), EELConfig(layer=2, c0=2.0, threshold=thresholds[1])])
     predictor = Predictor(net, cfg)
     image = random_image(64, 90, seed=4)
-    calls, handles = count_calls(net)
+    calls, handles = count_calls(predictor.net)
     try:
         result = predictor.predict(image)
     finally:
@@ -155,9 +155,10 @@ def test_forced_exits_skip_later_layers_and_report_the_profilers_gflops(net, thr
 
 
 def test_static_exit_stops_there_too(net):
-    calls, handles = count_calls(net)
+    predictor = Predictor(net, tiny_infer(exit="1"))
+    calls, handles = count_calls(predictor.net)
     try:
-        result = Predictor(net, tiny_infer(exit="1")).predict(random_image(64, 64))
+        result = predictor.predict(random_image(64, 64))
     finally:
         for h in handles:
             h.remove()
@@ -173,9 +174,10 @@ def test_nothing_detected_stops_at_the_first_eel_with_no_people():
             head.conv.weight[:17].zero_()
             head.conv.bias.zero_()
     cfg = tiny_infer(exit="dynamic", eels=[EELConfig(layer=1, threshold=NEVER), EELConfig(layer=2, threshold=NEVER)])
-    calls, handles = count_calls(net)
+    predictor = Predictor(net, cfg)
+    calls, handles = count_calls(predictor.net)
     try:
-        result = Predictor(net, cfg).predict(random_image(64, 80))
+        result = predictor.predict(random_image(64, 80))
     finally:
         for h in handles:
             h.remove()

@@ -2,11 +2,14 @@
 
     python -m threempose.infer --checkpoint runs/train-.../model.pt --images DIR_OR_FILE \\
         --out results.json [--exit 4|7|final|dynamic] [--dynamic] [--draw OUT_DIR] \\
-        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json]
+        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json] [--no-optimize]
 
 Settings: the model file's ``infer`` section, or the ``infer`` section of ``--config`` (e.g. what
 ``threempose.calibrate`` writes; its defaults fill the keys it leaves out); ``--exit`` /
 ``--dynamic`` override ``infer.exit``.
+
+The network runs inference-optimized (:mod:`threempose.deploy`: BatchNorm folded into the
+convolutions, channels-last, oneDNN fusion on the CPU); ``--no-optimize`` runs it as trained.
 
 Inputs: one image file, or every regular, non-hidden file directly in a directory (sorted by
 name; subdirectories are not searched). Files that cannot be read as images are skipped and
@@ -194,6 +197,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--config", help="a JSON config whose infer section replaces the model file's")
     p.add_argument("--annotations", help="COCO annotations: take image ids from them")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="run the network as trained: no BatchNorm folding, channels-last or oneDNN "
+                        "fusion (threempose.deploy; on by default, same people up to float rounding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.batch < 1:
@@ -215,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ids, skipped = image_ids(files, args.annotations)
     overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
-                                          **overrides)
+                                          optimize=not args.no_optimize, **overrides)
     if predictor.mode == DYNAMIC and args.batch > 1:
         print("note: dynamic inference runs one image at a time; --batch is not used", file=sys.stderr)
     summary = run(predictor, files, ids, args.batch, draw_dir, progress=not args.no_progress)

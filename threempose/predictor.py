@@ -49,6 +49,7 @@ from threempose.data.keypoints import NUM_JOINTS
 from threempose.data.keypoints import flip_index as coco_flip_index
 from threempose.decode.decoder import DecodeParams, Person, coco_results, decode
 from threempose.decode.resize import ResizeInfo, resize_image
+from threempose.deploy import optimize_for_inference
 from threempose.dynamic_exit import (DYNAMIC, ExitScore, resolve_exit, resolve_rules, run_until,
                                      score_exit, should_exit)
 from threempose.nas.derived import DerivedNet
@@ -218,18 +219,24 @@ class Predictor:
         cfg: test-time settings (``exit``, ``eels``, decoding); defaults to InferConfig().
         device: "cpu", "cuda", "cuda:1", ... (a ValueError when CUDA is not available).
         flip_index: joint permutation of a horizontal flip (COCO's for 17 joints by default).
+        optimize: run the inference-optimized copy of ``net``
+            (:func:`threempose.deploy.optimize_for_inference`: BatchNorm folded, channels-last,
+            oneDNN fusion on the CPU; the same people up to float rounding). ``self.net`` is the
+            network that runs; ``net`` itself is left as it is.
 
     Raises ConfigError when ``cfg.exit`` is not an exit of the network, or (dynamic) when
     ``cfg.eels`` does not configure exactly the network's EELs.
     """
 
     def __init__(self, net: DerivedNet, cfg: InferConfig | None = None, device: torch.device | str = "cpu",
-                 flip_index: Optional[Sequence[int]] = None) -> None:
+                 flip_index: Optional[Sequence[int]] = None, optimize: bool = True) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
         self.cfg = cfg if cfg is not None else InferConfig()
-        self.net = net.to(self.device).eval()
+        side = self.cfg.short_side
+        self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device) if optimize
+                    else net.to(self.device).eval())
         self.exit_layers = list(net.genotype.exit_layers)
         self.eel_layers = self.exit_layers[:-1]
         self.mode = resolve_exit(self.cfg.exit, self.exit_layers)
@@ -242,18 +249,19 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
-                        config: str | os.PathLike | None = None, **infer_overrides: Any) -> "Predictor":
+                        config: str | os.PathLike | None = None, optimize: bool = True,
+                        **infer_overrides: Any) -> "Predictor":
         """A predictor for a ``model.pt`` written by ``threempose.train``.
 
         Settings: the model file's ``infer`` section, replaced by ``config``'s (a JSON config
         such as ``threempose.calibrate`` writes) when given, then ``infer_overrides`` (e.g.
-        ``exit="dynamic"``, ``flip_test=False``). Raises CheckpointError for a file that is not
+        ``exit="dynamic"``, ``flip_test=False``); ``optimize`` as in :class:`Predictor`. Raises CheckpointError for a file that is not
         a threempose model or whose weights do not fit its genotype, ConfigError for bad settings.
         """
         from threempose.model_file import load_model_file
 
         net, infer = load_model_file(path, "cpu")
-        return cls(net, infer_settings(infer, config, **infer_overrides), device)
+        return cls(net, infer_settings(infer, config, **infer_overrides), device, optimize=optimize)
 
     @property
     def passes(self) -> int:

@@ -1,0 +1,241 @@
+"""optimize_for_inference: exact BatchNorm folding, and optimized networks (folded, channels-last,
+oneDNN-fused) giving the eager network's outputs at every exit, for the thesis genotype, random
+genotypes and HigherHRNet-W32, while staying the same class with lazy exits; the Predictor and
+``threempose.infer`` run it by default and give the unoptimized network's people.
+
+Tolerance: float32 on the CPU, every output within ``TOL * max(1, max |eager output|)`` (max abs).
+Folding and fusion only reorder float arithmetic; the measured differences are ~1e-7 relative.
+"""
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from threempose import predictor as predictor_module
+from threempose.config import ModelConfig
+from threempose.deploy import PackedConv2d, fold_batchnorm, optimize_for_inference, output_tensors
+from threempose.infer import main as infer_main
+from threempose.model_file import save_model_file
+from threempose.models.higherhrnet import HigherHRNet
+from threempose.nas.derived import DerivedNet
+from threempose.nas.fabric import Supernet
+from threempose.nas.genotype import Genotype
+from threempose.predictor import Predictor
+
+from test_predictor import loud_heads, random_image, tiny_infer, tiny_net
+
+THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
+TOL = 1e-4
+onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+def random_bn_stats_(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters (fresh ones are the
+    identity map, which would make folding trivially right); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return net.eval()
+
+
+def assert_same_outputs(expected, got) -> None:
+    expected, got = output_tensors(expected), output_tensors(got)
+    assert len(expected) == len(got)
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert e.shape == g.shape, i
+        scale = max(1.0, e.abs().max().item())
+        assert (e - g).abs().max().item() <= TOL * scale, f"output {i}"
+
+
+# --------------------------------------------------------------------------- #
+# fold_batchnorm
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 8, 3, padding=1, bias=False),
+    nn.Conv2d(6, 8, 1, stride=2, bias=True),
+    nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),     # depthwise
+    nn.ConvTranspose2d(6, 8, 4, stride=2, padding=1, bias=False),
+], ids=["3x3", "1x1-stride2-bias", "depthwise", "transposed"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_batchnorm_equals_conv_then_bn_in_eval(conv, affine):
+    torch.manual_seed(0)
+    bn = random_bn_stats_(nn.BatchNorm2d(conv.out_channels, affine=affine, eps=1e-3))
+    if conv.bias is not None:
+        nn.init.normal_(conv.bias)
+    x = torch.randn(2, 6, 9, 11)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        fold_batchnorm(conv, bn)
+        got = conv(x)
+    assert conv.bias is not None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match="BatchNorm2d\\(4\\)"):
+        fold_batchnorm(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4))
+
+
+# --------------------------------------------------------------------------- #
+# optimized networks == eager networks
+# --------------------------------------------------------------------------- #
+FUSE = [pytest.param(True, marks=onednn, id="fused"), pytest.param(False, id="folded")]
+
+
+@pytest.fixture(scope="module")
+def thesis_net() -> DerivedNet:
+    torch.manual_seed(0)
+    return random_bn_stats_(DerivedNet(Genotype.load(THESIS)))
+
+
+@pytest.mark.parametrize("fuse", FUSE)
+def test_thesis_network_every_exit_matches_eager(thesis_net, fuse):
+    fast = optimize_for_inference(thesis_net, input_size=(64, 96), fuse=fuse)
+    assert type(fast) is DerivedNet and fast is not thesis_net
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in thesis_net.modules())   # the original is kept
+    assert any(isinstance(m, PackedConv2d) for m in fast.modules()) == fuse
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = thesis_net(x), fast(x)
+        assert [e.layer for e in got] == [4, 7, 10]
+        assert_same_outputs(expected, got)
+        # another size and batch than the one it was optimized for
+        assert_same_outputs(thesis_net(x[:1, :, :45, :70]), fast(x[:1, :, :45, :70]))
+        assert_same_outputs(expected, copy.deepcopy(fast)(x))       # copies repack their weights
+
+
+@onednn
+def test_optimized_exits_stay_lazy(thesis_net):
+    fast = optimize_for_inference(thesis_net, input_size=(32, 32))
+    called = []
+    hooks = [c.register_forward_hook(lambda *_, k=k: called.append(int(k))) for k, c in fast.cells.items()]
+    with torch.no_grad():
+        first = next(fast.iter_exits(torch.randn(1, 3, 32, 32)))
+    for h in hooks:
+        h.remove()
+    assert first.layer == 4
+    assert called and max(fast.genotype.cells[k].layer for k in called) == 4
+
+
+@pytest.mark.parametrize("seed", [3, 11, 29])
+@pytest.mark.parametrize("fuse", FUSE)
+def test_random_genotypes_match_eager(seed, fuse):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(rows=3, layers=4, channels=8, eels=[2, 3], stem_blocks=1)
+    genotype = Supernet(cfg)(torch.randn(2, 3, 32, 32), tau=1.0, seed=seed).genotype
+    net = random_bn_stats_(DerivedNet(genotype, stem_blocks=1), seed)
+    fast = optimize_for_inference(net, input_size=(48, 40), fuse=fuse)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        assert_same_outputs(net(x), fast(x))
+
+
+@pytest.mark.parametrize("fuse", FUSE)
+def test_higherhrnet_matches_eager(fuse):
+    torch.manual_seed(0)
+    net = HigherHRNet(width=8, num_joints=17, deconv_blocks=1)
+    for m in net.modules():          # the official N(0, 0.001) init makes every output ~0
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight)
+    random_bn_stats_(net)
+    fast = optimize_for_inference(net, input_size=(64, 64), fuse=fuse)
+    assert type(fast) is HigherHRNet
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = net(x)
+        assert expected[0].abs().max() > 0.1
+        assert_same_outputs(expected, fast(x))
+
+
+class ReadsRawConv(nn.Module):
+    """``bn(conv(x)) + conv(x)``: the raw conv output is used besides its BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_network_folding_does_not_fit_is_refused():
+    net = random_bn_stats_(ReadsRawConv())
+    with pytest.raises(RuntimeError, match="output 0 differs"):
+        optimize_for_inference(net, input_size=(16, 16))
+
+
+def test_half_precision_off_cuda_is_refused(thesis_net):
+    with pytest.raises(ValueError, match="float16 is for CUDA"):
+        optimize_for_inference(thesis_net, input_size=(32, 32), dtype=torch.float16)
+
+
+# --------------------------------------------------------------------------- #
+# Predictor and threempose.infer run the optimized network by default
+# --------------------------------------------------------------------------- #
+def same_predictions(a, b, atol=1e-3) -> None:
+    """Same exits, EEL scores and people (keypoints and scores within ``atol``)."""
+    assert a.exit == b.exit and a.gflops == b.gflops and a.input_size == b.input_size
+    assert a.scores.keys() == b.scores.keys()
+    for layer, s in a.scores.items():
+        assert s.detected == b.scores[layer].detected
+        assert s.confidence == pytest.approx(b.scores[layer].confidence, abs=1e-4)
+    assert len(a.people) == len(b.people)
+    for p, q in zip(a.people, b.people):
+        np.testing.assert_allclose(p.keypoints, q.keypoints, atol=atol)
+        assert p.score == pytest.approx(q.score, abs=atol)
+
+
+@pytest.mark.parametrize("exit", ["final", "dynamic"])
+def test_predictor_optimized_equals_unoptimized(exit):
+    net = loud_heads(random_bn_stats_(tiny_net()))
+    images = [random_image(64, 80, 1), random_image(70, 64, 2), random_image(64, 84, 3)]
+    cfg = tiny_infer(exit=exit)
+    fast, plain = Predictor(net, cfg), Predictor(net, cfg, optimize=False)
+    assert fast.net is not net and plain.net is net
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.net.modules())
+    got, expected = fast.predict_batch(images), plain.predict_batch(images)
+    assert sum(len(p.people) for p in expected) > 0
+    for g, e in zip(got, expected):
+        same_predictions(g, e)
+
+
+def test_infer_optimizes_unless_told_not_to(tmp_path, monkeypatch):
+    model = tmp_path / "model.pt"
+    save_model_file(model, loud_heads(random_bn_stats_(tiny_net())), dataclasses.asdict(tiny_infer()))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(random_image(64, 80, i)).save(folder / f"{i + 1}.png")
+    optimized = []
+    real = predictor_module.optimize_for_inference
+    monkeypatch.setattr(predictor_module, "optimize_for_inference",
+                        lambda *a, **k: optimized.append(1) or real(*a, **k))
+    results = {}
+    for flag in ([], ["--no-optimize"]):
+        out = tmp_path / f"results{len(flag)}.json"
+        assert infer_main(["--checkpoint", str(model), "--images", str(folder), "--out", str(out),
+                           "--no-progress", *flag]) == 0
+        results[bool(flag)] = json.loads(out.read_text())
+    assert optimized == [1]                               # once: the default run, not --no-optimize
+    fast, plain = results[False], results[True]
+    assert len(fast) == len(plain) > 0
+    for f, p in zip(fast, plain):
+        assert f["image_id"] == p["image_id"]
+        np.testing.assert_allclose(f["keypoints"], p["keypoints"], atol=1e-3)
+        assert f["score"] == pytest.approx(p["score"], abs=1e-3)
