@@ -79,14 +79,14 @@ def test_unreadable_files_are_skipped_and_listed(model, images, tmp_path, capsys
     assert "notes.txt: not an image" in captured.out and "broken.jpg: unreadable" in captured.out
     assert [r["image_id"] for r in meta["images"]] == [1, 2, 3]       # digit stems are the ids
     assert all(sorted(r["scores"]) == ["1", "2"] for r in meta["images"])  # thesis thresholds: never early
-    assert "one image at a time" in captured.err
 
 
-def test_static_batches_give_the_same_results(model, data, tmp_path):
+@pytest.mark.parametrize("exit", ["2", "dynamic"])
+def test_batches_give_the_same_results(model, data, tmp_path, exit):
     outs = []
     for batch in ("1", "3"):
         out = tmp_path / f"b{batch}.json"
-        assert main(["--checkpoint", str(model), "--images", str(data[0]), "--out", str(out), "--exit", "2",
+        assert main(["--checkpoint", str(model), "--images", str(data[0]), "--out", str(out), "--exit", exit,
                      "--batch", batch, "--no-progress"]) == 0
         outs.append(json.loads(out.read_text()))
     assert len(outs[0]) == len(outs[1])

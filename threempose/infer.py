@@ -190,8 +190,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                   "(default: the settings' infer.exit)")
     p.add_argument("--dynamic", action="store_true", help="same as --exit dynamic")
     p.add_argument("--draw", metavar="OUT_DIR", help="write a PNG per image with its people drawn")
-    p.add_argument("--batch", type=int, default=1, help="images per forward pass (static exits; "
-                                                        "dynamic inference runs one image at a time)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (with dynamic exits "
+                                                        "each image leaves the batch at its own exit)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--config", help="a JSON config whose infer section replaces the model file's")
     p.add_argument("--annotations", help="COCO annotations: take image ids from them")
@@ -215,8 +215,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
                                               **overrides)
-        if predictor.mode == DYNAMIC and args.batch > 1:
-            print("note: dynamic inference runs one image at a time; --batch is not used", file=sys.stderr)
         summary = run(predictor, files, ids, args.batch, Path(args.draw) if args.draw else None,
                       progress=not args.no_progress)
         summary.skipped = skipped + summary.skipped
