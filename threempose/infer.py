@@ -3,6 +3,7 @@
     python -m threempose.infer --checkpoint runs/train-.../model.pt --images DIR_OR_FILE \\
         --out results.json [--exit 4|7|final|dynamic] [--dynamic] [--draw OUT_DIR] \\
         [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json]
+    python -m threempose.infer --runtime onnxruntime --onnx EXPORT_DIR --images ... (the same options)
 
 Settings: the model file's ``infer`` section, or the ``infer`` section of ``--config`` (e.g. what
 ``threempose.calibrate`` writes; its defaults fill the keys it leaves out); ``--exit`` /
@@ -183,7 +184,11 @@ def _record(summary: RunSummary, path: Path, image_id: int, pred: Prediction) ->
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m threempose.infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by threempose.train")
+    p.add_argument("--checkpoint", help="a model.pt written by threempose.train (the torch runtime)")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch: the PyTorch network of --checkpoint; onnxruntime: the ONNX exit segments "
+                        "of --onnx DIR (python -m threempose.export), same exits and decoding")
+    p.add_argument("--onnx", metavar="DIR", help="an export directory (with --runtime onnxruntime)")
     p.add_argument("--images", required=True, help="an image file or a directory of images")
     p.add_argument("--out", required=True, help="COCO results JSON to write")
     p.add_argument("--exit", help="exit to use: an EEL layer (e.g. 4, 7), final or dynamic "
@@ -197,6 +202,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--annotations", help="COCO annotations: take image ids from them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.runtime == "torch" and (args.checkpoint is None or args.onnx is not None):
+        p.error("the torch runtime needs --checkpoint (and no --onnx; use --runtime onnxruntime for that)")
+    if args.runtime == "onnxruntime" and (args.onnx is None or args.checkpoint is not None):
+        p.error("--runtime onnxruntime needs --onnx DIR (the export holds the network and its infer settings) "
+                "and no --checkpoint")
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
     if args.dynamic and args.exit not in (None, DYNAMIC):
@@ -213,8 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = list_images(args.images)
         ids, skipped = image_ids(files, args.annotations)
         overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
-                                              **overrides)
+        if args.runtime == "onnxruntime":
+            predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, **overrides)
+        else:
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
+                                                  **overrides)
         summary = run(predictor, files, ids, args.batch, Path(args.draw) if args.draw else None,
                       progress=not args.no_progress)
         summary.skipped = skipped + summary.skipped
@@ -223,10 +236,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise InferInputError(f"no image of {args.images} could be processed; nothing written")
         atomic_write_json(out, summary.results, indent=None)
         atomic_write_json(out.with_suffix(".images.json"), {
-            "checkpoint": str(args.checkpoint), "exit": str(predictor.cfg.exit),
+            "checkpoint": str(args.checkpoint or args.onnx), "runtime": args.runtime,
+            "exit": str(predictor.cfg.exit),
             "flip_test": predictor.cfg.flip_test, "summary": summary.totals(),
             "images": summary.records, "skipped": summary.skipped})
-    except (InferInputError, CheckpointError, ConfigError, OSError, ValueError) as e:
+    except (InferInputError, CheckpointError, ConfigError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.text())

@@ -41,12 +41,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
+from torch import Tensor, nn
 
 from threempose.config import InferConfig, config_from_dict, load_config
 from threempose.data.augment import normalize
@@ -57,6 +57,9 @@ from threempose.decode.resize import ResizeInfo, resize_image
 from threempose.dynamic_exit import DYNAMIC, ExitScore, resolve_exit, resolve_rules, score_exit, should_exit
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import Carry
+
+if TYPE_CHECKING:
+    from threempose.runtime import ExportedSegments
 
 # A network: images [B, 3, H, W] -> the chosen exit's (heatmaps, tags), each [B, J, H/4, W/4].
 ExitFn = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -235,7 +238,8 @@ class Predictor:
     """A derived network and its test-time settings (see the module docstring).
 
     Args:
-        net: the network (moved to ``device``, put in eval mode).
+        net: the network (moved to ``device``, put in eval mode), or exported exit segments
+            (:func:`threempose.runtime.load_segments`: onnxruntime or torch.export programs; CPU).
         cfg: test-time settings (``exit``, ``eels``, decoding); defaults to InferConfig().
         device: "cpu", "cuda", "cuda:1", ... (a ValueError when CUDA is not available).
         flip_index: joint permutation of a horizontal flip (COCO's for 17 joints by default).
@@ -244,13 +248,20 @@ class Predictor:
     ``cfg.eels`` does not configure exactly the network's EELs.
     """
 
-    def __init__(self, net: DerivedNet, cfg: InferConfig | None = None, device: torch.device | str = "cpu",
+    def __init__(self, net: DerivedNet | ExportedSegments, cfg: InferConfig | None = None,
+                 device: torch.device | str = "cpu",
                  flip_index: Optional[Sequence[int]] = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
         self.cfg = cfg if cfg is not None else InferConfig()
-        self.net = net.to(self.device).eval()
+        if isinstance(net, nn.Module):
+            self.net = net.to(self.device).eval()
+        elif self.device.type != "cpu":
+            raise ValueError(f"exported segments run on the CPU (onnxruntime's CPU provider), not {device!r}; "
+                             "use --device cpu")
+        else:
+            self.net = net
         self.exit_layers = list(net.genotype.exit_layers)
         self.eel_layers = self.exit_layers[:-1]
         self.mode = resolve_exit(self.cfg.exit, self.exit_layers)
@@ -277,6 +288,18 @@ class Predictor:
 
         net, infer = load_model_file(path, "cpu")
         return cls(net, infer_settings(infer, config, **infer_overrides), device)
+
+    @classmethod
+    def from_export(cls, path: str | os.PathLike, runtime: str = "onnxruntime",
+                    config: str | os.PathLike | None = None, threads: Optional[int] = None,
+                    **infer_overrides: Any) -> "Predictor":
+        """A predictor running an export directory (``python -m threempose.export``) in
+        ``runtime`` (``"onnxruntime"`` or ``"torch.export"``), on the CPU; settings as in
+        :meth:`from_checkpoint`, from the export's copy of the model's ``infer`` section."""
+        from threempose.runtime import load_segments
+
+        segments = load_segments(path, runtime, threads)
+        return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu")
 
     @property
     def passes(self) -> int:
