@@ -38,7 +38,9 @@ import argparse
 import collections
 import hashlib
 import json
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,7 @@ from threempose.config import ConfigError
 from threempose.draw import save_drawing
 from threempose.dynamic_exit import DYNAMIC
 from threempose.engine.checkpoint import CheckpointError
-from threempose.predictor import ImageReadError, Prediction, Predictor, load_image
+from threempose.predictor import PREDICT_PARTS, ImageReadError, Prediction, Predictor, load_image
 from threempose.pnfs.dispatch import pnfs_main
 
 
@@ -67,6 +69,7 @@ class RunSummary:
     skipped: list[dict[str, str]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)       # seconds per part (:func:`run`)
 
     def totals(self) -> dict[str, Any]:
         n = len(self.records)
@@ -76,6 +79,16 @@ class RunSummary:
                 "exits": {str(k): exits[k] for k in sorted(exits)},
                 "mean_gflops": sum(r["gflops"] for r in self.records) / n if n else 0.0,
                 "images_per_s": n / self.seconds if self.seconds > 0 else 0.0}
+
+    def timing_text(self) -> str:
+        """``--benchmark``: images/s and where the wall time went. The loader's time runs in a
+        background thread, overlapped with the rest; "waiting for images" is the part of it the
+        network had to wait for."""
+        t = self.totals()
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
+        main = sum(v for k, v in self.timings.items() if k != "load (background)")
+        return (f"benchmark: {t['images']} images in {self.seconds:.2f} s = {t['images_per_s']:.2f} images/s; "
+                f"{parts}; other (records, drawings) {max(self.seconds - main, 0.0):.2f} s")
 
     def text(self) -> str:
         t = self.totals()
@@ -150,30 +163,107 @@ def drawing_names(files: Sequence[Path]) -> dict[Path, str]:
     return {f: (f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")) + ".png" for f in files}
 
 
+class BackgroundLoader:
+    """Reads and resizes the images of ``chunks`` in a background thread, at most ``prefetch``
+    chunks ahead, while the caller runs the network on the previous ones.
+
+    Iterating yields, per chunk, ``(files, arrays, prepared, skipped)``: the readable files,
+    their RGB arrays (only with ``keep_arrays``, for drawing; else None), the predictor's
+    prepared inputs and ``{"file", "reason"}`` for the unreadable ones. ``seconds`` is the
+    thread's busy time (reading + resizing). An unexpected error in the thread is raised by
+    the iteration; leaving the ``with`` block stops the thread.
+    """
+
+    def __init__(self, predictor: Predictor, chunks: Sequence[Sequence[Path]], keep_arrays: bool,
+                 prefetch: int = 2) -> None:
+        self.predictor = predictor
+        self.chunks = list(chunks)
+        self.keep_arrays = keep_arrays
+        self.seconds = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="threempose-infer-loader", daemon=True)
+
+    def __enter__(self) -> "BackgroundLoader":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        while self._thread.is_alive():            # unblock a put() waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.05)
+
+    def __iter__(self):
+        for _ in self.chunks:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _work(self) -> None:
+        try:
+            for chunk in self.chunks:
+                start = time.perf_counter()
+                files, arrays, prepared, skipped = [], [], [], []
+                for f in chunk:
+                    try:
+                        image = load_image(f)
+                    except ImageReadError as e:
+                        skipped.append({"file": str(f), "reason": e.reason})
+                        continue
+                    files.append(f)
+                    arrays.append(image)
+                    prepared.append(self.predictor.prepare(image))
+                self.seconds += time.perf_counter() - start
+                if not self._put((files, arrays if self.keep_arrays else None, prepared, skipped)):
+                    return
+        except BaseException as e:                # handed to the consumer, raised there
+            self._put(e)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
 def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], batch: int = 1,
         draw_dir: Optional[Path] = None, progress: bool = True) -> RunSummary:
-    """Predict every file of ``ids`` (in ``files`` order), ``batch`` images per call; unreadable
-    files go to ``summary.skipped``. Drawings are written as images finish."""
+    """Predict every file of ``ids`` (in ``files`` order), ``batch`` images per call, reading and
+    resizing the next images in a :class:`BackgroundLoader` meanwhile; unreadable files go to
+    ``summary.skipped``. Drawings are written as images finish. ``summary.timings`` splits the
+    wall time (see :meth:`RunSummary.timing_text`)."""
     summary = RunSummary()
     todo = [f for f in files if f in ids]
     names = drawing_names(files) if draw_dir is not None else {}
+    chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    before = dict(predictor.timings)
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="infer", unit="img", disable=not progress) as bar:
-        for i in range(0, len(todo), batch):
-            chunk, images = [], []
-            for f in todo[i:i + batch]:
-                try:
-                    images.append(load_image(f))
-                    chunk.append(f)
-                except ImageReadError as e:
-                    summary.skipped.append({"file": str(f), "reason": e.reason})
-            for f, image, pred in zip(chunk, images, predictor.predict_batch(images) if images else []):
+    waited = 0.0
+    with tqdm(total=len(todo), desc="infer", unit="img", disable=not progress) as bar, \
+            BackgroundLoader(predictor, chunks, keep_arrays=draw_dir is not None) as loader:
+        batches = iter(loader)
+        for chunk in chunks:
+            wait_start = time.perf_counter()
+            done, arrays, prepared, skipped = next(batches)
+            waited += time.perf_counter() - wait_start
+            summary.skipped += skipped
+            predictions = predictor.predict_prepared(prepared) if prepared else []
+            for k, (f, pred) in enumerate(zip(done, predictions)):
                 _record(summary, f, ids[f], pred)
                 if draw_dir is not None:
-                    save_drawing(draw_dir / names[f], image, [{"keypoints": p.keypoints, "score": p.score}
-                                                             for p in pred.people])
-            bar.update(len(todo[i:i + batch]))
+                    save_drawing(draw_dir / names[f], arrays[k], [{"keypoints": p.keypoints, "score": p.score}
+                                                                  for p in pred.people])
+            bar.update(len(chunk))
     summary.seconds = time.perf_counter() - start
+    summary.timings = {"load (background)": loader.seconds, "waiting for images": waited,
+                       **{part: predictor.timings[part] - before.get(part, 0.0) for part in PREDICT_PARTS}}
     return summary
 
 
@@ -201,6 +291,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--config", help="a JSON config whose infer section replaces the model file's")
     p.add_argument("--annotations", help="COCO annotations: take image ids from them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--benchmark", action="store_true",
+                   help="print images/s and the time split: image loading, network, exit scoring, decoding")
     args = p.parse_args(argv)
     if args.runtime == "torch" and (args.checkpoint is None or args.onnx is not None):
         p.error("the torch runtime needs --checkpoint (and no --onnx; use --runtime onnxruntime for that)")
@@ -244,6 +336,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.text())
+    if args.benchmark:
+        print(summary.timing_text())
     print(f"results: {out} ({len(summary.results)} people), per image: {out.with_suffix('.images.json')}")
     return 0
 

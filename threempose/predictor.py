@@ -66,6 +66,8 @@ ExitFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]
 
 SIZE_MULTIPLE = 32
+# What Predictor.timings splits its time into: exit segments, dynamic-exit scoring, decoding + grouping
+PREDICT_PARTS = ("network", "exit scoring", "decode/group")
 
 
 class ImageReadError(ValueError):
@@ -271,8 +273,7 @@ class Predictor:
         if self.cfg.flip_test and self.flip_index is None:
             raise ValueError(f"flip test needs flip_index for a {net.num_joints}-joint network")
         self._gflops: dict[tuple[int, int], dict[int, float]] = {}
-        # seconds spent so far: "network" (exit segments), "exit" (dynamic scoring), "decode"
-        self.timings: collections.Counter[str] = collections.Counter()
+        self.timings: collections.Counter[str] = collections.Counter()   # seconds per PREDICT_PARTS
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -362,7 +363,7 @@ class Predictor:
                 out, carry = self.net.segment(start)
             n = len(active)
             if self.mode == DYNAMIC and carry is not None:
-                with self._timed("exit"):
+                with self._timed("exit scoring"):
                     for row, i in enumerate(active):
                         scores[i][out.layer] = self.score(image_passes(out.heatmaps, row, n, flip), infos[i], out.layer)
                     stop = [should_exit(scores[i][out.layer], self.rules[out.layer].threshold) for i in active]
@@ -372,7 +373,7 @@ class Predictor:
                 if not stop[row]:
                     continue
                 nothing = out.layer in scores[i] and scores[i][out.layer].detected == 0
-                with self._timed("decode"):
+                with self._timed("decode/group"):
                     people = [] if nothing else decode_image(
                         image_passes(out.heatmaps, row, n, flip), image_passes(out.tags, row, n, flip),
                         self.decode_params, infos[i], self.flip_index)
