@@ -22,8 +22,8 @@ Segment signatures (all float32, ``h_r = H / 2**(r+2)``; names as in the ONNX mo
 layer's rows and its fused Fuse-Split features; no ``skip`` without Fuse-Split); a segment's
 ``out_*`` are the next one's inputs, and the next segment runs the EEL's Split first. Images are normalised as
 :func:`threempose.predictor.prepare_image` does. Batch, ``H`` and ``W`` are dynamic: any batch
-size and any ``H``, ``W`` that are multiples of 32 (what the predictor pads to) up to
-``32 * MAX_SIZE_UNITS``, from one export. :mod:`threempose.runtime` runs a directory
+size and any ``H``, ``W`` that are multiples of 32 (what the predictor pads to) from 96 to 8192
+(``MIN_SIZE_UNITS``), from one export. :mod:`threempose.runtime` runs a directory
 (``threempose.infer --runtime onnxruntime --onnx DIR``).
 
 TorchScript is no longer written: it baked one input size into the trace, always computed every
@@ -56,8 +56,11 @@ FORMAT = "threempose-segments/1"
 FORMATS = ("pt2", "onnx")
 ONNX_OPSET = 18
 SIZE_MULTIPLE = 32
-MAX_SIZE_UNITS = 256                     # H, W up to 32 * 256 = 8192 pixels
-EXAMPLE_HW = (64, 96)                    # the example input the programs are traced with (any size works)
+# H and W in [32 * MIN_SIZE_UNITS, 32 * MAX_SIZE_UNITS]: 96 to 8192 pixels. Below 96 the 1/32 row is
+# 1 or 2 pixels and a zoomed conv halves it to 1, where the traced bilinear resize takes another path
+# (torch.export specialises on it); the predictor's inputs (short side 512 by default) are far above.
+MIN_SIZE_UNITS, MAX_SIZE_UNITS = 3, 256
+EXAMPLE_HW = (128, 160)                  # the example input the programs are traced with
 ONNX_MISSING = ("ONNX export needs the optional packages onnx and onnxscript: "
                 "pip install 'threempose[onnx]'")
 
@@ -120,8 +123,8 @@ def trace_segments(net: DerivedNet) -> list[tuple[ExitSegment, tuple[Tensor, ...
     """Each segment's module, example inputs (batch 2, :data:`EXAMPLE_HW`) and the
     ``torch.export`` dynamic shapes making batch, ``H`` and ``W`` (multiples of 32) free."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    h = torch.export.Dim("h32", min=1, max=MAX_SIZE_UNITS)
-    w = torch.export.Dim("w32", min=1, max=MAX_SIZE_UNITS)
+    h = torch.export.Dim("h32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
+    w = torch.export.Dim("w32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
     start: Tensor | Carry = torch.randn(2, 3, *EXAMPLE_HW, generator=torch.Generator().manual_seed(0))
     segments = []
     with torch.no_grad():
@@ -182,7 +185,7 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
         meta = {"format": FORMAT, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
                 "exit_layers": list(net.genotype.exit_layers), "num_joints": net.num_joints,
                 "stem_blocks": net.stem_blocks, "size_multiple": SIZE_MULTIPLE,
-                "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS, "segments": [s.to_dict() for s in specs],
+                "min_size": SIZE_MULTIPLE * MIN_SIZE_UNITS, "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS, "segments": [s.to_dict() for s in specs],
                 "infer": infer or {}, "genotype": net.genotype.to_dict()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _replace_dir(tmp, out_dir)

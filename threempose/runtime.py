@@ -50,6 +50,7 @@ class ExportedSegments:
         self.genotype = Genotype.from_dict(meta["genotype"], source="export metadata")
         self.num_joints = int(meta["num_joints"])
         self.size_multiple = int(meta["size_multiple"])
+        self.size_range = (int(meta["min_size"]), int(meta["max_size"]))
         self.infer: dict[str, Any] = meta.get("infer", {})
         self._index = {spec.start: i for i, spec in enumerate(self.specs)}
         with torch.device("meta"):               # shapes only: for exit_gflops
@@ -57,11 +58,13 @@ class ExportedSegments:
 
     def segment(self, start: Tensor | Carry) -> tuple[ExitOutput, Optional[Carry]]:
         """As :meth:`DerivedNet.segment`: images ``[B, 3, H, W]`` (``H``, ``W`` multiples of
-        32) or an EEL's carry -> ``(exit output, carry or None at the last exit)``."""
+        32 in the export's ``min_size..max_size``) or an EEL's carry -> ``(exit output, carry or None at the last exit)``."""
         if isinstance(start, Tensor):
-            if start.dim() != 4 or start.shape[1] != 3 or any(s % self.size_multiple for s in start.shape[-2:]):
+            lo, hi = self.size_range
+            if (start.dim() != 4 or start.shape[1] != 3
+                    or any(s % self.size_multiple or not lo <= s <= hi for s in start.shape[-2:])):
                 raise ValueError(f"exported segments take images [B, 3, H, W] with H and W multiples of "
-                                 f"{self.size_multiple}, got {tuple(start.shape)}")
+                                 f"{self.size_multiple} from {lo} to {hi}, got {tuple(start.shape)}")
             key, inputs = 0, [start]
         else:
             key, inputs = start.layer, start.tensors()
