@@ -33,6 +33,7 @@ AOTInductor) and the ONNX models every other runtime.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -159,12 +160,8 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
-    if "onnx" in formats:
-        try:
-            import onnx  # noqa: F401
-            import onnxscript  # noqa: F401
-        except ImportError:
-            raise ExportError(ONNX_MISSING) from None
+    if "onnx" in formats and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise ExportError(ONNX_MISSING)
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / META_FILE).is_file())):
         raise ExportError(f"--out {out_dir} exists and is not an earlier threempose export; choose a new directory")

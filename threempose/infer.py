@@ -2,8 +2,16 @@
 
     python -m threempose.infer --checkpoint runs/train-.../model.pt --images DIR_OR_FILE \\
         --out results.json [--exit 4|7|final|dynamic] [--dynamic] [--draw OUT_DIR] \\
-        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json]
+        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json] [--benchmark]
     python -m threempose.infer --runtime onnxruntime --onnx EXPORT_DIR --images ... (the same options)
+
+Runtimes: ``torch`` (default) runs the network of ``--checkpoint``; ``onnxruntime`` runs the ONNX
+exit segments of an export directory (``python -m threempose.export``; the export carries the
+model's infer settings), with the same exit rule, batching and decoding.
+
+Batches: ``--batch N`` images per call; with dynamic exits every image leaves the batch at its
+own exit (:mod:`threempose.predictor`). The next images are read and resized in a background
+thread meanwhile; ``--benchmark`` prints images/s and where the time went.
 
 Settings: the model file's ``infer`` section, or the ``infer`` section of ``--config`` (e.g. what
 ``threempose.calibrate`` writes; its defaults fill the keys it leaves out); ``--exit`` /
