@@ -227,7 +227,7 @@ def test_other_commands_answer_in_one_line(tmp_path, capsys):
     one_error_line(capsys)
     assert profile.main(["--genotype", str(tmp_path / "g.json")]) == 2
     one_error_line(capsys)
-    assert export.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.ts")]) == 2
+    assert export.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m")]) == 2
     one_error_line(capsys)
 
 
@@ -236,6 +236,10 @@ def test_search_and_export_check_their_outputs_first(tmp_path, capsys):
     config = tiny(tmp_path, run={"out_dir": str(tmp_path / "afile")})
     assert search.main(["--config", str(config)]) == 2
     assert "run.out_dir" in one_error_line(capsys) and not (tmp_path / "cache").exists()   # no data made
-    (tmp_path / "m.ts").mkdir()
-    assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.ts")]) == 2
+    (tmp_path / "export").write_text("x")                  # export writes a directory
+    assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "export")]) == 2
     assert "--out" in one_error_line(capsys)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "other")]) == 2
+    assert "not an earlier threempose export" in one_error_line(capsys)

@@ -9,12 +9,12 @@ import torch
 
 from threempose.config import ConfigError, EELConfig
 from threempose.dynamic_exit import (NEVER, ExitRule, ExitScore, choose_exit, confidence_floor,
-                                     eq34_confidence, resolve_exit, resolve_rules, run_until, score_exit,
+                                     eq34_confidence, resolve_exit, resolve_rules, score_exit,
                                      should_exit)
-from threempose.predictor import Predictor
+from threempose.predictor import Predictor, decode_image, image_passes, with_flips
 from threempose.profile import profile_network
 
-from test_predictor import random_image, tiny_infer, tiny_net
+from test_predictor import random_image, same_people, tiny_infer, tiny_net
 
 
 def smooth_maps(joints: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -92,17 +92,6 @@ def test_exit_and_rule_settings_are_checked():
         resolve_rules([EELConfig(layer=4)], [4, 7])
     with pytest.raises(ConfigError):
         resolve_rules([EELConfig(layer=4), EELConfig(layer=4)], [4, 7])
-
-
-def test_run_until_closes_the_generator():
-    ran = []
-
-    def exits():
-        for layer in (1, 2, 3):
-            ran.append(layer)
-            yield type("Out", (), {"layer": layer})()
-
-    assert run_until(exits(), lambda o: o.layer == 1).layer == 1 and ran == [1]
 
 
 # --------------------------------------------------------------------------- #
@@ -184,3 +173,65 @@ def test_nothing_detected_stops_at_the_first_eel_with_no_people():
     assert result.exit == 1 and result.people == [] and result.scores == {1: ExitScore(0, None)}
     assert set(calls["layers"]) == {1}
     assert Predictor(net, tiny_infer(exit="final")).predict(random_image(64, 80)).people == []
+
+
+# --------------------------------------------------------------------------- #
+# Batched dynamic inference
+# --------------------------------------------------------------------------- #
+def reference_dynamic(net, predictor, image):
+    """One image, the independent way: every exit computed, the rule replayed with choose_exit on
+    the recorded scores, the chosen exit decoded. ``(exit layer, people)``."""
+    flip = predictor.cfg.flip_test
+    x, info = predictor.prepare(image)
+    with torch.no_grad():
+        exits = {o.layer: o for o in net(with_flips(x, flip))}
+    scores = {layer: predictor.score(image_passes(exits[layer].heatmaps, 0, 1, flip), info, layer)
+              for layer in predictor.rules}
+    layer = choose_exit(scores, {k: r.threshold for k, r in predictor.rules.items()}, max(exits))
+    if layer in scores and scores[layer].detected == 0:
+        return layer, []
+    out = exits[layer]
+    return layer, decode_image(image_passes(out.heatmaps, 0, 1, flip), image_passes(out.tags, 0, 1, flip),
+                               predictor.decode_params, info, predictor.flip_index)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_batched_dynamic_equals_one_image_at_a_time_on_a_mixed_batch(net, flip):
+    """Thresholds between the images' own confidences make a batch whose images leave at layers
+    1, 2 and 3; the batched run drops them as they exit and must give each image the exit and
+    people of the one-at-a-time reference."""
+    images = [random_image(64, 80, seed) for seed in range(7)] + [random_image(70, 64, 9)]  # two input sizes
+    probe = Predictor(net, tiny_infer(exit="dynamic", flip_test=flip,
+                                      eels=[EELConfig(layer=1, c0=0.05), EELConfig(layer=2, c0=0.05)]))
+    conf = {layer: [] for layer in (1, 2)}
+    for image in images:
+        x, info = probe.prepare(image)
+        with torch.no_grad():
+            exits = net(with_flips(x, flip))[:2]
+        for out in exits:
+            conf[out.layer].append(probe.score(image_passes(out.heatmaps, 0, 1, flip), info, out.layer).confidence)
+    c1 = sorted(conf[1])
+    t1 = (c1[-3] + c1[-4]) / 2                                        # the 3 most confident leave at 1
+    c2 = sorted(c for c, d in zip(conf[2], conf[1]) if d < t1)
+    t2 = (c2[-2] + c2[-3]) / 2                                        # 2 of the other 5 leave at 2
+    cfg = tiny_infer(exit="dynamic", flip_test=flip, eels=[EELConfig(layer=1, c0=0.05, threshold=t1),
+                                                           EELConfig(layer=2, c0=0.05, threshold=t2)])
+    predictor = Predictor(net, cfg)
+    runs = predictor.net                                    # the network it runs (optimized by default)
+    expected = [reference_dynamic(runs, predictor, image) for image in images]
+    assert sorted(layer for layer, _ in expected) == [1, 1, 1, 2, 2, 3, 3, 3]
+    last_cell = next(c for c in runs.genotype.cells if c.layer == 3 and str(c.index) in runs.cells)
+    rows_seen = []
+    hook = runs.cells[str(last_cell.index)].register_forward_hook(
+        lambda module, args, output: rows_seen.append(output.shape[0]))
+    try:
+        batched = predictor.predict_batch(images)
+    finally:
+        hook.remove()
+    assert sum(rows_seen) == 3 * predictor.passes           # only the images still running reach layer 3
+    single = [predictor.predict(image) for image in images]
+    for (layer, people), b, s in zip(expected, batched, single):
+        assert b.exit == s.exit == layer
+        assert same_people(b.people, people) and same_people(s.people, people)
+        assert b.gflops == s.gflops and sorted(b.scores) == [1, 2][:min(layer, 2)]
+    assert sum(len(p) for _, p in expected) > 0

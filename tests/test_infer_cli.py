@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,21 +73,28 @@ def test_infer_writes_results_records_drawings_and_a_summary(model, images, data
 def test_unreadable_files_are_skipped_and_listed(model, images, tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["--checkpoint", str(model), "--images", str(images), "--out", str(out), "--dynamic",
-                 "--batch", "2", "--no-progress"]) == 0
+                 "--batch", "2", "--no-progress", "--benchmark"]) == 0
     captured = capsys.readouterr()
     meta = json.loads(out.with_suffix(".images.json").read_text())
     assert sorted(s["file"].split("/")[-1] for s in meta["skipped"]) == ["broken.jpg", "notes.txt"]
     assert "notes.txt: not an image" in captured.out and "broken.jpg: unreadable" in captured.out
     assert [r["image_id"] for r in meta["images"]] == [1, 2, 3]       # digit stems are the ids
     assert all(sorted(r["scores"]) == ["1", "2"] for r in meta["images"])  # thesis thresholds: never early
-    assert "one image at a time" in captured.err
+    [line] = [x for x in captured.out.splitlines() if x.startswith("benchmark: ")]
+    seconds = {name: float(value) for name, value in re.findall(r"(load \(background\)|waiting for images|network|"
+                                                               r"exit scoring|decode/group) ([\d.]+) s", line)}
+    assert "3 images in" in line and "images/s" in line
+    assert sorted(seconds) == sorted(["load (background)", "waiting for images", "network", "exit scoring",
+                                      "decode/group"])
+    assert seconds["network"] > 0 and seconds["load (background)"] > 0
 
 
-def test_static_batches_give_the_same_results(model, data, tmp_path):
+@pytest.mark.parametrize("exit", ["2", "dynamic"])
+def test_batches_give_the_same_results(model, data, tmp_path, exit):
     outs = []
     for batch in ("1", "3"):
         out = tmp_path / f"b{batch}.json"
-        assert main(["--checkpoint", str(model), "--images", str(data[0]), "--out", str(out), "--exit", "2",
+        assert main(["--checkpoint", str(model), "--images", str(data[0]), "--out", str(out), "--exit", exit,
                      "--batch", batch, "--no-progress"]) == 0
         outs.append(json.loads(out.read_text()))
     assert len(outs[0]) == len(outs[1])
@@ -163,3 +171,24 @@ def test_module_entry_point(model, data, tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exits taken: layer 1: 1" in proc.stdout and out.is_file()
+
+
+def test_background_loader_hands_errors_over_and_stops(model, data):
+    """An unexpected error while reading ahead is raised in the caller, and the thread ends."""
+    from threempose.infer import BackgroundLoader
+    from threempose.predictor import Predictor
+
+    class Failing(Predictor):
+        def prepare(self, image):
+            raise RuntimeError("disk on fire")
+
+    predictor = Failing.from_checkpoint(model)
+    files = sorted(data[0].iterdir())
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with BackgroundLoader(predictor, [files[:1], files[1:]], keep_arrays=False) as loader:
+            list(loader)
+    assert not loader._thread.is_alive()
+    with BackgroundLoader(Predictor.from_checkpoint(model), [files[:2], files[2:]], keep_arrays=True) as loader:
+        chunks = list(loader)
+    assert [c[0] for c in chunks] == [files[:2], files[2:]] and chunks[0][1][0].shape[2] == 3
+    assert all(x.shape[:2] == (1, 3) for c in chunks for x, _ in c[2]) and loader.seconds > 0

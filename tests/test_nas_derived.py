@@ -11,7 +11,7 @@ from threempose.config import ModelConfig
 from threempose.nas import cell as cell_module
 from threempose.nas import ops as ops_module
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.fabric import Carry, Supernet
 from threempose.nas.fuse_split import FuseSplit
 from threempose.nas.genotype import Genotype
 
@@ -74,6 +74,32 @@ def test_iter_exits_runs_later_layers_only_when_asked(genotype, net):
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_segments_chain_to_the_forward_and_carries_can_drop_images(net):
+    """stem -> exit 2 -> exit 3 -> exit 4 through explicit carries gives forward()'s exits; a
+    carry cut to some images continues exactly as those images run on their own."""
+    x = torch.randn(3, 3, 45, 59, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = net(x)
+        out2, carry2 = net.segment(x)
+        assert carry2.layer == 2 and carry2.skip.shape == (3, 4, 12, 15)
+        assert sorted(carry2.feats) == [0, 1, 2] and carry2.feats[2].shape[-2:] == (3, 4)
+        flat = carry2.tensors()
+        again = Carry.from_tensors(2, sorted(carry2.feats), flat)
+        out3, carry3 = net.segment(again)
+        out4, last = net.segment(carry3)
+        assert last is None
+        for a, b in zip(full, (out2, out3, out4)):
+            assert a.layer == b.layer and torch.equal(a.heatmaps, b.heatmaps) and torch.equal(a.tags, b.tags)
+        keep = torch.tensor([2, 0])
+        out3_kept, _ = net.segment(carry2.select(keep))
+        alone = net(x[keep])[1]
+        assert torch.allclose(out3_kept.heatmaps, alone.heatmaps, atol=1e-6)
+        with pytest.raises(ValueError, match="no exit after layer 4"):
+            net.segment(Carry(4, carry3.feats, carry3.skip))
+        with pytest.raises(ValueError, match="has 3 or 4 tensors, got 2"):
+            Carry.from_tensors(2, [0, 1, 2], flat[:2])
 
 
 @pytest.mark.parametrize("hw", [(64, 48), (45, 59)])

@@ -55,14 +55,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from threempose.config import ConfigError, EELConfig
 from threempose.kernels import heatmap_moments
-from threempose.nas.fuse_split import ExitOutput
 
 DYNAMIC = "dynamic"
 FINAL = "final"
@@ -178,24 +177,6 @@ def resolve_rules(eels: Sequence[EELConfig], eel_layers: Sequence[int]) -> dict[
                           f"{list(eel_layers)}; give one entry (layer, c0, c1, c2, threshold) per EEL, "
                           "or run python -m threempose.calibrate to write them")
     return {e.layer: ExitRule.from_config(e) for e in eels}
-
-
-def run_until(exits: Iterator[ExitOutput], stop) -> ExitOutput:
-    """Pull exits from a lazy ``DerivedNet.iter_exits`` generator until ``stop(exit_output)`` is
-    true or the last exit is reached; the generator is closed so nothing after the returned
-    exit is ever computed. Returns that exit's :class:`ExitOutput`."""
-    out = None
-    try:
-        for out in exits:
-            if stop(out):
-                break
-    finally:
-        close = getattr(exits, "close", None)
-        if close is not None:
-            close()
-    if out is None:
-        raise ValueError("the network yielded no exit")
-    return out
 
 
 def confidence_floor(c0: float, c1: float = 1.0, c2: float = 1.0) -> float:

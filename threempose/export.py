@@ -1,123 +1,261 @@
-"""Export a trained network with all its exits to TorchScript (decoding stays in Python/C++).
+"""Export a trained network as exit segments: ``torch.export`` programs and ONNX models.
 
-    python -m threempose.export --checkpoint model.pt --out model.ts [--input-size 512 | WxH]
+    python -m threempose.export --checkpoint model.pt --out DIR [--format pt2,onnx]
 
-The file holds a traced :class:`ExitsModule`: ``images [B, 3, H, W]`` (normalised as
-:func:`threempose.predictor.prepare_image` does) ``-> (heatmaps, tags)``, each ``[E, B, J, H/4,
-W/4]`` with one row per exit in layer order (every EEL, then the last layer). Its metadata
-(``threempose.json`` extra file: exit layers, input size, joints, the model's infer settings
-and genotype) is read back with :func:`load_exported`.
+One segment per exit (:meth:`DerivedNet.segment`), so a runtime outside PyTorch can stop early
+exactly as :class:`threempose.predictor.Predictor` does (the thesis network: stem -> exit 4,
+exit 4 -> exit 7, exit 7 -> exit 10). ``DIR`` holds::
 
-Input size. The fabric computes its feature sizes in Python from the input size, so the trace
-bakes in the ``H x W`` it was traced at (the batch size stays free). A scripted check traced
-into the module makes any other size fail with a clear error (``torch.jit.Error``: "traced for
-input [B, 3, H, W], got ...") instead of giving wrong maps. Export once per input size you serve (e.g. 512 x 512 for square crops, or the padded
-sizes ``threempose.predictor`` produces). The trace runs the whole network: every exit is
-computed (no early exit).
+    threempose.json      metadata: exit layers, each segment's files, inputs and outputs, the
+                         ONNX opset, the model's infer settings and genotype
+    exit4.pt2            torch.export program (torch.export.load) of the segment ending at exit 4
+    exit4.onnx           the same program as an ONNX model (dynamo exporter, opset ONNX_OPSET)
+    exit7.pt2, exit7.onnx, exit10.pt2, exit10.onnx
+
+Segment signatures (all float32, ``h_r = H / 2**(r+2)``; names as in the ONNX models)::
+
+    first:  images [B, 3, H, W]                     -> heatmaps, tags [B, J, H/4, W/4], out_row0..K, out_skip
+    middle: row0..rowK [B, C*2**r, h_r, w_r], skip  -> heatmaps, tags, out_row0..K', out_skip
+    last:   row0..rowK, skip                        -> heatmaps, tags
+
+``row*`` and ``skip`` are the carried features (:class:`~threempose.nas.fabric.Carry`: the EEL
+layer's rows and its fused Fuse-Split features; no ``skip`` without Fuse-Split); a segment's
+``out_*`` are the next one's inputs, and the next segment runs the EEL's Split first. Images are normalised as
+:func:`threempose.predictor.prepare_image` does. Batch, ``H`` and ``W`` are dynamic: any batch
+size and any ``H``, ``W`` that are multiples of 32 (what the predictor pads to) from 96 to 8192
+(``MIN_SIZE_UNITS``), from one export. :mod:`threempose.runtime` runs a directory
+(``threempose.infer --runtime onnxruntime --onnx DIR``).
+
+TorchScript is no longer written: it baked one input size into the trace, always computed every
+exit, and is deprecated in current PyTorch; the ``.pt2`` programs serve PyTorch (and
+AOTInductor) and the ONNX models every other runtime.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from threempose.atomic import atomic_open
-from threempose.cli import check_output_file, entry_point
+from threempose.cli import UserError, check_output_dir, entry_point
 from threempose.nas.derived import DerivedNet
-from threempose.profile import parse_input_size
+from threempose.nas.fabric import Carry
 
 META_FILE = "threempose.json"
-FORMAT = "threempose-exits/1"
+FORMAT = "threempose-segments/1"
+FORMATS = ("pt2", "onnx")
+ONNX_OPSET = 18
+SIZE_MULTIPLE = 32
+# H and W in [32 * MIN_SIZE_UNITS, 32 * MAX_SIZE_UNITS]: 96 to 8192 pixels. Below 96 the 1/32 row is
+# 1 or 2 pixels and a zoomed conv halves it to 1, where the traced bilinear resize takes another path
+# (torch.export specialises on it); the predictor's inputs (short side 512 by default) are far above.
+MIN_SIZE_UNITS, MAX_SIZE_UNITS = 3, 256
+EXAMPLE_HW = (128, 160)                  # the example input the programs are traced with
+ONNX_MISSING = ("ONNX export needs the optional packages onnx and onnxscript: "
+                "pip install 'threempose[onnx]'")
 
 
-@torch.jit.script
-def _check_input(images: Tensor, height: int, width: int) -> Tensor:
-    """``images`` unchanged if ``[B, 3, height, width]``; a RuntimeError naming both sizes otherwise."""
-    if images.dim() != 4 or images.size(1) != 3 or images.size(2) != height or images.size(3) != width:
-        raise RuntimeError("threempose export: this TorchScript module was traced for input [B, 3, "
-                           + str(height) + ", " + str(width) + "], got " + str(images.shape)
-                           + "; pad the image to that size or export again with --input-size")
-    return images
+class ExportError(UserError, ValueError):
+    """Export cannot be done as asked (missing optional packages, bad output directory)."""
 
 
-class ExitsModule(nn.Module):
-    """Every exit of a DerivedNet as two stacked tensors (see the module docstring).
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One exit segment's place and signature.
 
-    ``forward(images [B, 3, H, W]) -> (heatmaps [E, B, J, H/4, W/4], tags [E, B, J, H/4, W/4])``.
+    start: the EEL layer whose carry it starts from, 0 for the images.
+    layer: its exit's layer.
+    inputs, outputs: tensor names in order (``images`` or ``row<r>``/``skip``; ``heatmaps``,
+        ``tags``, then the carry's names unless it is the last segment).
     """
 
-    def __init__(self, net: DerivedNet, input_hw: tuple[int, int]) -> None:
+    start: int
+    layer: int
+    inputs: list[str]
+    outputs: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"exit{self.layer}"
+
+    @property
+    def carry_rows(self) -> list[int]:
+        """The rows of the carry it returns (empty for the last segment)."""
+        return [int(n[len("out_row"):]) for n in self.outputs if n.startswith("out_row")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "layer": self.layer, "inputs": self.inputs, "outputs": self.outputs}
+
+
+def carry_names(carry: Carry, prefix: str = "") -> list[str]:
+    """Names of :meth:`Carry.tensors`, in its order (``prefix`` ``"out_"`` for outputs: ONNX names
+    must differ from the inputs')."""
+    return [f"{prefix}row{r}" for r in sorted(carry.feats)] + ([f"{prefix}skip"] if carry.skip is not None else [])
+
+
+class ExitSegment(nn.Module):
+    """One exit segment of ``net`` with flat tensor inputs and outputs (the module docstring's
+    signatures): ``forward(*inputs) -> (heatmaps, tags, *carried)``."""
+
+    def __init__(self, net: DerivedNet, spec: SegmentSpec, start_rows: Sequence[int]) -> None:
         super().__init__()
         self.net = net
-        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.spec = spec
+        self.start_rows = list(start_rows)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        images = _check_input(images, self.input_hw[0], self.input_hw[1])
-        exits = self.net(images)
-        return torch.stack([e.heatmaps for e in exits]), torch.stack([e.tags for e in exits])
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        start = inputs[0] if self.spec.start == 0 else Carry.from_tensors(self.spec.start, self.start_rows, inputs)
+        out, carry = self.net.segment(start)
+        return (out.heatmaps, out.tags, *(carry.tensors() if carry is not None else ()))
 
 
-def export_torchscript(net: DerivedNet, path: str | os.PathLike, input_hw: tuple[int, int],
-                       infer: Optional[dict[str, Any]] = None) -> Path:
-    """Trace ``net`` (eval mode, on the CPU) at ``input_hw = (H, W)`` and save it atomically.
+def trace_segments(net: DerivedNet) -> list[tuple[ExitSegment, tuple[Tensor, ...], dict[str, Any]]]:
+    """Each segment's module, example inputs (batch 2, :data:`EXAMPLE_HW`) and the
+    ``torch.export`` dynamic shapes making batch, ``H`` and ``W`` (multiples of 32) free."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    h = torch.export.Dim("h32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
+    w = torch.export.Dim("w32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
+    start: Tensor | Carry = torch.randn(2, 3, *EXAMPLE_HW, generator=torch.Generator().manual_seed(0))
+    segments = []
+    with torch.no_grad():
+        while start is not None:
+            if isinstance(start, Tensor):
+                inputs, names, rows, first = (start,), ["images"], [], 0
+                shapes = [{0: batch, 2: SIZE_MULTIPLE * h, 3: SIZE_MULTIPLE * w}]
+            else:
+                inputs, names, rows, first = tuple(start.tensors()), carry_names(start), sorted(start.feats), start.layer
+                # row r is H / 2**(r+2) = (8 >> r) * (H / 32); skip is row 0's size
+                shapes = [{0: batch, 2: (8 >> r) * h, 3: (8 >> r) * w} for r in rows]
+                shapes += [{0: batch, 2: 8 * h, 3: 8 * w}] * (len(inputs) - len(rows))
+            out, carry = net.segment(start)
+            outputs = ["heatmaps", "tags"] + (carry_names(carry, "out_") if carry is not None else [])
+            spec = SegmentSpec(first, out.layer, names, outputs)
+            segments.append((ExitSegment(net, spec, rows).eval(), inputs, {"inputs": tuple(shapes)}))
+            start = carry
+    return segments
 
-    Returns the path. ``infer`` (the model's infer settings) is stored in the metadata.
+
+def check_export_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path if an export may be written there: a new directory, an empty one or
+    an earlier export; OutputPathError / ExportError naming the problem otherwise."""
+    out_dir = check_output_dir(out_dir, "--out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file():
+        raise ExportError(f"--out {out_dir} exists and is not an earlier threempose export; choose a new directory")
+    return out_dir
+
+
+def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional[dict[str, Any]] = None,
+                    formats: Sequence[str] = FORMATS) -> Path:
+    """Export ``net`` (eval mode, CPU, float32) as exit segments into ``out_dir`` (see the module
+    docstring); ``infer`` (the model's infer settings) goes into the metadata.
+
+    The directory appears complete or not at all: everything is written to a temporary
+    directory beside it and renamed. An existing ``out_dir`` is replaced only if it is empty or
+    an earlier export (it holds ``threempose.json``). Raises ExportError for an unknown format,
+    a missing optional package or an ``out_dir`` that is something else.
     """
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+    if "onnx" in formats and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise ExportError(ONNX_MISSING)
+    out_dir = check_export_dir(out_dir)
     net = net.cpu().eval()
-    module = ExitsModule(net, input_hw).eval()
-    example = torch.zeros(1, 3, *module.input_hw)
-    with torch.no_grad(), warnings.catch_warnings():
-        # Python-side size arithmetic is expected to be frozen into the trace (module docstring).
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(module, example, check_trace=False)
-    meta = {"format": FORMAT, "exit_layers": list(net.genotype.exit_layers), "input_hw": list(module.input_hw),
-            "num_joints": net.num_joints, "outputs": ["heatmaps [E, B, J, H/4, W/4]", "tags [E, B, J, H/4, W/4]"],
-            "infer": infer or {}, "genotype": net.genotype.to_dict()}
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        torch.jit.save(traced, f, _extra_files={META_FILE: json.dumps(meta)})
-    return path
-
-
-def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"
-                  ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """``(module, metadata)`` of a file written by :func:`export_torchscript`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"exported model not found: {path}")
-    extra = {META_FILE: ""}
-    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        meta = json.loads(extra[META_FILE])
-    except json.JSONDecodeError:
-        meta = None
+        specs = []
+        for module, inputs, shapes in trace_segments(net):
+            spec = module.spec
+            with torch.no_grad():
+                program = torch.export.export(module, inputs, dynamic_shapes=shapes)
+            if "pt2" in formats:
+                torch.export.save(program, tmp / f"{spec.name}.pt2")
+            if "onnx" in formats:
+                _save_onnx(program, inputs, spec, tmp / f"{spec.name}.onnx")
+            specs.append(spec)
+        meta = {"format": FORMAT, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
+                "exit_layers": list(net.genotype.exit_layers), "num_joints": net.num_joints,
+                "stem_blocks": net.stem_blocks, "size_multiple": SIZE_MULTIPLE,
+                "min_size": SIZE_MULTIPLE * MIN_SIZE_UNITS, "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS, "segments": [s.to_dict() for s in specs],
+                "infer": infer or {}, "genotype": net.genotype.to_dict()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _save_onnx(program: torch.export.ExportedProgram, inputs: tuple[Tensor, ...], spec: SegmentSpec,
+               path: Path) -> None:
+    """Convert a segment's program with the dynamo ONNX exporter (opset :data:`ONNX_OPSET`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the exporter's deprecation chatter, not ours
+        onnx_program = torch.onnx.export(program, inputs, dynamo=True, opset_version=ONNX_OPSET,
+                                         input_names=spec.inputs, output_names=spec.outputs,
+                                         verbose=False, report=False)
+    onnx_program.save(str(path))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``, moving an earlier ``target`` out of the way first."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an export directory; ValueError when it is not one."""
+    path = Path(out_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir}: not a threempose export directory (no {META_FILE}); "
+                                "write one with python -m threempose.export")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is a TorchScript file but not a threempose export (no {META_FILE})")
-    return module, meta
+        raise ValueError(f"{path}: not a {FORMAT} export (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    return meta
+
+
+def segment_specs(meta: dict[str, Any]) -> list[SegmentSpec]:
+    """The :class:`SegmentSpec` list of an export's metadata."""
+    return [SegmentSpec(s["start"], s["layer"], list(s["inputs"]), list(s["outputs"])) for s in meta["segments"]]
 
 
 @entry_point(also=(ValueError,))
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m threempose.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a model.pt written by threempose.train")
-    p.add_argument("--out", required=True, help="TorchScript file to write (e.g. model.ts)")
-    p.add_argument("--input-size", type=parse_input_size, default=(512, 512),
-                   help="traced input size: N (square) or WxH (default 512)")
+    p.add_argument("--out", required=True, help="directory to write (segments and threempose.json)")
+    p.add_argument("--format", default=",".join(FORMATS),
+                   help=f"comma-separated subset of {','.join(FORMATS)} (default: both)")
     args = p.parse_args(argv)
     from threempose.model_file import load_model_file
 
-    check_output_file(args.out, "--out")
+    check_export_dir(args.out)
     net, infer = load_model_file(args.checkpoint)
-    path = export_torchscript(net, args.out, args.input_size, infer)
-    h, w = args.input_size
-    print(f"exported {args.checkpoint} -> {path}: exits {net.genotype.exit_layers}, input [B, 3, {h}, {w}]")
+    out = export_segments(net, args.out, infer, [f.strip() for f in args.format.split(",") if f.strip()])
+    layers = net.genotype.exit_layers
+    print(f"exported {args.checkpoint} -> {out}: {len(layers)} segments ending at exits {layers} "
+          f"({args.format}); input [B, 3, H, W], H and W multiples of {SIZE_MULTIPLE}")
     return 0
 
 

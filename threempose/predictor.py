@@ -14,8 +14,8 @@ Two entry points:
       result.people, result.exit, result.gflops
 
   ``infer.exit`` picks the exit: a layer (``"4"``), ``"final"`` or ``"dynamic"`` (thesis §3.1.4,
-  :mod:`threempose.dynamic_exit`). The network really stops at the exit: later layers are never
-  computed (:meth:`DerivedNet.iter_exits` is lazy and is closed there).
+  :mod:`threempose.dynamic_exit`). The network really stops at the exit: it runs exit segment by
+  exit segment (:meth:`DerivedNet.segment`) and later layers are never computed.
 * :func:`predict_people` -- any ``images -> (heatmaps, tags)`` function on one image (the
   search's and training's per-epoch validation use it with the supernet or the last exit).
 
@@ -25,22 +25,27 @@ image's padded network-input size, **times 2 with flip test** (the network runs 
 and on its mirror). The thesis' Table 4.3 counts one pass (its dynamic 13.82 GFLOPs is the
 exit mix times the single-pass per-exit figures), so halve ours to compare.
 
-Dynamic inference runs one image at a time (a batch could only stop when all its images stop,
-and the network cannot drop finished images from a running batch); static exits batch the
-images that share a padded input size.
+Batches. The images of a :meth:`Predictor.predict_batch` call that share a padded input size
+run as one batch. With a static exit all of them stop there; with dynamic exits each image is
+scored at each EEL on its own and the images that stop leave the batch: the next segment runs
+on the carried features of the others only (eval mode: every image is independent, so the
+exits and people are those of one image at a time, up to float rounding of batched kernels).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from threempose.config import InferConfig, config_from_dict, load_config
 from threempose.data.augment import normalize
@@ -50,15 +55,20 @@ from threempose.data.keypoints import flip_index as coco_flip_index
 from threempose.decode.decoder import DecodeParams, Person, coco_results, decode
 from threempose.decode.resize import ResizeInfo, resize_image
 from threempose.deploy import optimize_for_inference
-from threempose.dynamic_exit import (DYNAMIC, ExitScore, resolve_exit, resolve_rules, run_until,
-                                     score_exit, should_exit)
+from threempose.dynamic_exit import DYNAMIC, ExitScore, resolve_exit, resolve_rules, score_exit, should_exit
 from threempose.nas.derived import DerivedNet
+from threempose.nas.fabric import Carry
+
+if TYPE_CHECKING:
+    from threempose.runtime import ExportedSegments
 
 # A network: images [B, 3, H, W] -> the chosen exit's (heatmaps, tags), each [B, J, H/4, W/4].
 ExitFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]
 
 SIZE_MULTIPLE = 32
+# What Predictor.timings splits its time into: exit segments, dynamic-exit scoring, decoding + grouping
+PREDICT_PARTS = ("network", "exit scoring", "decode/group")
 
 
 # --------------------------------------------------------------------------- #
@@ -215,7 +225,8 @@ class Predictor:
     """A derived network and its test-time settings (see the module docstring).
 
     Args:
-        net: the network (moved to ``device``, put in eval mode).
+        net: the network (moved to ``device``, put in eval mode), or exported exit segments
+            (:func:`threempose.runtime.load_segments`: onnxruntime or torch.export programs; CPU).
         cfg: test-time settings (``exit``, ``eels``, decoding); defaults to InferConfig().
         device: "cpu", "cuda", "cuda:1", ... (a ValueError when CUDA is not available).
         flip_index: joint permutation of a horizontal flip (COCO's for 17 joints by default).
@@ -228,15 +239,22 @@ class Predictor:
     ``cfg.eels`` does not configure exactly the network's EELs.
     """
 
-    def __init__(self, net: DerivedNet, cfg: InferConfig | None = None, device: torch.device | str = "cpu",
+    def __init__(self, net: DerivedNet | ExportedSegments, cfg: InferConfig | None = None,
+                 device: torch.device | str = "cpu",
                  flip_index: Optional[Sequence[int]] = None, optimize: bool = True) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
         self.cfg = cfg if cfg is not None else InferConfig()
         side = self.cfg.short_side
-        self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device) if optimize
-                    else net.to(self.device).eval())
+        if isinstance(net, nn.Module):
+            self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device) if optimize
+                        else net.to(self.device).eval())
+        elif self.device.type != "cpu":
+            raise ValueError(f"exported segments run on the CPU (onnxruntime's CPU provider), not {device!r}; "
+                             "use --device cpu")
+        else:
+            self.net = net
         self.exit_layers = list(net.genotype.exit_layers)
         self.eel_layers = self.exit_layers[:-1]
         self.mode = resolve_exit(self.cfg.exit, self.exit_layers)
@@ -246,6 +264,7 @@ class Predictor:
         if self.cfg.flip_test and self.flip_index is None:
             raise ValueError(f"flip test needs flip_index for a {net.num_joints}-joint network")
         self._gflops: dict[tuple[int, int], dict[int, float]] = {}
+        self.timings: collections.Counter[str] = collections.Counter()   # seconds per PREDICT_PARTS
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -263,6 +282,18 @@ class Predictor:
         net, infer = load_model_file(path, "cpu")
         return cls(net, infer_settings(infer, config, **infer_overrides), device, optimize=optimize)
 
+    @classmethod
+    def from_export(cls, path: str | os.PathLike, runtime: str = "onnxruntime",
+                    config: str | os.PathLike | None = None, threads: Optional[int] = None,
+                    **infer_overrides: Any) -> "Predictor":
+        """A predictor running an export directory (``python -m threempose.export``) in
+        ``runtime`` (``"onnxruntime"`` or ``"torch.export"``), on the CPU; settings as in
+        :meth:`from_checkpoint`, from the export's copy of the model's ``infer`` section."""
+        from threempose.runtime import load_segments
+
+        segments = load_segments(path, runtime, threads)
+        return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu")
+
     @property
     def passes(self) -> int:
         """Network passes per image: 2 with flip test, else 1."""
@@ -279,27 +310,29 @@ class Predictor:
         """The people in one image (a path, a PIL image or RGB uint8 ``[H, W, 3]``)."""
         return self.predict_batch([image])[0]
 
+    def prepare(self, image: ImageLike) -> tuple[Tensor, ResizeInfo]:
+        """Read and resize one image: the network input ``[1, 3, H', W']`` (on the CPU) and its
+        resize info. Thread-safe (``threempose.infer`` runs it in a background loader)."""
+        return prepare_image(load_image(image), self.cfg.short_side, "cpu")
+
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageLike]) -> list[Prediction]:
-        """:meth:`predict` for several images, in order. Static exits run the images that share a
-        padded input size as one batch; dynamic inference runs them one by one."""
-        prepared = [prepare_image(load_image(im), self.cfg.short_side, self.device) for im in images]
-        if self.mode == DYNAMIC:
-            return [self._predict_dynamic(x, info) for x, info in prepared]
+        """:meth:`predict` for several images, in order (see :meth:`predict_prepared`)."""
+        return self.predict_prepared([self.prepare(im) for im in images])
+
+    @torch.no_grad()
+    def predict_prepared(self, prepared: Sequence[tuple[Tensor, ResizeInfo]]) -> list[Prediction]:
+        """Predictions for :meth:`prepare`'s outputs, in order. The images that share a padded
+        input size run as one batch; with dynamic exits each image leaves the batch at its own
+        exit (:meth:`_predict_group`)."""
         results: list[Optional[Prediction]] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, info) in enumerate(prepared):
             groups.setdefault(info.input_size, []).append(i)
         for indices in groups.values():
-            batch = torch.cat([prepared[i][0] for i in indices])
-            out = run_until(self.net.iter_exits(with_flips(batch, self.cfg.flip_test)),
-                            lambda o: o.layer == self.mode)
-            for row, i in enumerate(indices):
-                info = prepared[i][1]
-                heatmaps = image_passes(out.heatmaps, row, len(indices), self.cfg.flip_test)
-                tags = image_passes(out.tags, row, len(indices), self.cfg.flip_test)
-                results[i] = self._prediction(decode_image(heatmaps, tags, self.decode_params, info,
-                                                           self.flip_index), out.layer, info)
+            batch = torch.cat([prepared[i][0] for i in indices]).to(self.device)
+            for i, prediction in zip(indices, self._predict_group(batch, [prepared[i][1] for i in indices])):
+                results[i] = prediction
         return results
 
     def score(self, heatmaps: Tensor, info: ResizeInfo, layer: int) -> ExitScore:
@@ -308,20 +341,52 @@ class Predictor:
         merged = image_region(merged_heatmaps(heatmaps, self.flip_index), info)
         return score_exit(merged, self.rules[layer], self.cfg.detection_threshold)
 
-    def _predict_dynamic(self, x: Tensor, info: ResizeInfo) -> Prediction:
-        scores: dict[int, ExitScore] = {}
+    def _predict_group(self, batch: Tensor, infos: Sequence[ResizeInfo]) -> list[Prediction]:
+        """Run ``batch`` ``[B, 3, H, W]`` (one padded size) segment by segment. A static exit stops
+        every image at ``self.mode``; dynamic inference scores each image at each EEL and drops the
+        ones that stop from the batch (their carried features are no longer computed on)."""
+        flip = self.cfg.flip_test
+        results: list[Optional[Prediction]] = [None] * len(infos)
+        scores: list[dict[int, ExitScore]] = [{} for _ in infos]
+        active = list(range(len(infos)))              # the batch's images still running, in row order
+        start: Tensor | Carry = with_flips(batch, flip)
+        while True:
+            with self._timed("network"):
+                out, carry = self.net.segment(start)
+            n = len(active)
+            if self.mode == DYNAMIC and carry is not None:
+                with self._timed("exit scoring"):
+                    for row, i in enumerate(active):
+                        scores[i][out.layer] = self.score(image_passes(out.heatmaps, row, n, flip), infos[i], out.layer)
+                    stop = [should_exit(scores[i][out.layer], self.rules[out.layer].threshold) for i in active]
+            else:
+                stop = [carry is None or out.layer == self.mode] * n
+            for row, i in enumerate(active):
+                if not stop[row]:
+                    continue
+                nothing = out.layer in scores[i] and scores[i][out.layer].detected == 0
+                with self._timed("decode/group"):
+                    people = [] if nothing else decode_image(
+                        image_passes(out.heatmaps, row, n, flip), image_passes(out.tags, row, n, flip),
+                        self.decode_params, infos[i], self.flip_index)
+                results[i] = self._prediction(people, out.layer, infos[i], scores[i])
+            keep = [row for row in range(n) if not stop[row]]
+            if not keep:
+                return results
+            if len(keep) < n:
+                rows = keep + [n + row for row in keep] if flip else keep      # with_flips' row layout
+                carry = carry.select(torch.tensor(rows, device=out.heatmaps.device))
+                active = [active[row] for row in keep]
+            start = carry
 
-        def stop(out) -> bool:
-            if out.layer not in self.rules:
-                return False                      # the last layer: run_until stops there anyway
-            scores[out.layer] = self.score(out.heatmaps, info, out.layer)
-            return should_exit(scores[out.layer], self.rules[out.layer].threshold)
-
-        out = run_until(self.net.iter_exits(with_flips(x, self.cfg.flip_test)), stop)
-        nothing = out.layer in scores and scores[out.layer].detected == 0
-        people = [] if nothing else decode_image(out.heatmaps, out.tags, self.decode_params, info,
-                                                 self.flip_index)
-        return self._prediction(people, out.layer, info, scores)
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Add the wall time of the block to ``self.timings[part]`` (seconds; CUDA synchronised)."""
+        begin = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[part] += time.perf_counter() - begin
 
     def _prediction(self, people: list[Person], layer: int, info: ResizeInfo,
                     scores: Optional[dict[int, ExitScore]] = None) -> Prediction:

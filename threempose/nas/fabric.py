@@ -62,6 +62,51 @@ class Stem(nn.Module):
                 + convs_macs(self.blocks, h4, w4) + convs_macs(self.proj, h4, w4))
 
 
+@dataclass
+class Carry:
+    """What an exit segment hands to the next one, leaving EEL ``layer``.
+
+    feats: ``{row: [B, C * 2**r, h_r, w_r]}``, the rows of ``layer`` as its cells produced them
+        (the EEL's Split is applied by the next segment, only if it runs).
+    skip: ``[B, C, h_0, w_0]``, the EEL's fused features ``F`` (the Split's input and the next
+        Fuse's skip); None without Fuse-Split.
+    """
+
+    layer: int
+    feats: dict[int, Tensor]
+    skip: Optional[Tensor]
+
+    def tensors(self) -> list[Tensor]:
+        """The carried tensors in a fixed order: the rows by row number, then ``skip`` if any."""
+        return [self.feats[r] for r in sorted(self.feats)] + ([self.skip] if self.skip is not None else [])
+
+    @classmethod
+    def from_tensors(cls, layer: int, rows: Sequence[int], tensors: Sequence[Tensor]) -> "Carry":
+        """The inverse of :meth:`tensors` (``rows`` sorted; one more tensor than rows: the skip)."""
+        if len(tensors) not in (len(rows), len(rows) + 1):
+            raise ValueError(f"a carry of rows {list(rows)} has {len(rows)} or {len(rows) + 1} tensors, "
+                             f"got {len(tensors)}")
+        skip = tensors[len(rows)] if len(tensors) > len(rows) else None
+        return cls(layer, dict(zip(rows, tensors)), skip)
+
+    def select(self, index: Tensor) -> "Carry":
+        """The carry of batch rows ``index`` (a 1-D long tensor): drop the images that exited."""
+        return Carry(self.layer, {r: f[index] for r, f in self.feats.items()},
+                     None if self.skip is None else self.skip[index])
+
+
+Segment = Callable[["Tensor | Carry"], tuple[ExitOutput, Optional[Carry]]]
+
+
+def iter_segments(segment: Segment, images: Tensor) -> Iterator[ExitOutput]:
+    """Run ``segment`` from the images, then from each carry it returns, yielding each exit's
+    output; nothing after an exit is computed until the next output is asked for."""
+    start: Tensor | Carry | None = images
+    while start is not None:
+        out, start = segment(start)
+        yield out
+
+
 WeightsFn = Callable[[CellGene], CellChoice]
 
 
@@ -99,7 +144,8 @@ class FabricNet(nn.Module):
 
     def run(self, images: Tensor, genotype: Genotype, weights: Optional[WeightsFn] = None,
             cell_outputs: Optional[list[Tensor]] = None) -> Iterator[ExitOutput]:
-        """Yield each exit's output in order, computing the fabric only as far as asked.
+        """Yield each exit's output in order, computing the fabric only as far as asked: one
+        :meth:`run_segment` per exit (:func:`iter_segments`).
 
         Args:
             images: ``[B, 3, H, W]``.
@@ -115,31 +161,48 @@ class FabricNet(nn.Module):
             EEL's output is yielded, its Split and the next layers run only if iteration
             continues.
         """
-        hw = tuple(images.shape[-2:])
-        sizes = [FabricLayout.row_size(hw, r) for r in range(genotype.rows)]
-        feats = {0: self.stem(images)}
-        skip = None
-        for layer in range(1, genotype.layers + 1):
+        return iter_segments(lambda start: self.run_segment(start, genotype, weights, cell_outputs), images)
+
+    def run_segment(self, start: Tensor | Carry, genotype: Genotype, weights: Optional[WeightsFn] = None,
+                    cell_outputs: Optional[list[Tensor]] = None) -> tuple[ExitOutput, Optional[Carry]]:
+        """One exit segment: from the images (stem) or from an EEL's :class:`Carry` to the next exit.
+
+        Args:
+            start: images ``[B, 3, H, W]`` (the first segment), or the previous EEL's carry
+                (its Split runs first, then the layers after it).
+            genotype, weights, cell_outputs: as in :meth:`run`.
+
+        Returns:
+            ``(exit output, carry)``: the exit's heatmaps and tags ``[B, J, ceil(H/4),
+            ceil(W/4)]`` and, at an EEL, what the next segment starts from (None at the last
+            layer). The EEL's Split is left to the next segment, so stopping here costs exactly
+            :meth:`exit_gflops` of this exit.
+        """
+        first = 1 if isinstance(start, Tensor) else start.layer + 1
+        layer = next((e for e in genotype.exit_layers if e >= first), None)
+        if layer is None:
+            raise ValueError(f"no exit after layer {first - 1}: the last exit is layer {genotype.exit_layers[-1]}")
+        if isinstance(start, Tensor):
+            feats, skip = {0: self.stem(start)}, None
+        else:
+            feats, skip = start.feats, start.skip
+            if skip is not None:
+                feats = self.exits[str(start.layer)].split(skip, feats)
+        h0, w0 = feats[0].shape[-2:]
+        sizes = [(-(-h0 // 2 ** r), -(-w0 // 2 ** r)) for r in range(genotype.rows)]   # FabricLayout.row_size
+        for current in range(first, layer + 1):
             new = {}
-            for cell in genotype.cells_in_layer(layer):
+            for cell in genotype.cells_in_layer(current):
                 inputs = {p: feats[cell.row + ROW_STEP[p]] for p in cell.inputs}
                 choice = weights(cell) if weights is not None else None
                 new[cell.row] = self.cells[str(cell.index)](inputs, sizes[cell.row], choice)
                 if cell_outputs is not None:
                     cell_outputs.append(new[cell.row])
             feats = new
-            if layer not in genotype.exit_layers:
-                continue
-            head = self.heads[str(layer)]
-            if not genotype.fuse_split:
-                yield ExitOutput(layer, *head(feats[0]))
-                continue
-            block = self.exits[str(layer)]
-            fused = block(feats, skip, sizes[0])
-            yield ExitOutput(layer, *head(fused))
-            if layer < genotype.layers:
-                feats = block.split(fused, feats)
-                skip = fused
+        head = self.heads[str(layer)]
+        fused = self.exits[str(layer)](feats, skip, sizes[0]) if genotype.fuse_split else None
+        out = ExitOutput(layer, *head(feats[0] if fused is None else fused))
+        return out, (Carry(layer, feats, fused) if layer < genotype.layers else None)
 
     def exit_gflops(self, input_hw: tuple[int, int] | int) -> dict[int, float]:
         """Static GFLOPs (multiply-adds / 1e9, one ``H x W`` image) of everything :meth:`run`

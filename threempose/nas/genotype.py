@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -124,9 +123,10 @@ class FabricLayout:
     @staticmethod
     def row_size(input_hw: tuple[int, int], row: int) -> tuple[int, int]:
         """Feature-map size of ``row`` for an ``H x W`` image: ``ceil(H / 2**(row+2))`` x
-        ``ceil(W / 2**(row+2))`` (what the stride-2 convs produce; no padding anywhere)."""
+        ``ceil(W / 2**(row+2))`` (what the stride-2 convs produce; no padding anywhere). Integer
+        arithmetic only, so it also works on symbolic sizes (``torch.export``)."""
         f = 2 ** (row + 2)
-        return math.ceil(input_hw[0] / f), math.ceil(input_hw[1] / f)
+        return -(-input_hw[0] // f), -(-input_hw[1] // f)
 
 
 @dataclass

@@ -37,7 +37,6 @@ Usage::
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -163,13 +162,13 @@ class ZoomConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        y = F.interpolate(x, size=(math.ceil(h / 2), math.ceil(w / 2)), mode="bilinear",
+        y = F.interpolate(x, size=(-(-h // 2), -(-w // 2)), mode="bilinear",   # ceil, export-friendly
                           align_corners=False)
         y = F.interpolate(self.conv(y), size=(h, w), mode="bilinear", align_corners=False)
         return F.relu(y)
 
     def macs(self, h: int, w: int) -> int:
-        return convs_macs(self.conv, math.ceil(h / 2), math.ceil(w / 2))
+        return convs_macs(self.conv, -(-h // 2), -(-w // 2))
 
 
 class SqueezeExcite(nn.Module):
