@@ -1,0 +1,249 @@
+"""Measure a latency table (:mod:`threempose.nas.latency_table`) on this machine's device.
+
+::
+
+    python -m threempose.latency --device cpu --input-size 512 --out lut-cpu-512.json
+    python -m threempose.latency --device cuda --input-size 512 --config configs/search.json --batch 1
+    python -m threempose.latency --device cpu --input-size 512 --threads 2 --reps 30
+
+Times every block the cost model prices for the fabric of ``--config``'s model section
+(default: the thesis fabric, 4 rows x 10 layers, C = 32): every candidate op of the op registry
+at every row's size and width, every input path, every cell's output conv, the element-wise
+sum, the stem, the Fuse-Split blocks and the heads. Identical (block, shape) pairs are timed
+once. Method: the blocks are run in :func:`inference_form` under ``torch.inference_mode``;
+``--warmup`` rounds, then ``--reps`` rounds each calling every block once (interleaved, so a
+load change on a shared machine hits all blocks alike); an entry is the median of its rounds.
+
+Timers (``--timer``): ``wall`` (default) is ``time.perf_counter`` around each call (after
+``torch.cuda.synchronize`` on a GPU), the latency a user sees on an otherwise idle device.
+``cpu`` is the process' CPU time (``time.process_time``), only with ``--threads 1`` on a CPU:
+equal to the wall time on an idle machine, it leaves out the time the process waits while
+other processes hold the cores, so tables made on a busy machine still predict the idle
+latency (on a loaded machine a 50 ms network is preempted many times and a 50 us block almost
+never, so wall-clock medians of long and short calls are inflated by different factors).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from threempose.config import ConfigError, ModelConfig, load_config
+from threempose.nas.fabric import FabricNet, Supernet
+from threempose.nas.genotype import ROW_STEP, FabricLayout, Genotype
+from threempose.nas.latency_table import (FABRIC_KEYS, LatencyTable, add_key, block_key,
+                                          device_name, op_key, output_key, path_key)
+from threempose.nas.ops import OP_NAMES
+from threempose.profile import parse_input_size
+
+FORM = "eager"            # what inference_form produces; recorded in every table
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def inference_form(net: nn.Module) -> nn.Module:
+    """The form in which blocks and networks are timed, as inference runs them: eval mode,
+    BatchNorm kept (``"eager"``, :data:`FORM`). The one place that decides it."""
+    return net.eval()
+
+
+def median_ms(fns: dict[str, Callable[[], Any]], device: torch.device | str, warmup: int = 3,
+              reps: int = 15, progress: Optional[str] = None, timer: str = "wall") -> dict[str, float]:
+    """Median time in ms of each ``fns[name]()``.
+
+    ``warmup`` rounds, then ``reps`` rounds, each calling every function once in order
+    (interleaved), under ``torch.inference_mode`` (synchronising a CUDA device around each
+    call). ``timer``: ``"wall"`` or ``"cpu"`` (module docstring). ``progress``: a tqdm bar
+    label (None: no bar).
+    """
+    device = torch.device(device)
+    check_timer(timer, device)
+    clock = TIMERS[timer]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    from tqdm import tqdm
+
+    bar = tqdm(total=(warmup + reps) * len(fns), desc=progress, unit="run", disable=progress is None,
+               leave=False)
+    with torch.inference_mode():
+        for round_ in range(warmup + reps):
+            for name, fn in fns.items():
+                sync()
+                start = clock()
+                fn()
+                sync()
+                if round_ >= warmup:
+                    times[name].append((clock() - start) * 1e3)
+                bar.update()
+    bar.close()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def check_timer(timer: str, device: torch.device | str) -> None:
+    """Raise ValueError unless ``timer`` measures latency on ``device`` with torch's threads."""
+    if timer not in TIMERS:
+        raise ValueError(f"unknown timer {timer!r}; use one of {sorted(TIMERS)}")
+    if timer == "cpu" and (torch.device(device).type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError(f"the cpu timer measures latency only on a CPU with one thread (got "
+                         f"{torch.device(device).type}, {torch.get_num_threads()} threads); use --threads 1 "
+                         "or the wall timer")
+
+
+def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1) -> dict[str, Callable[[], Any]]:
+    """``{block key: run it once}`` for every block of ``net`` the cost model prices at
+    ``input_hw``, each on random inputs of its shape on ``net``'s device (identical keys once)."""
+    g = net.genotype
+    device = next(net.parameters()).device
+    sizes = [FabricLayout.row_size(input_hw, r) for r in range(g.rows)]
+
+    def feat(width: int, row: int) -> torch.Tensor:
+        return torch.randn(batch, width, *sizes[row], device=device)
+
+    blocks: dict[str, Callable[[], Any]] = {}
+
+    def add(key: str, fn: Callable[[], Any]) -> None:
+        blocks.setdefault(key, fn)
+
+    images = torch.randn(batch, 3, *input_hw, device=device)
+    add(block_key(net.stem, input_hw), lambda: net.stem(images))
+    for c in g.cells:
+        if c.pruned:
+            continue
+        cell, width, hw = net.cells[str(c.index)], g.channels * 2 ** c.row, sizes[c.row]
+        x = feat(width, c.row)
+        for name, op in cell.edges[0].items():
+            add(op_key(name, width, hw), lambda op=op, x=x: op(x))
+        for name, path in cell.inputs.items():
+            src = c.row + ROW_STEP[name]
+            inp = feat(g.channels * 2 ** src, src)
+            add(path_key(name, width, hw), lambda path=path, inp=inp, hw=hw: path(inp, hw))
+        nodes = [feat(width, c.row) for _ in range(g.hidden)]
+        add(output_key(g.hidden, width, hw), lambda out=cell.output, nodes=nodes: out(torch.cat(nodes, dim=1)))
+        y = feat(width, c.row)
+        add(add_key(width, hw), lambda x=x, y=y: x + y)
+    fused = feat(g.channels, 0)
+    for layer in g.exit_layers:
+        if g.fuse_split:
+            block = net.exits[str(layer)]
+            rows = {r: feat(g.channels * 2 ** r, r) for r in block.rows}
+            add(block_key(block.fuse, sizes[0]),
+                lambda f=block.fuse, xs=list(rows.values()): f(xs, sizes[0]))
+            if block.fuse_skip is not None:
+                add(block_key(block.fuse_skip, sizes[0]), lambda f=block.fuse_skip: f([fused, fused], sizes[0]))
+            if block.split is not None:
+                add(block_key(block.split, sizes[0]), lambda s=block.split, rows=rows: s(fused, rows))
+        head = net.heads[str(layer)]
+        add(block_key(head, sizes[0]), lambda head=head: head(fused))
+    return blocks
+
+
+def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.device | str = "cpu",
+                batch: int = 1, warmup: int = 3, reps: int = 15, progress: bool = False,
+                timer: str = "wall") -> LatencyTable:
+    """Measure the :class:`LatencyTable` of ``model``'s fabric with every op of the registry
+    (:data:`~threempose.nas.ops.OP_NAMES`) at ``input_hw`` on ``device`` (module docstring)."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    net = inference_form(Supernet(dataclasses.replace(model, ops=list(OP_NAMES))).to(device))
+    entries = median_ms(fabric_blocks(net, input_hw, batch), device, warmup, reps,
+                        "latency table" if progress else None, timer)
+    fabric = {k: getattr(model, k) for k in FABRIC_KEYS}
+    fabric["eels"] = list(fabric["eels"])
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "form": FORM,
+            "method": {"timer": timer, "clock": TIMERS[timer].__name__, "statistic": "median", "warmup_rounds": warmup,
+                       "rounds": reps, "order": "interleaved: each round runs every block once",
+                       "grad": "torch.inference_mode"}}
+    return LatencyTable(entries=entries, fabric=fabric, ops=list(OP_NAMES), input_hw=tuple(input_hw),
+                        device=device.type, device_name=device_name(device), meta=meta)
+
+
+def network_ms(nets: dict[str, FabricNet], input_hw: tuple[int, int], device: torch.device | str = "cpu",
+               batch: int = 1, warmup: int = 3, reps: int = 15, progress: Optional[str] = None,
+               exits: bool = False, timer: str = "wall") -> dict[str, Any]:
+    """Measured end-to-end latency (median ms, :func:`median_ms`, interleaved over ``nets``) of
+    each network in :func:`inference_form` on ``[batch, 3, *input_hw]`` images: ``{name: ms}``
+    to the last exit, or with ``exits`` ``{name: {layer: ms}}`` to every exit (computing
+    only as far as that exit)."""
+    images = torch.randn(batch, 3, *input_hw, device=device)
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, net in nets.items():
+        net = inference_form(net.to(device))
+        g = net.genotype
+        for layer in (g.exit_layers if exits else [g.layers]):
+            fns[f"{name}\0{layer}"] = lambda net=net, layer=layer: _run_to(net, images, layer)
+    times = median_ms(fns, device, warmup, reps, progress, timer)
+    out: dict[str, Any] = {}
+    for key, ms in times.items():
+        name, layer = key.split("\0")
+        if exits:
+            out.setdefault(name, {})[int(layer)] = ms
+        else:
+            out[name] = ms
+    return out
+
+
+def _run_to(net: FabricNet, images: torch.Tensor, layer: int) -> None:
+    for out in net.run(images, net.genotype):
+        if out.layer == layer:
+            return
+
+
+def random_genotypes(model: ModelConfig, count: int, seed: int = 0) -> list[Genotype]:
+    """``count`` architectures drawn from ``model``'s search space as a search's first steps
+    draw them (Dyn-EGS at tau = 1 from uniform alpha, beta, m), seeds ``seed, seed + 1, ...``."""
+    net = Supernet(model)
+    with torch.no_grad():
+        return [net.genotype_of(net.sample(1.0, seed=seed + i)) for i in range(count)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m threempose.latency", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), required=True, help="where to measure")
+    parser.add_argument("--input-size", type=parse_input_size, required=True, help="N or WxH")
+    parser.add_argument("--config", help="take the fabric from this config's model section "
+                                         "(default: the thesis fabric)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up rounds (default 3)")
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds; the median is kept (default 15)")
+    parser.add_argument("--timer", choices=sorted(TIMERS), default="wall",
+                        help="wall clock (default) or process CPU time (needs --threads 1; module docstring)")
+    parser.add_argument("--out", help="output JSON (default latency-DEVICE-HxW.json)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.reps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--batch, --reps and --threads must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        model = load_config(args.config).model if args.config else ModelConfig()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = args.input_size
+    out = args.out or f"latency-{args.device}-{hw[0]}x{hw[1]}.json"
+    start = time.perf_counter()
+    try:
+        check_timer(args.timer, args.device)
+        table = build_table(model, hw, args.device, args.batch, args.warmup, args.reps, progress=True,
+                            timer=args.timer)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table.save(out)
+    print(f"wrote {out}: {len(table.entries)} blocks on {table.device} ({table.device_name}), "
+          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
