@@ -210,3 +210,66 @@ def test_latency_command_rejects_the_cpu_timer_with_threads(tmp_path, capsys):
     assert latency_main(["--device", "cpu", "--input-size", "32", "--threads", "2", "--timer", "cpu",
                          "--out", str(tmp_path / "x.json")]) == 2
     assert "one thread" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------ slow: accuracy and search
+SMALL = dict(rows=3, layers=4, channels=16, eels=[2], stem_blocks=0)
+
+
+@pytest.fixture(scope="module")
+def small_table(tmp_path_factory) -> Path:
+    """A CPU-time table of the SMALL fabric at 64x64, measured here (one thread)."""
+    from threempose.latency import build_table
+
+    path = tmp_path_factory.mktemp("lut") / "small.json"
+    build_table(ModelConfig(**SMALL), (64, 64), reps=15, timer="cpu").save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_searches_with_two_latency_targets_end_ordered_and_within_bound(tmp_path, small_table):
+    from threempose.config import load_config
+    from threempose.engine.distributed import DistContext
+    from threempose.engine.metrics import read_metrics
+    from threempose.latency import network_ms, random_genotypes
+    from threempose.nas.genotype import CellGene, Genotype
+    from threempose.search import SearchJob
+
+    table = LatencyTable.load(small_table)
+    model = ModelConfig(**SMALL)
+    sampled = sorted(DerivedNet(g, 17, 0).exit_costs(table, (64, 64))[4]
+                     for g in random_genotypes(model, 20, seed=7))
+    cells = [CellGene(c.index, c.layer, c.row, ["parallel" if "parallel" in c.inputs else "above"],
+                      [["identity"]] * 3) for c in Supernet(model).genotype.cells]
+    floor = DerivedNet(Genotype(rows=3, layers=4, hidden=2, channels=16, eels=[2], cells=cells), 17, 0)
+    floor = floor.exit_costs(table, (64, 64))[4]      # every op the identity, one input per cell
+    targets = {"low": 1.25 * floor, "high": 3.0 * sampled[-1]}
+    root = Path(__file__).resolve().parents[1]
+    genotypes, runs = {}, {}
+    for name, target in targets.items():
+        raw = {"extends": str(root / "configs" / "search-small.json"),
+               "run": {"out_dir": str(tmp_path / name), "log_every": 1, "val_ap_images": 0, "progress": False},
+               "data": {"input_size": 64, "batch_size": 4,
+                        "synthetic": {"train_images": 64, "val_images": 4, "min_size": 64, "max_size": 96,
+                                      "cache_dir": str(tmp_path / "synthetic")}},
+               "model": SMALL,
+               "loss": {"flops_weight": 1.0, "flops_exponent": 8.0, "flops_scale_start": 1.0,
+                        "cost": {"metric": "latency", "target": target, "lut": str(small_table)}},
+               "search": {"epochs": 4, "arch_lr": 0.05, "arch_lr_milestones": [], "max_steps_per_epoch": 8}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        job = SearchJob(load_config(path), DistContext())
+        genotypes[name] = Genotype.load(job.run()["genotype"])
+        runs[name] = read_metrics(job.run_dir.metrics_path)
+    for rows in runs.values():
+        steps = [r for r in rows if "total" in r]
+        assert all("latency_ms" in r and "latency" in r for r in steps)
+        assert sum("val/latency_ms_argmax" in r for r in rows) == 4
+    measured = network_ms({k: DerivedNet(g, 17, 0) for k, g in genotypes.items()}, (64, 64), reps=30,
+                          timer="cpu")
+    predicted = {k: DerivedNet(g, 17, 0).exit_costs(table, (64, 64))[4] for k, g in genotypes.items()}
+    print(f"floor {floor}, sampled {sampled[0]}..{sampled[-1]}, targets {targets}, measured {measured}, "
+          f"predicted {predicted}", [[r["latency_ms"] for r in rows if "latency_ms" in r] for rows in runs.values()])
+    assert measured["low"] < measured["high"]
+    for name, target in targets.items():
+        assert measured[name] <= 1.2 * target, (name, measured[name], target)
