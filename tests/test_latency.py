@@ -91,6 +91,20 @@ def test_expected_latency_of_a_one_hot_sample_is_the_table_sum(net, seed):
     assert derived.exit_costs(table, HW)[4] == pytest.approx(out.latency.item(), rel=1e-5)
 
 
+def test_calibration_scales_every_prediction(net):
+    table, scaled = random_table(net), random_table(net, calibration=1.25)
+    genotype = net.genotype_of(net.sample(1.0, seed=3))
+    derived = DerivedNet(genotype, stem_blocks=TINY["stem_blocks"])
+    assert derived.exit_costs(scaled, HW)[4] == pytest.approx(1.25 * table_sum(table, net, genotype))
+    net.use_latency_table(scaled)
+    try:
+        with torch.no_grad():
+            latency = net(torch.randn(1, 3, *HW), tau=1.0, seed=3).latency.item()
+    finally:
+        net.use_latency_table(None)
+    assert latency == pytest.approx(1.25 * table_sum(table, net, genotype), rel=1e-5)
+
+
 def test_expected_latency_reaches_every_arch_parameter(net):
     net.use_latency_table(random_table(net))
     try:
@@ -194,6 +208,7 @@ def test_latency_command_measures_every_block_once(tmp_path):
     for key in ("device", "device_name", "torch", "threads", "batch", "input_size", "method", "form"):
         assert key in raw, key
     assert raw["form"] == "eager" and raw["threads"] == 1 and raw["method"]["timer"] == "cpu"
+    assert raw["calibration"] > 0 and len(raw["calibration_ratios"]) == 4
     table = LatencyTable.load(out)
     net = Supernet(ModelConfig(**TINY, ops=list(OP_NAMES)))
     assert set(table.entries) == set(fabric_blocks(net, HW))   # the registry's ops, each key once
@@ -273,3 +288,30 @@ def test_searches_with_two_latency_targets_end_ordered_and_within_bound(tmp_path
     assert measured["low"] < measured["high"]
     for name, target in targets.items():
         assert measured[name] <= 1.2 * target, (name, measured[name], target)
+
+
+def test_prediction_accuracy_against_hand_computed_values():
+    from threempose.latency import prediction_accuracy
+
+    acc = prediction_accuracy([1.0, 2.0, 4.0, 3.0], [1.0, 2.0, 3.0, 4.0])
+    assert acc["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))          # d^2 = 0 + 0 + 1 + 1
+    assert acc["mae"] == pytest.approx((0 + 0 + 1 / 3 + 1 / 4) / 4)
+    assert acc["bias"] == pytest.approx((0 + 0 + 1 / 3 - 1 / 4) / 4)
+    with pytest.raises(ValueError, match="equally long"):
+        prediction_accuracy([1.0], [1.0, 2.0])
+
+
+@pytest.mark.slow
+def test_predicted_latency_ranks_and_matches_measured_latency(small_table):
+    """20 random genotypes of a small fabric at 64x64, one thread, CPU time (see
+    :mod:`threempose.latency`): the bench's check at a size CI affords."""
+    from threempose.latency import network_ms, prediction_accuracy, random_genotypes
+
+    table = LatencyTable.load(small_table)
+    genotypes = random_genotypes(ModelConfig(**SMALL), 20, seed=1, preference=1.0)
+    nets = {str(i): DerivedNet(g, 17, 0) for i, g in enumerate(genotypes)}
+    predicted = [n.exit_costs(table, (64, 64))[4] for n in nets.values()]
+    measured = network_ms(nets, (64, 64), reps=10, timer="cpu")
+    acc = prediction_accuracy(predicted, [measured[k] for k in nets])
+    print(acc)
+    assert acc["spearman"] >= 0.9 and acc["mae"] <= 0.15, acc

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from threempose.config import ConfigError, ModelConfig, load_config
+from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import FabricNet, Supernet
 from threempose.nas.genotype import ROW_STEP, FabricLayout, Genotype
 from threempose.nas.latency_table import (FABRIC_KEYS, LatencyTable, add_key, block_key,
@@ -43,6 +44,8 @@ from threempose.nas.ops import OP_NAMES
 from threempose.profile import parse_input_size
 
 FORM = "eager"            # what inference_form produces; recorded in every table
+CALIBRATION_NETWORKS = 4  # reference networks timed with the blocks (see build_table)
+CALIBRATION_SEED = 10 ** 6
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -146,20 +149,38 @@ def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.dev
                 batch: int = 1, warmup: int = 3, reps: int = 15, progress: bool = False,
                 timer: str = "wall") -> LatencyTable:
     """Measure the :class:`LatencyTable` of ``model``'s fabric with every op of the registry
-    (:data:`~threempose.nas.ops.OP_NAMES`) at ``input_hw`` on ``device`` (module docstring)."""
+    (:data:`~threempose.nas.ops.OP_NAMES`) at ``input_hw`` on ``device`` (module docstring).
+
+    Calibration: :data:`CALIBRATION_NETWORKS` random networks (:func:`random_genotypes` with
+    preference 1, fixed seeds) are timed whole in the same interleaved rounds as the blocks;
+    the table's ``calibration`` is the median of measured / sum-of-blocks over them. It is a
+    per-device factor for what adding block medians leaves out: the fabric's own Python
+    dispatch between blocks, blocks whose inputs come cold from the previous block rather
+    than warm from the last repetition, and per-call times skewed to the right (a network's
+    median exceeds the sum of its blocks' medians)."""
     device = torch.device(device)
     torch.manual_seed(0)
-    net = inference_form(Supernet(dataclasses.replace(model, ops=list(OP_NAMES))).to(device))
-    entries = median_ms(fabric_blocks(net, input_hw, batch), device, warmup, reps,
-                        "latency table" if progress else None, timer)
+    model = dataclasses.replace(model, ops=list(OP_NAMES))
+    net = inference_form(Supernet(model).to(device))
+    blocks = fabric_blocks(net, input_hw, batch)
+    references = {f"reference network {i}": inference_form(DerivedNet(g, model.num_joints, model.stem_blocks)).to(device)
+                  for i, g in enumerate(random_genotypes(model, CALIBRATION_NETWORKS, CALIBRATION_SEED, 1.0))}
+    images = torch.randn(batch, 3, *input_hw, device=device)
+    times = median_ms({**blocks, **{k: (lambda n=n: n(images)) for k, n in references.items()}}, device, warmup,
+                      reps, "latency table" if progress else None, timer)
+    entries = {k: times[k] for k in blocks}
     fabric = {k: getattr(model, k) for k in FABRIC_KEYS}
     fabric["eels"] = list(fabric["eels"])
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "form": FORM,
             "method": {"timer": timer, "clock": TIMERS[timer].__name__, "statistic": "median", "warmup_rounds": warmup,
                        "rounds": reps, "order": "interleaved: each round runs every block once",
                        "grad": "torch.inference_mode"}}
-    return LatencyTable(entries=entries, fabric=fabric, ops=list(OP_NAMES), input_hw=tuple(input_hw),
-                        device=device.type, device_name=device_name(device), meta=meta)
+    table = LatencyTable(entries=entries, fabric=fabric, ops=list(OP_NAMES), input_hw=tuple(input_hw),
+                         device=device.type, device_name=device_name(device), meta=meta)
+    ratios = [times[k] / n.exit_costs(table, input_hw)[model.layers] for k, n in references.items()]
+    table.calibration = statistics.median(ratios)
+    meta["calibration_ratios"] = ratios
+    return table
 
 
 def network_ms(nets: dict[str, FabricNet], input_hw: tuple[int, int], device: torch.device | str = "cpu",
@@ -193,12 +214,33 @@ def _run_to(net: FabricNet, images: torch.Tensor, layer: int) -> None:
             return
 
 
-def random_genotypes(model: ModelConfig, count: int, seed: int = 0) -> list[Genotype]:
-    """``count`` architectures drawn from ``model``'s search space as a search's first steps
-    draw them (Dyn-EGS at tau = 1 from uniform alpha, beta, m), seeds ``seed, seed + 1, ...``."""
+def prediction_accuracy(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """How well predicted latencies match measured ones (same order, no ties expected):
+    ``spearman`` (Pearson correlation of the ranks), ``mae`` (mean of |pred - meas| / meas)
+    and ``bias`` (mean of pred / meas - 1)."""
+    if len(predicted) != len(measured) or len(predicted) < 2:
+        raise ValueError(f"need two equally long lists of at least 2, got {len(predicted)} and {len(measured)}")
+    p, m = torch.tensor(predicted, dtype=torch.float64), torch.tensor(measured, dtype=torch.float64)
+    ranks = torch.stack([p.argsort().argsort(), m.argsort().argsort()]).double()
+    spearman = float(torch.corrcoef(ranks)[0, 1])
+    return {"spearman": spearman, "mae": float(((p - m).abs() / m).mean()), "bias": float((p / m - 1).mean())}
+
+
+def random_genotypes(model: ModelConfig, count: int, seed: int = 0, preference: float = 0.0) -> list[Genotype]:
+    """``count`` architectures of ``model``'s search space, Dyn-EGS draws at tau = 1, seeds
+    ``seed, seed + 1, ...``. With ``preference`` 0 alpha, beta and m are uniform (as a search's
+    first steps draw); with ``preference`` s > 0 each genotype first draws its own logits over
+    ops, inputs and Dyn-EGS states, N(0, s^2), shared by all its cells, so the set spans cheap
+    (identity, one input) to costly (two convs per edge, three inputs) networks."""
     net = Supernet(model)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
     with torch.no_grad():
-        return [net.genotype_of(net.sample(1.0, seed=seed + i)) for i in range(count)]
+        for i in range(count):
+            for p in net.arch_parameters():
+                p.copy_(preference * torch.randn(p.shape[-1], generator=gen).expand_as(p))
+            out.append(net.genotype_of(net.sample(1.0, seed=seed + i)))
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -240,8 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     table.save(out)
     print(f"wrote {out}: {len(table.entries)} blocks on {table.device} ({table.device_name}), "
-          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), "
-          f"{time.perf_counter() - start:.0f} s")
+          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), calibration "
+          f"x{table.calibration:.3f}, {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -16,7 +16,11 @@ threempose.latency`` and records how and where it was measured::
      "batch": 1, "input_size": [512, 512], "form": "eager", "method": {...},
      "fabric": {"rows": 4, "layers": 10, "channels": 32, "hidden": 2, "eels": [4, 7],
                 "fuse_split": true, "stem_blocks": 4, "num_joints": 17},
-     "ops": ["identity", "conv", ...], "entries": {"op:conv:C32:128x128": 6.1, ...}}
+     "ops": ["identity", "conv", ...], "entries": {"op:conv:C32:128x128": 6.1, ...},
+     "calibration": 1.04}
+
+A prediction is ``calibration * sum of the blocks' entries``: ``calibration`` is measured
+on whole reference networks when the table is built (:func:`threempose.latency.build_table`).
 
 A table only prices the fabric, ops and input size it was measured for: the checks
 (:meth:`LatencyTable.check_fabric`, :meth:`~LatencyTable.check_input_size`,
@@ -117,6 +121,7 @@ class LatencyTable(BlockCosts):
         device: ``"cpu"`` or ``"cuda"``; device_name: its model.
         meta: the rest of the file (torch version, threads, batch, form, method).
         source: the file it was read from (for messages).
+        calibration: measured network / sum of its blocks (a factor on every prediction).
     """
 
     entries: dict[str, float]
@@ -127,9 +132,14 @@ class LatencyTable(BlockCosts):
     device_name: str
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = "<latency table>"
+    calibration: float = 1.0
 
     unit = "ms"
-    per_unit = 1.0
+
+    @property
+    def per_unit(self) -> float:
+        """Raw (summed entries) per predicted ms: ``1 / calibration``."""
+        return 1.0 / self.calibration
 
     # ------------------------------------------------------------ BlockCosts
     def _get(self, key: str) -> float:
@@ -213,7 +223,7 @@ class LatencyTable(BlockCosts):
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "device": self.device, "device_name": self.device_name, **self.meta,
                 "input_size": list(self.input_hw), "fabric": self.fabric, "ops": self.ops,
-                "entries": self.entries}
+                "calibration": self.calibration, "entries": self.entries}
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_dict(), indent=1)
@@ -234,7 +244,7 @@ class LatencyTable(BlockCosts):
     def from_dict(cls, raw: Any, source: str = "<latency table>") -> "LatencyTable":
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise LatencyTableError(f"{source}: not a latency table (format {FORMAT}); {BUILD_HINT}")
-        required = ("device", "device_name", "input_size", "fabric", "ops", "entries")
+        required = ("device", "device_name", "input_size", "fabric", "ops", "entries", "calibration")
         missing = [k for k in required if k not in raw]
         if missing:
             raise LatencyTableError(f"{source}: a latency table needs keys {missing}")
@@ -242,7 +252,10 @@ class LatencyTable(BlockCosts):
         if not isinstance(entries, dict) or not all(isinstance(v, (int, float)) and v >= 0
                                                     for v in entries.values()):
             raise LatencyTableError(f"{source}: 'entries' must map block keys to ms >= 0")
+        if not isinstance(raw["calibration"], (int, float)) or raw["calibration"] <= 0:
+            raise LatencyTableError(f"{source}: 'calibration' must be a number > 0")
         meta = {k: v for k, v in raw.items() if k not in required and k != "format"}
         return cls(entries={k: float(v) for k, v in entries.items()}, fabric=dict(raw["fabric"]),
                    ops=list(raw["ops"]), input_hw=tuple(raw["input_size"]), device=raw["device"],
-                   device_name=raw["device_name"], meta=meta, source=source)
+                   device_name=raw["device_name"], meta=meta, source=source,
+                   calibration=float(raw["calibration"]))
