@@ -315,3 +315,25 @@ def test_predicted_latency_ranks_and_matches_measured_latency(small_table):
     acc = prediction_accuracy(predicted, [measured[k] for k in nets])
     print(acc)
     assert acc["spearman"] >= 0.9 and acc["mae"] <= 0.15, acc
+
+
+def test_profile_prints_predicted_and_measured_latency_per_exit(tmp_path, capsys):
+    from threempose.latency import build_table
+    from threempose.profile import main as profile_main
+
+    lut, genotype_path = tmp_path / "lut.json", tmp_path / "g.json"
+    build_table(ModelConfig(**TINY), HW, warmup=0, reps=2, timer="cpu").save(lut)
+    net = tiny_supernet()
+    genotype = net.genotype_of(net.sample(1.0, seed=4))
+    genotype.save(genotype_path)
+    predicted = DerivedNet(genotype, stem_blocks=1).exit_costs(LatencyTable.load(lut), HW)
+    assert profile_main(["--genotype", str(genotype_path), "--input-size", "32", "--latency", str(lut),
+                         "--measure"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "predicted ms" in lines[1] and "measured ms" in lines[1]
+    for line, layer in zip(lines[2:5], (2, 3, 4)):
+        cells = line.split()
+        assert int(cells[0]) == layer and float(cells[3]) == pytest.approx(predicted[layer], abs=0.006)
+        assert float(cells[4]) > 0
+    assert profile_main(["--genotype", str(genotype_path), "--input-size", "64", "--latency", str(lut)]) == 2
+    assert "stale" in capsys.readouterr().err
