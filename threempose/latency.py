@@ -29,7 +29,8 @@ import dataclasses
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -85,6 +86,18 @@ def median_ms(fns: dict[str, Callable[[], Any]], device: torch.device | str, war
                 bar.update()
     bar.close()
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_timer(timer: str, device: torch.device | str) -> None:
@@ -268,15 +281,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     hw = args.input_size
     out = args.out or f"latency-{args.device}-{hw[0]}x{hw[1]}.json"
     start = time.perf_counter()
     try:
-        check_timer(args.timer, args.device)
-        table = build_table(model, hw, args.device, args.batch, args.warmup, args.reps, progress=True,
-                            timer=args.timer)
+        with torch_threads(args.threads):
+            check_timer(args.timer, args.device)
+            table = build_table(model, hw, args.device, args.batch, args.warmup, args.reps, progress=True,
+                                timer=args.timer)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,16 +80,16 @@ def measure_latency(genotype: Genotype, table: LatencyTable, reps: int = 30) -> 
     """Measured ms to each exit of ``genotype``'s network on this machine, as ``table`` was
     measured (its device, which must be this machine's, threads, batch, timer, input size):
     ``{layer: ms}``."""
-    from threempose.latency import network_ms
+    from threempose.latency import network_ms, torch_threads
     from threempose.nas.derived import DerivedNet
 
     if table.device == "cuda" and not torch.cuda.is_available():
         raise LatencyTableError(f"{table.source} was measured on {table.device_name}; this machine has no GPU")
     table.check_device(table.device)
-    torch.set_num_threads(int(table.meta.get("threads", torch.get_num_threads())))
     net = DerivedNet(genotype, table.fabric["num_joints"], table.fabric["stem_blocks"])
-    return network_ms({"net": net}, table.input_hw, table.device, int(table.meta.get("batch", 1)),
-                      reps=reps, exits=True, timer=table.meta.get("method", {}).get("timer", "wall"))["net"]
+    with torch_threads(table.meta.get("threads")):
+        return network_ms({"net": net}, table.input_hw, table.device, int(table.meta.get("batch", 1)), reps=reps,
+                          exits=True, timer=table.meta.get("method", {}).get("timer", "wall"))["net"]
 
 
 def profile_supernet(supernet: Supernet, input_hw: tuple[int, int]) -> dict[str, Any]:

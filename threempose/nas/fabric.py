@@ -266,7 +266,7 @@ class Supernet(FabricNet):
         self.arch = ArchParameters(
             [[INPUT_NAMES.index(layout.resolve(c, p)) for p in INPUT_NAMES] for c in layout.cells],
             n_edges, len(self.ops), cfg.r_alpha, cfg.r_beta)
-        self._costs: dict[tuple, CostTable] = {}
+        self._costs: dict[tuple, tuple[BlockCosts, CostTable]] = {}
         self._mac_costs = MacCosts()
         self.latency_table: Optional[LatencyTable] = None
         self._seeds = torch.Generator().manual_seed(0)
@@ -345,7 +345,8 @@ class Supernet(FabricNet):
 
     def cost_table(self, costs: BlockCosts, input_hw: tuple[int, int]) -> CostTable:
         """Per-cell candidate costs at ``input_hw`` priced by ``costs`` (cached per pricing,
-        size and device). Cells that can never reach an exit (not built) cost 0."""
+        size and device; the cache holds ``costs``, so its id is never reused). Cells that can
+        never reach an exit (not built) cost 0."""
         device = self.arch.alpha.device
         key = (id(costs), costs.unit, *input_hw, str(device))
         if key not in self._costs:
@@ -370,6 +371,6 @@ class Supernet(FabricNet):
             def in_unit(x: list) -> Tensor:
                 return (torch.tensor(x, dtype=torch.float64) / costs.per_unit).to(device=device, dtype=torch.float32)
 
-            self._costs[key] = CostTable(ops=in_unit(ops), paths=in_unit(paths), outputs=in_unit(outputs),
-                                         fixed=fixed / costs.per_unit, unit=costs.unit)
-        return self._costs[key]
+            self._costs[key] = costs, CostTable(ops=in_unit(ops), paths=in_unit(paths), outputs=in_unit(outputs),
+                                                fixed=fixed / costs.per_unit, unit=costs.unit)
+        return self._costs[key][1]
