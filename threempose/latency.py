@@ -139,7 +139,8 @@ def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1) -> d
             inp = feat(g.channels * 2 ** src, src)
             add(path_key(name, width, hw), lambda path=path, inp=inp, hw=hw: path(inp, hw))
         nodes = [feat(width, c.row) for _ in range(g.hidden)]
-        add(output_key(g.hidden, width, hw), lambda out=cell.output, nodes=nodes: out(torch.cat(nodes, dim=1)))
+        add(output_key(g.hidden, width, hw),
+            lambda out=cell.output, nodes=nodes: out(torch.cat(nodes, dim=1)))
         y = feat(width, c.row)
         add(add_key(width, hw), lambda x=x, y=y: x + y)
     fused = feat(g.channels, 0)
@@ -150,7 +151,8 @@ def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1) -> d
             add(block_key(block.fuse, sizes[0]),
                 lambda f=block.fuse, xs=list(rows.values()): f(xs, sizes[0]))
             if block.fuse_skip is not None:
-                add(block_key(block.fuse_skip, sizes[0]), lambda f=block.fuse_skip: f([fused, fused], sizes[0]))
+                add(block_key(block.fuse_skip, sizes[0]),
+                    lambda f=block.fuse_skip: f([fused, fused], sizes[0]))
             if block.split is not None:
                 add(block_key(block.split, sizes[0]), lambda s=block.split, rows=rows: s(fused, rows))
         head = net.heads[str(layer)]
@@ -176,18 +178,19 @@ def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.dev
     model = dataclasses.replace(model, ops=list(OP_NAMES))
     net = inference_form(Supernet(model).to(device))
     blocks = fabric_blocks(net, input_hw, batch)
-    references = {f"reference network {i}": inference_form(DerivedNet(g, model.num_joints, model.stem_blocks)).to(device)
+    references = {f"reference network {i}": inference_form(DerivedNet(g, model.num_joints, model.stem_blocks))
+                  .to(device)
                   for i, g in enumerate(random_genotypes(model, CALIBRATION_NETWORKS, CALIBRATION_SEED, 1.0))}
     images = torch.randn(batch, 3, *input_hw, device=device)
-    times = median_ms({**blocks, **{k: (lambda n=n: n(images)) for k, n in references.items()}}, device, warmup,
-                      reps, "latency table" if progress else None, timer)
+    whole = {k: (lambda n=n: n(images)) for k, n in references.items()}
+    times = median_ms({**blocks, **whole}, device, warmup, reps, "latency table" if progress else None, timer)
     entries = {k: times[k] for k in blocks}
     fabric = {k: getattr(model, k) for k in FABRIC_KEYS}
     fabric["eels"] = list(fabric["eels"])
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "form": FORM,
-            "method": {"timer": timer, "clock": TIMERS[timer].__name__, "statistic": "median", "warmup_rounds": warmup,
-                       "rounds": reps, "order": "interleaved: each round runs every block once",
-                       "grad": "torch.inference_mode"}}
+            "method": {"timer": timer, "clock": TIMERS[timer].__name__, "statistic": "median",
+                       "warmup_rounds": warmup, "rounds": reps, "grad": "torch.inference_mode",
+                       "order": "interleaved: each round runs every block once"}}
     table = LatencyTable(entries=entries, fabric=fabric, ops=list(OP_NAMES), input_hw=tuple(input_hw),
                          device=device.type, device_name=device_name(device), meta=meta)
     ratios = [times[k] / n.exit_costs(table, input_hw)[model.layers] for k, n in references.items()]
@@ -232,14 +235,16 @@ def prediction_accuracy(predicted: Sequence[float], measured: Sequence[float]) -
     ``spearman`` (Pearson correlation of the ranks), ``mae`` (mean of |pred - meas| / meas)
     and ``bias`` (mean of pred / meas - 1)."""
     if len(predicted) != len(measured) or len(predicted) < 2:
-        raise ValueError(f"need two equally long lists of at least 2, got {len(predicted)} and {len(measured)}")
+        raise ValueError(f"need two equally long lists of at least 2, got {len(predicted)} and "
+                         f"{len(measured)}")
     p, m = torch.tensor(predicted, dtype=torch.float64), torch.tensor(measured, dtype=torch.float64)
     ranks = torch.stack([p.argsort().argsort(), m.argsort().argsort()]).double()
     spearman = float(torch.corrcoef(ranks)[0, 1])
     return {"spearman": spearman, "mae": float(((p - m).abs() / m).mean()), "bias": float((p / m - 1).mean())}
 
 
-def random_genotypes(model: ModelConfig, count: int, seed: int = 0, preference: float = 0.0) -> list[Genotype]:
+def random_genotypes(model: ModelConfig, count: int, seed: int = 0,
+                     preference: float = 0.0) -> list[Genotype]:
     """``count`` architectures of ``model``'s search space, Dyn-EGS draws at tau = 1, seeds
     ``seed, seed + 1, ...``. With ``preference`` 0 alpha, beta and m are uniform (as a search's
     first steps draw); with ``preference`` s > 0 each genotype first draws its own logits over
@@ -257,7 +262,8 @@ def random_genotypes(model: ModelConfig, count: int, seed: int = 0, preference: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m threempose.latency", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m threempose.latency",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True, help="where to measure")
     parser.add_argument("--input-size", type=parse_input_size, required=True, help="N or WxH")

@@ -326,8 +326,8 @@ class Supernet(FabricNet):
         genotype = self.genotype_of(sample)
         live = torch.zeros(len(genotype.cells), device=images.device)
         live[[c.index for c in genotype.cells if not c.pruned]] = 1.0
-        gflops = expected_gflops(self.cost_table(self._mac_costs, tuple(images.shape[-2:])), sample.op_weights,
-                                 sample.path_weights, live)
+        gflops = expected_gflops(self.cost_table(self._mac_costs, tuple(images.shape[-2:])),
+                                 sample.op_weights, sample.path_weights, live)
         latency = None
         if self.latency_table is not None:
             latency = expected_latency(self.cost_table(self.latency_table, self.latency_table.input_hw),
@@ -353,24 +353,32 @@ class Supernet(FabricNet):
             g = self.genotype
             ops, paths, outputs = [], [], []
             for c in g.cells:
-                cell = self.cells[str(c.index)] if not c.pruned else None
+                if c.pruned:
+                    ops.append([0] * len(self.ops))
+                    paths.append([0] * len(INPUT_NAMES))
+                    outputs.append(0)
+                    continue
+                cell = self.cells[str(c.index)]
                 hw, width = FabricLayout.row_size(input_hw, c.row), g.channels * 2 ** c.row
-                add = costs.add(width, hw) if cell else 0
-                ops.append([costs.op(cell.edges[0][op], op, width, hw) + add if cell else 0 for op in self.ops])
-                paths.append([costs.path(cell.inputs[p], p, width, hw) + add if cell and p in cell.inputs else 0
+                add = costs.add(width, hw)  # one sum per path and op, -(1 + H) per cell (cost.py)
+                ops.append([costs.op(cell.edges[0][op], op, width, hw) + add for op in self.ops])
+                paths.append([costs.path(cell.inputs[p], p, width, hw) + add if p in cell.inputs else 0
                               for p in INPUT_NAMES])
-                outputs.append(costs.output(cell.output, g.hidden, width, hw) - (1 + g.hidden) * add
-                               if cell else 0)
+                outputs.append(costs.output(cell.output, g.hidden, width, hw) - (1 + g.hidden) * add)
             sizes = [FabricLayout.row_size(input_hw, r) for r in range(g.rows)]
 
             def fixed_cost(module: nn.Module, row: Optional[int]) -> float:  # stem, Fuse-Split, heads
-                return 0 if isinstance(module, Cell) else costs.block(module, input_hw if row is None else sizes[row])
+                if isinstance(module, Cell):
+                    return 0
+                return costs.block(module, input_hw if row is None else sizes[row])
 
             fixed = self._per_exit(fixed_cost)[g.layers]
 
             def in_unit(x: list) -> Tensor:
-                return (torch.tensor(x, dtype=torch.float64) / costs.per_unit).to(device=device, dtype=torch.float32)
+                raw = torch.tensor(x, dtype=torch.float64)
+                return (raw / costs.per_unit).to(device=device, dtype=torch.float32)
 
-            self._costs[key] = costs, CostTable(ops=in_unit(ops), paths=in_unit(paths), outputs=in_unit(outputs),
-                                                fixed=fixed / costs.per_unit, unit=costs.unit)
+            table = CostTable(ops=in_unit(ops), paths=in_unit(paths), outputs=in_unit(outputs),
+                              fixed=fixed / costs.per_unit, unit=costs.unit)
+            self._costs[key] = costs, table
         return self._costs[key][1]
