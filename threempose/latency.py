@@ -173,16 +173,26 @@ def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.dev
     dispatch between blocks, blocks whose inputs come cold from the previous block rather
     than warm from the last repetition, and per-call times skewed to the right (a network's
     median exceeds the sum of its blocks' medians)."""
+    return build_table_and_time(model, input_hw, {}, device, batch, warmup, reps, progress, timer)[0]
+
+
+def build_table_and_time(model: ModelConfig, input_hw: tuple[int, int], networks: dict[str, FabricNet],
+                         device: torch.device | str = "cpu", batch: int = 1, warmup: int = 3,
+                         reps: int = 15, progress: bool = False,
+                         timer: str = "wall") -> tuple[LatencyTable, dict[str, float]]:
+    """:func:`build_table`, and the whole ``networks`` (their last exit) timed in the same
+    interleaved rounds: ``(table, {name: median ms})``. On a machine whose load drifts, this
+    compares predictions with measurements taken under the same load."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = dataclasses.replace(model, ops=list(OP_NAMES))
     net = inference_form(Supernet(model).to(device))
     blocks = fabric_blocks(net, input_hw, batch)
-    references = {f"reference network {i}": inference_form(DerivedNet(g, model.num_joints, model.stem_blocks))
-                  .to(device)
+    references = {f"\0reference network {i}": DerivedNet(g, model.num_joints, model.stem_blocks)
                   for i, g in enumerate(random_genotypes(model, CALIBRATION_NETWORKS, CALIBRATION_SEED, 1.0))}
     images = torch.randn(batch, 3, *input_hw, device=device)
-    whole = {k: (lambda n=n: n(images)) for k, n in references.items()}
+    whole = {k: (lambda n=inference_form(n.to(device)): _run_to(n, images, n.genotype.layers))
+             for k, n in {**references, **networks}.items()}
     times = median_ms({**blocks, **whole}, device, warmup, reps, "latency table" if progress else None, timer)
     entries = {k: times[k] for k in blocks}
     fabric = {k: getattr(model, k) for k in FABRIC_KEYS}
@@ -196,7 +206,7 @@ def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.dev
     ratios = [times[k] / n.exit_costs(table, input_hw)[model.layers] for k, n in references.items()]
     table.calibration = statistics.median(ratios)
     meta["calibration_ratios"] = ratios
-    return table
+    return table, {k: times[k] for k in networks}
 
 
 def network_ms(nets: dict[str, FabricNet], input_hw: tuple[int, int], device: torch.device | str = "cpu",
