@@ -18,7 +18,6 @@ tables made on a busy shared machine still predict the idle latency that way):
 """
 import statistics
 
-import pytest
 import torch
 
 from threempose.config import ModelConfig

@@ -15,7 +15,7 @@ from threempose.latency import fabric_blocks, main as latency_main
 from threempose.losses import PoseLoss, flops_loss
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import Supernet
-from threempose.nas.genotype import ROW_STEP, FabricLayout
+from threempose.nas.genotype import FabricLayout
 from threempose.nas.latency_table import (LatencyTable, LatencyTableError, add_key, block_key, device_name,
                                           op_key, output_key, path_key)
 from threempose.nas.ops import OP_NAMES
