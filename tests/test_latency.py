@@ -213,9 +213,9 @@ def test_latency_command_measures_every_block_once(tmp_path):
     net = Supernet(ModelConfig(**TINY, ops=list(OP_NAMES)))
     assert set(table.entries) == set(fabric_blocks(net, HW))   # the registry's ops, each key once
     assert all(v > 0 for k, v in table.entries.items() if not k.startswith(("op:identity", "path:parallel")))
-    # 3 rows x (9 ops + output + add) + 7 paths (2 + 3 + 2) + stem + fuse + fuse_skip + split
-    # + head (the three exits fuse the same rows: one key each)
-    assert len(table.entries) == 3 * (9 + 2) + 7 + 5
+    # 3 rows x (every registry op + output + add) + 7 paths (2 + 3 + 2) + stem + fuse +
+    # fuse_skip + split + head (the three exits fuse the same rows: one key each)
+    assert len(table.entries) == 3 * (len(OP_NAMES) + 2) + 7 + 5
     net = tiny_supernet()
     net.use_latency_table(table)
     assert net(torch.randn(2, 3, *HW), tau=1.0, seed=0).latency.item() > 0
