@@ -197,6 +197,21 @@ def test_loss_constrains_the_configured_metric():
     assert float(flops_loss(latency, 8.0, 0.15)) == float(terms["latency"])
 
 
+def test_a_search_with_a_stale_table_fails_before_it_starts(net, tmp_path):
+    from threempose.engine.distributed import DistContext
+    from threempose.search import SearchJob
+
+    random_table(net).save(tmp_path / "t.json")        # measured at 32x32
+    cfg = config_from_dict({"model": TINY, "data": {"input_size": 64},
+                            "loss": {"teacher_weight": 0.0,
+                                     "cost": {"metric": "latency", "target": 5.0, "lut": str(tmp_path / "t.json")}}})
+    with pytest.raises(LatencyTableError, match="stale.*32x32.*not 64x64"):
+        SearchJob(cfg, DistContext())
+    cfg.model.channels = 8
+    with pytest.raises(LatencyTableError, match=r"channels 4 \(needed 8\)"):
+        SearchJob(cfg, DistContext())
+
+
 # ------------------------------------------------------------------ the command
 def test_latency_command_measures_every_block_once(tmp_path):
     config = tmp_path / "c.json"

@@ -260,10 +260,11 @@ class PoseLoss:
             push, pull = torch.stack(pushes).sum(), torch.stack(pulls).sum()
             parts += [("push", cfg.grouping_weight, push), ("pull", cfg.grouping_weight, pull)]
         if cfg.flops_weight:
-            name, cost = ("flops", gflops) if cfg.cost.metric == "gflops" else ("latency", latency)
+            name, given, cost = (("flops", "gflops", gflops) if cfg.cost.metric == "gflops"
+                                 else ("latency", "latency", latency))
             if cost is None or epoch is None:
-                raise ValueError(f"PoseLoss: loss.flops_weight is non-zero but no {name.replace('flops', 'gflops')}"
-                                 "/epoch was given; pass them or set loss.flops_weight to 0")
+                raise ValueError(f"PoseLoss: loss.flops_weight is non-zero but no {given}/epoch was "
+                                 "given; pass them or set loss.flops_weight to 0")
             scale = flops_loss_scale(epoch, cfg.flops_scale_start, cfg.flops_scale_every,
                                      cfg.flops_scale_max)
             parts.append((name, cfg.flops_weight * scale,

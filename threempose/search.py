@@ -79,6 +79,7 @@ class SearchJob(EpochJob):
         s = cfg.search
         set_backend(cfg.run.kernels)
         self.device = ctx.device
+        self.latency_table = load_latency_table(cfg, self.device)     # before anything slow
         self.data = build_loaders(
             cfg.data, seed=cfg.run.seed, device=self.device, rank=ctx.rank, world_size=ctx.world_size,
             arch_fraction=s.arch_val_fraction if s.strategy == "bilevel" else None,
@@ -92,7 +93,6 @@ class SearchJob(EpochJob):
         self.weights = self.opt.weights
         if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
             self.supernet.sampling = "argmax"
-        self.latency_table = load_latency_table(cfg, self.device)
         self.supernet.use_latency_table(self.latency_table)
         self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)
         self.loss = PoseLoss(cfg.loss)
@@ -226,6 +226,7 @@ def load_latency_table(cfg: Config, device: torch.device) -> Optional[LatencyTab
         return None
     table = LatencyTable.load(cost.lut)
     size = cfg.data.input_size
+    table.check_fabric(cfg.model, cfg.model.stem_blocks, cfg.model.num_joints, cfg.model.ops)
     table.check_input_size((size, size))
     table.check_device(device, cost.target_device)
     return table

@@ -168,8 +168,9 @@ class LatencyTable(BlockCosts):
     def check_fabric(self, genotype: Any, stem_blocks: int, num_joints: int,
                      ops: Optional[Sequence[str]] = None) -> None:
         """Raise :class:`LatencyTableError` unless the table was measured for this fabric
-        (``genotype``'s rows, layers, channels, hidden, eels, fuse_split, and ``stem_blocks``,
-        ``num_joints``) and holds every op of ``ops`` (default: the ops ``genotype`` uses)."""
+        (``genotype``'s - or a ``ModelConfig``'s - rows, layers, channels, hidden, eels,
+        fuse_split, and ``stem_blocks``, ``num_joints``) and holds every op of ``ops`` (default:
+        the ops ``genotype`` uses)."""
         want = {"rows": genotype.rows, "layers": genotype.layers, "channels": genotype.channels,
                 "hidden": genotype.hidden, "eels": list(genotype.eels), "fuse_split": genotype.fuse_split,
                 "stem_blocks": stem_blocks, "num_joints": num_joints}
