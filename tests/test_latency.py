@@ -203,8 +203,8 @@ def test_a_search_with_a_stale_table_fails_before_it_starts(net, tmp_path):
 
     random_table(net).save(tmp_path / "t.json")        # measured at 32x32
     cfg = config_from_dict({"model": TINY, "data": {"input_size": 64},
-                            "loss": {"teacher_weight": 0.0,
-                                     "cost": {"metric": "latency", "target": 5.0, "lut": str(tmp_path / "t.json")}}})
+                            "loss": {"teacher_weight": 0.0, "cost": {"metric": "latency", "target": 5.0,
+                                                                     "lut": str(tmp_path / "t.json")}}})
     with pytest.raises(LatencyTableError, match="stale.*32x32.*not 64x64"):
         SearchJob(cfg, DistContext())
     cfg.model.channels = 8
