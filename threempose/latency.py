@@ -18,9 +18,13 @@ Timers (``--timer``): ``wall`` (default) is ``time.perf_counter`` around each ca
 ``torch.cuda.synchronize`` on a GPU), the latency a user sees on an otherwise idle device.
 ``cpu`` is the process' CPU time (``time.process_time``), only with ``--threads 1`` on a CPU:
 equal to the wall time on an idle machine, it leaves out the time the process waits while
-other processes hold the cores, so tables made on a busy machine still predict the idle
-latency (on a loaded machine a 50 ms network is preempted many times and a 50 us block almost
-never, so wall-clock medians of long and short calls are inflated by different factors).
+other processes hold the cores, which on a loaded machine inflates a 50 ms network (preempted
+many times) far more than a 50 us block (almost never), so wall-clock medians of blocks and of
+networks do not add up there. CPU time still varies with what shares the core and caches.
+
+Each table also carries a calibration factor measured on whole reference networks
+(:func:`build_table`); :func:`build_table_and_time` times further networks in the same
+rounds, to compare predictions with measurements taken under the same load.
 """
 from __future__ import annotations
 
