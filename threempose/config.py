@@ -123,6 +123,22 @@ class TeacherConfig:
 
 
 @dataclass
+class CostConfig:
+    """What the cost constraint ``(cost / T) ** w`` measures (the thesis: GFLOPs).
+
+    ``metric: "latency"`` prices the sampled architecture with a latency table measured on the
+    target device (``python -m threempose.latency``) at the search's ``data.input_size``.
+    """
+
+    metric: Literal["gflops", "latency"] = "gflops"
+    target: Optional[float] = None     # T in the metric's unit (GFLOPs or ms); None: flops_target (gflops)
+    lut: Optional[str] = None          # the latency table (JSON), for metric "latency"
+    target_device: Optional[Literal["cpu", "cuda"]] = None  # the table's device when it is not the
+                                       # run's (e.g. a CPU table while searching on a GPU): a warning,
+                                       # not an error
+
+
+@dataclass
 class LossConfig:
     """Loss terms and weights (thesis §3.4, §4.1). A weight of 0 switches a term off."""
 
@@ -135,6 +151,7 @@ class LossConfig:
     flops_scale_start: float = 1e-4   # step schedule: x10 every flops_scale_every epochs ...
     flops_scale_every: int = 3
     flops_scale_max: float = 1.0      # ... capped here
+    cost: CostConfig = field(default_factory=CostConfig)   # the metric the flops_* settings constrain
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
@@ -462,3 +479,12 @@ def _check_semantics(cfg: Config, src: str) -> None:
     if cfg.pnfs.enabled and cfg.data.backend == "dali":
         raise ConfigError(f'{src}: data.backend "dali" feeds the bottom-up pipeline; PNFS mode\'s top-down '
                           'crops (pnfs.enabled) use the torch backend')
+    cost = cfg.loss.cost
+    if cost.target is not None and cost.target <= 0:
+        raise ConfigError(f"{src}: loss.cost.target must be > 0, got {cost.target}")
+    if cost.metric == "latency" and (cost.target is None or cost.lut is None):
+        raise ConfigError(f"{src}: loss.cost.metric 'latency' needs loss.cost.target (ms) and loss.cost.lut "
+                          "(a table from `python -m threempose.latency`)")
+    if cost.metric == "gflops" and (cost.lut is not None or cost.target_device is not None):
+        raise ConfigError(f"{src}: loss.cost.lut and loss.cost.target_device are only used with "
+                          "loss.cost.metric 'latency'")

@@ -117,12 +117,13 @@ def ae_loss(tags: Tensor, joints: Tensor) -> tuple[Tensor, Tensor]:
 # Architecture terms (applied once per step)
 # --------------------------------------------------------------------------- #
 def flops_loss(gflops: Tensor | float, target: float = 47.8, exponent: float = 0.15) -> Tensor:
-    """FLOPs constraint ``(gflops / target) ** exponent`` (thesis §3.4: T = 47.8, w = 0.15).
+    """FLOPs constraint ``(gflops / target) ** exponent`` (thesis §3.4: T = 47.8, w = 0.15);
+    the same form constrains latency (``gflops`` and ``target`` in ms).
 
     Args:
         gflops: 0-dim tensor, the sampled architecture's differentiable expected
-            GFLOPs (multiply-adds); a plain number is accepted (no gradient).
-        target: T in GFLOPs (> 0).
+            GFLOPs (multiply-adds) or latency; a plain number is accepted (no gradient).
+        target: T in the same unit (> 0).
         exponent: w (> 0).
     """
     if target <= 0 or exponent <= 0:
@@ -131,6 +132,11 @@ def flops_loss(gflops: Tensor | float, target: float = 47.8, exponent: float = 0
     if gflops.dim() != 0:
         raise ValueError(f"flops_loss: gflops must be a 0-dim tensor, got shape {tuple(gflops.shape)}")
     return (gflops.float() / target) ** exponent
+
+
+def cost_target(cfg: LossConfig) -> float:
+    """T of the cost constraint: ``loss.cost.target``, else ``loss.flops_target`` (GFLOPs)."""
+    return cfg.cost.target if cfg.cost.target is not None else cfg.flops_target
 
 
 def flops_loss_scale(epoch: int, start: float = 1e-4, every: int = 3, cap: float = 1.0) -> float:
@@ -187,11 +193,14 @@ class PoseLoss:
 
     ``total = heatmap_weight * sum_exits heatmap
             + grouping_weight * sum_exits (push + pull)
-            + flops_weight * flops_loss_scale(epoch) * flops
+            + flops_weight * flops_loss_scale(epoch) * cost
             + teacher_weight * teacher``
 
-    A weight of 0 switches its term off: it is neither computed nor reported,
-    and its inputs (gflops, epoch, features) may be omitted.
+    ``cost`` is :func:`flops_loss` of the metric ``loss.cost.metric`` names: the expected
+    GFLOPs (term ``"flops"``, the thesis) or the expected latency in ms (term ``"latency"``),
+    against ``loss.cost.target`` (default ``flops_target``). A weight of 0 switches its term
+    off: it is neither computed nor reported, and its inputs (gflops, latency, epoch,
+    features) may be omitted.
     """
 
     def __init__(self, cfg: LossConfig):
@@ -204,6 +213,7 @@ class PoseLoss:
         *,
         step: Optional[int] = None,
         gflops: Optional[Tensor] = None,
+        latency: Optional[Tensor] = None,
         epoch: Optional[int] = None,
         student_feats: Optional[Sequence[Tensor]] = None,
         teacher_feats: Optional[Sequence[Tensor]] = None,
@@ -217,14 +227,16 @@ class PoseLoss:
                 ``"joints"`` ``[B, P, J, 2]`` int64 (see :func:`ae_loss`).
             step: the global step, quoted by :class:`NonFiniteLossError`.
             gflops: 0-dim expected GFLOPs of the sampled architecture (FLOPs term).
-            epoch: the epoch (from 0) for :func:`flops_loss_scale` (FLOPs term).
+            latency: 0-dim expected latency in ms (the cost term when ``loss.cost.metric`` is
+                ``"latency"``).
+            epoch: the epoch (from 0) for :func:`flops_loss_scale` (cost term).
             student_feats / teacher_feats: feature lists for :func:`teacher_loss`.
 
         Returns:
             ``(total, terms)``: ``total`` is the 0-dim differentiable loss;
             ``terms`` maps names to detached 0-dim tensors: the unweighted
             ``heatmap``, ``push``, ``pull``, ``grouping`` (= push + pull, each
-            summed over exits), ``flops`` (unscaled), ``teacher``, the
+            summed over exits), ``flops`` or ``latency`` (unscaled), ``teacher``, the
             weighted ``total``, and per exit ``exit{k}/heatmap``,
             ``exit{k}/push``, ``exit{k}/pull`` when there is more than one exit.
         """
@@ -248,13 +260,15 @@ class PoseLoss:
             push, pull = torch.stack(pushes).sum(), torch.stack(pulls).sum()
             parts += [("push", cfg.grouping_weight, push), ("pull", cfg.grouping_weight, pull)]
         if cfg.flops_weight:
-            if gflops is None or epoch is None:
-                raise ValueError("PoseLoss: loss.flops_weight is non-zero but no gflops/epoch was "
+            name, given, cost = (("flops", "gflops", gflops) if cfg.cost.metric == "gflops"
+                                 else ("latency", "latency", latency))
+            if cost is None or epoch is None:
+                raise ValueError(f"PoseLoss: loss.flops_weight is non-zero but no {given}/epoch was "
                                  "given; pass them or set loss.flops_weight to 0")
             scale = flops_loss_scale(epoch, cfg.flops_scale_start, cfg.flops_scale_every,
                                      cfg.flops_scale_max)
-            parts.append(("flops", cfg.flops_weight * scale,
-                          flops_loss(gflops, cfg.flops_target, cfg.flops_exponent)))
+            parts.append((name, cfg.flops_weight * scale,
+                          flops_loss(cost, cost_target(cfg), cfg.flops_exponent)))
         if cfg.teacher_weight:
             if not student_feats or not teacher_feats:
                 raise ValueError("PoseLoss: loss.teacher_weight is non-zero but no student/teacher "

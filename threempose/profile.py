@@ -8,10 +8,17 @@
     python -m threempose.profile --genotype G.json --draw fabric.png  # Fig. A.1
     python -m threempose.profile --config configs/search.json         # argmax architecture + whole supernet
     python -m threempose.profile --model higherhrnet-w32 --input-size 512 --json
+    python -m threempose.profile --genotype G.json --latency lut.json            # + predicted ms
+    python -m threempose.profile --genotype G.json --latency lut.json --measure  # + measured ms
 
 GFLOPs are multiply-adds (one per multiply-add, :mod:`threempose.flops`) for one image; an
 exit's figure is static: everything computed up to that exit's head (Table 4.3's convention).
 ``--input-size`` is ``N`` (square) or ``WxH`` (width x height, like an image resolution).
+``--latency`` adds each exit's latency predicted by a table from ``python -m threempose.latency``
+(the network is built with the table's ``stem_blocks`` and ``num_joints``; the table must match
+the genotype's fabric and the input size); ``--measure`` also times the network on this machine
+(the table's device, threads, batch and timer; it must be the table's device) and prints
+measured beside predicted.
 """
 from __future__ import annotations
 
@@ -21,10 +28,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from threempose.cli import check_output_file, entry_point
 from threempose.config import load_config
 from threempose.nas.fabric import FabricNet, Supernet
 from threempose.nas.genotype import OP_LABELS, Genotype
+from threempose.nas.latency_table import LatencyTable, LatencyTableError
 from threempose.pnfs.dispatch import pnfs_main
 
 MODELS = ("higherhrnet-w32",)
@@ -42,23 +52,45 @@ def parse_input_size(text: str) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[1], values[0])
 
 
-def profile_network(net: FabricNet, input_hw: tuple[int, int]) -> dict[str, Any]:
+def profile_network(net: FabricNet, input_hw: tuple[int, int],
+                    latency: Optional[LatencyTable] = None) -> dict[str, Any]:
     """``{"params_m", "gflops", "exits": [{"layer", "gflops", "params_m"}]}`` of a fabric
-    network's weights (architecture parameters excluded) at ``input_hw`` = ``(H, W)``."""
+    network's weights (architecture parameters excluded) at ``input_hw`` = ``(H, W)``; with a
+    ``latency`` table also ``"latency_ms"`` (predicted) overall and per exit."""
     gflops = net.exit_gflops(input_hw)
     params = net.exit_params()
+    ms = net.exit_costs(latency, input_hw) if latency is not None else None
     last = max(gflops)
-    return {"params_m": params[last] / 1e6, "gflops": gflops[last],
-            "exits": [{"layer": layer, "gflops": gflops[layer], "params_m": params[layer] / 1e6}
-                      for layer in gflops]}
+    report = {"params_m": params[last] / 1e6, "gflops": gflops[last],
+              "exits": [{"layer": layer, "gflops": gflops[layer], "params_m": params[layer] / 1e6,
+                         **({"latency_ms": ms[layer]} if ms else {})} for layer in gflops]}
+    if ms:
+        report["latency_ms"] = ms[last]
+    return report
 
 
 def profile_genotype(genotype: Genotype, input_hw: tuple[int, int], num_joints: int = 17,
-                     stem_blocks: int = 4) -> dict[str, Any]:
+                     stem_blocks: int = 4, latency: Optional[LatencyTable] = None) -> dict[str, Any]:
     """:func:`profile_network` of the derived network of ``genotype``."""
     from threempose.nas.derived import DerivedNet
 
-    return profile_network(DerivedNet(genotype, num_joints, stem_blocks), input_hw)
+    return profile_network(DerivedNet(genotype, num_joints, stem_blocks), input_hw, latency)
+
+
+def measure_latency(genotype: Genotype, table: LatencyTable, reps: int = 30) -> dict[int, float]:
+    """Measured ms to each exit of ``genotype``'s network on this machine, as ``table`` was
+    measured (its device, which must be this machine's, threads, batch, timer, input size):
+    ``{layer: ms}``."""
+    from threempose.latency import network_ms, torch_threads
+    from threempose.nas.derived import DerivedNet
+
+    if table.device == "cuda" and not torch.cuda.is_available():
+        raise LatencyTableError(f"{table.source} was measured on {table.device_name}; this machine has no GPU")
+    table.check_device(table.device)
+    net = DerivedNet(genotype, table.fabric["num_joints"], table.fabric["stem_blocks"])
+    with torch_threads(table.meta.get("threads")):
+        return network_ms({"net": net}, table.input_hw, table.device, int(table.meta.get("batch", 1)), reps=reps,
+                          exits=True, timer=table.meta.get("method", {}).get("timer", "wall"))["net"]
 
 
 def profile_supernet(supernet: Supernet, input_hw: tuple[int, int]) -> dict[str, Any]:
@@ -127,9 +159,17 @@ def draw_fabric(genotype: Genotype, path: str | Path) -> None:
 
 def _print_report(title: str, report: dict[str, Any]) -> None:
     print(f"{title}: {report['params_m']:.2f} M params, {report['gflops']:.2f} GFLOPs (multiply-adds)")
-    print(f"  {'exit':>6} {'GFLOPs':>8} {'params (M)':>11}")
+    ms = "latency_ms" in report
+    measured = "measured_ms" in report["exits"][0]
+    print(f"  {'exit':>6} {'GFLOPs':>8} {'params (M)':>11}" + (f" {'predicted ms':>13}" if ms else "")
+          + (f" {'measured ms':>12} {'error':>7}" if measured else ""))
     for e in report["exits"]:
-        print(f"  {e['layer']:>6} {e['gflops']:>8.2f} {e['params_m']:>11.2f}")
+        line = f"  {e['layer']:>6} {e['gflops']:>8.2f} {e['params_m']:>11.2f}"
+        if ms:
+            line += f" {e['latency_ms']:>13.2f}"
+        if measured:
+            line += f" {e['measured_ms']:>12.2f} {e['latency_ms'] / e['measured_ms'] - 1:>+7.1%}"
+        print(line)
 
 
 @entry_point
@@ -147,15 +187,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--table", action="store_true", help="print the genotype as Table A.1 (markdown)")
     parser.add_argument("--draw", metavar="OUT.png", help="draw the fabric (Fig. A.1)")
+    parser.add_argument("--latency", metavar="LUT.json", help="a latency table: add predicted ms per exit")
+    parser.add_argument("--measure", action="store_true", help="with --latency: also time the network here")
     args = parser.parse_args(argv)
     hw = args.input_size
     if args.model and (args.table or args.draw):
         parser.error("--table and --draw need --genotype or --config")
+    if (args.latency and not args.genotype) or (args.measure and not args.latency):
+        parser.error("--latency needs --genotype; --measure needs --latency")
     if args.draw:
         check_output_file(args.draw, "--draw")
     if args.genotype:
         genotype = Genotype.load(args.genotype)
-        report = {"genotype": args.genotype, "input_size": list(hw), **profile_genotype(genotype, hw)}
+        table, joints, stem = None, 17, 4
+        if args.latency:
+            table = LatencyTable.load(args.latency)
+            joints, stem = table.fabric["num_joints"], table.fabric["stem_blocks"]
+            table.check_fabric(genotype, stem, joints)
+            table.check_input_size(hw)
+        report = {"genotype": args.genotype, "input_size": list(hw),
+                  **profile_genotype(genotype, hw, joints, stem, table)}
+        if args.measure:
+            measured = measure_latency(genotype, table)
+            for e in report["exits"]:
+                e["measured_ms"] = measured[e["layer"]]
+            report["measured_ms"] = measured[genotype.layers]
     elif args.config:
         model_cfg = load_config(args.config).model
         supernet = Supernet(model_cfg)
@@ -176,6 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size = f"{hw[1]}x{hw[0]} (WxH)"
         if args.genotype:
             _print_report(f"{args.genotype} at {size}", report)
+            if table is not None:
+                print(f"latency: {args.latency}, {table.device} ({table.device_name}), "
+                      f"{table.meta.get('threads')} threads, batch {table.meta.get('batch')}, "
+                      f"form {table.meta.get('form')}")
         elif args.config:
             _print_report(f"argmax architecture of {args.config} at {size}", report["argmax"])
             _print_report("whole supernet (every op and path)", report["supernet"])

@@ -55,6 +55,7 @@ from threempose.nas.derived import DerivedNet
 from threempose.nas.dyn_egs import MAX_SEED, gumbel_tau
 from threempose.nas.fabric import Supernet
 from threempose.pnfs.dispatch import pnfs_main
+from threempose.nas.latency_table import LatencyTable
 from threempose.profile import profile_genotype
 from threempose.teacher import Teacher, build_teacher
 
@@ -79,6 +80,7 @@ class SearchJob(EpochJob):
         set_backend(cfg.run.kernels)
         self.device = ctx.device
         self.teacher: Optional[Teacher] = build_teacher(cfg.loss, self.device)   # first: fails fast
+        self.latency_table = load_latency_table(cfg, self.device)     # before anything slow
         self.data = build_loaders(
             cfg.data, seed=cfg.run.seed, device=self.device, rank=ctx.rank, world_size=ctx.world_size,
             arch_fraction=s.arch_val_fraction if s.strategy == "bilevel" else None,
@@ -92,6 +94,7 @@ class SearchJob(EpochJob):
         self.weights = self.opt.weights
         if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
             self.supernet.sampling = "argmax"
+        self.supernet.use_latency_table(self.latency_table)
         self.loss = PoseLoss(cfg.loss)
 
     # ---- architecture ------------------------------------------------------ #
@@ -115,7 +118,7 @@ class SearchJob(EpochJob):
             out = self.supernet(images, tau=tau, seed=seed)
             teacher_feats = self.teacher.features(images) if self.teacher is not None else None
             total, terms = self.loss(out.exits, batch, step=self.global_step, gflops=out.gflops,
-                                     epoch=epoch, student_feats=out.cell_outputs,
+                                     latency=out.latency, epoch=epoch, student_feats=out.cell_outputs,
                                      teacher_feats=teacher_feats)
         return total, terms, out
 
@@ -140,12 +143,14 @@ class SearchJob(EpochJob):
         scalars.update({k: float(v) for k, v in terms.items() if "/" not in k})
         scalars.update(gflops=float(out.gflops.detach()), images=float(train_batch["image"].shape[0]),
                        lr=self.weights.lr(), arch_lr=self.opt.arch_lr())
+        if out.latency is not None:
+            scalars["latency_ms"] = float(out.latency.detach())
         return scalars
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         self.opt.end_epoch(epoch)
         self.opt.check_in_sync(epoch, self.global_step)
-        metrics = {"gflops_argmax": self.derived_gflops()}
+        metrics = self.derived_costs()
         if self.ctx.is_main:
             self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
             if self.cfg.run.val_ap_images:
@@ -167,12 +172,16 @@ class SearchJob(EpochJob):
             net.train()
         return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
 
-    def derived_gflops(self) -> float:
-        """GFLOPs (multiply-adds) of the current argmax architecture at the training input size."""
+    def derived_costs(self) -> dict[str, float]:
+        """``gflops_argmax``: GFLOPs (multiply-adds) of the current argmax architecture at the
+        training input size; with a latency table also ``latency_ms_argmax``, its predicted ms."""
         genotype = self.supernet.derive()
         size = self.cfg.data.input_size
-        return DerivedNet(genotype, self.cfg.model.num_joints,
-                          self.cfg.model.stem_blocks).exit_gflops((size, size))[genotype.exit_layers[-1]]
+        net = DerivedNet(genotype, self.cfg.model.num_joints, self.cfg.model.stem_blocks)
+        out = {"gflops_argmax": net.exit_gflops((size, size))[genotype.layers]}
+        if self.latency_table is not None:
+            out["latency_ms_argmax"] = net.exit_costs(self.latency_table, (size, size))[genotype.layers]
+        return out
 
     def arch_snapshot(self) -> dict[str, Any]:
         return {"genotype": self.supernet.derive().to_dict(),
@@ -194,8 +203,22 @@ class SearchJob(EpochJob):
         genotype.save(genotype_path)
         size = self.cfg.data.input_size
         profile = {"input_size": size, **profile_genotype(genotype, (size, size), self.cfg.model.num_joints,
-                                                          self.cfg.model.stem_blocks)}
+                                                          self.cfg.model.stem_blocks, self.latency_table)}
         return {"genotype": genotype_path, "profile": self.run_dir.write_json("profile.json", profile)}
+
+
+def load_latency_table(cfg: Config, device: torch.device) -> Optional[LatencyTable]:
+    """The latency table of ``loss.cost`` (None for the GFLOPs metric), checked against the
+    config's fabric, its ``data.input_size`` and the run's ``device`` (or ``target_device``)."""
+    cost = cfg.loss.cost
+    if cost.metric != "latency":
+        return None
+    table = LatencyTable.load(cost.lut)
+    size = cfg.data.input_size
+    table.check_fabric(cfg.model, cfg.model.stem_blocks, cfg.model.num_joints, cfg.model.ops)
+    table.check_input_size((size, size))
+    table.check_device(device, cost.target_device)
+    return table
 
 
 # --------------------------------------------------------------------------- #

@@ -30,9 +30,11 @@ from torch import Tensor, nn
 from threempose.config import ModelConfig
 from threempose.models.hrnet_blocks import Bottleneck, make_res_layer
 from threempose.nas.cell import Cell, CellChoice
-from threempose.nas.cost import CostTable, conv_macs, conv_out_size, convs_macs, expected_gflops
+from threempose.nas.cost import (BlockCosts, CostTable, MacCosts, conv_macs, conv_out_size, convs_macs,
+                                 expected_gflops, expected_latency)
 from threempose.nas.dyn_egs import MAX_SEED, SAMPLING_MODES, ArchParameters, ArchSample, SamplingMode
 from threempose.nas.fuse_split import ExitOutput, FuseSplit, Head
+from threempose.nas.latency_table import LatencyTable
 from threempose.nas.genotype import INPUT_NAMES, ROW_STEP, CellGene, FabricLayout, Genotype, edge_endpoints
 from threempose.nas.ops import OP_NAMES, conv_bn
 
@@ -208,10 +210,20 @@ class FabricNet(nn.Module):
         """Static GFLOPs (multiply-adds / 1e9, one ``H x W`` image) of everything :meth:`run`
         computes for this network's own genotype up to and including each exit's head:
         ``{layer: gflops}``. An EEL's Split counts towards the later exits."""
+        return self.exit_costs(MacCosts(), input_hw)
+
+    def exit_costs(self, costs: BlockCosts, input_hw: tuple[int, int] | int) -> dict[int, float]:
+        """:meth:`exit_gflops` priced by ``costs`` (in ``costs.unit``): ``{layer: cost}``."""
         hw = (input_hw, input_hw) if isinstance(input_hw, int) else tuple(input_hw)
         sizes = [FabricLayout.row_size(hw, r) for r in range(self.genotype.rows)]
-        return {layer: macs / 1e9 for layer, macs in
-                self._per_exit(lambda m, row: m.macs(*(hw if row is None else sizes[row]))).items()}
+        channels = self.genotype.channels
+
+        def cost(module: nn.Module, row: Optional[int]) -> float:
+            if isinstance(module, Cell):
+                return costs.cell(module, channels * 2 ** row, sizes[row])
+            return costs.block(module, hw if row is None else sizes[row])
+
+        return {layer: raw / costs.per_unit for layer, raw in self._per_exit(cost).items()}
 
     def exit_params(self) -> dict[int, int]:
         """Parameters of the modules :meth:`run` uses up to each exit: ``{layer: count}``."""
@@ -265,12 +277,16 @@ class SupernetOutput:
             softmax-weighted cost (what a FLOPs loss should see), not the dense supernet's.
         cell_outputs: every computed cell's output ``[B, C_r, h_r, w_r]``, in cell order.
         genotype: the sampled architecture (pruned), as a derived network would build it.
+        latency: with a latency table attached (:meth:`Supernet.use_latency_table`), the
+            expected latency in ms of the same architecture on the table's device at the
+            table's input size (whatever the images' size), differentiable as ``gflops``; else None.
     """
 
     exits: list[ExitOutput]
     gflops: Tensor
     cell_outputs: list[Tensor]
     genotype: Genotype
+    latency: Optional[Tensor] = None
 
 
 class Supernet(FabricNet):
@@ -313,7 +329,9 @@ class Supernet(FabricNet):
         self.arch = ArchParameters(
             [[INPUT_NAMES.index(layout.resolve(c, p)) for p in INPUT_NAMES] for c in layout.cells],
             n_edges, len(self.ops), cfg.r_alpha, cfg.r_beta)
-        self._costs: dict[tuple[int, int, str], CostTable] = {}
+        self._costs: dict[tuple, tuple[BlockCosts, CostTable]] = {}
+        self._mac_costs = MacCosts()
+        self.latency_table: Optional[LatencyTable] = None
         self._seeds = torch.Generator().manual_seed(0)
 
     # ------------------------------------------------------------- parameters
@@ -372,36 +390,59 @@ class Supernet(FabricNet):
         genotype = self.genotype_of(sample)
         live = torch.zeros(len(genotype.cells), device=images.device)
         live[[c.index for c in genotype.cells if not c.pruned]] = 1.0
-        gflops = expected_gflops(self._cost_table(tuple(images.shape[-2:])), sample.op_weights,
-                                 sample.path_weights, live)
+        gflops = expected_gflops(self.cost_table(self._mac_costs, tuple(images.shape[-2:])),
+                                 sample.op_weights, sample.path_weights, live)
+        latency = None
+        if self.latency_table is not None:
+            latency = expected_latency(self.cost_table(self.latency_table, self.latency_table.input_hw),
+                                       sample.op_weights, sample.path_weights, live)
         cell_outputs: list[Tensor] = []
         exits = list(self.run(images, genotype, sample_weights(sample, self.ops), cell_outputs))
-        return SupernetOutput(exits, gflops, cell_outputs, genotype)
+        return SupernetOutput(exits, gflops, cell_outputs, genotype, latency)
 
-    def _cost_table(self, input_hw: tuple[int, int]) -> CostTable:
-        """Per-cell candidate costs at ``input_hw`` (cached per size and device). Cells that can
+    def use_latency_table(self, table: Optional[LatencyTable]) -> None:
+        """Price every forward's architecture in ms too (``SupernetOutput.latency``) with
+        ``table``, checked against this supernet (:meth:`LatencyTable.check_fabric`); None stops."""
+        if table is not None:
+            table.check_fabric(self.genotype, self.stem_blocks, self.num_joints, self.ops)
+        self.latency_table = table
+
+    def cost_table(self, costs: BlockCosts, input_hw: tuple[int, int]) -> CostTable:
+        """Per-cell candidate costs at ``input_hw`` priced by ``costs`` (cached per pricing,
+        size and device; the cache holds ``costs``, so its id is never reused). Cells that can
         never reach an exit (not built) cost 0."""
         device = self.arch.alpha.device
-        key = (*input_hw, str(device))
+        key = (id(costs), costs.unit, *input_hw, str(device))
         if key not in self._costs:
+            g = self.genotype
             ops, paths, outputs = [], [], []
-            for c in self.genotype.cells:
-                cell = self.cells[str(c.index)] if not c.pruned else None
-                h, w = FabricLayout.row_size(input_hw, c.row)
-                ops.append([cell.edges[0][op].macs(h, w) if cell else 0 for op in self.ops])
-                paths.append([cell.inputs[p].macs(h, w) if cell and p in cell.inputs else 0
+            for c in g.cells:
+                if c.pruned:
+                    ops.append([0] * len(self.ops))
+                    paths.append([0] * len(INPUT_NAMES))
+                    outputs.append(0)
+                    continue
+                cell = self.cells[str(c.index)]
+                hw, width = FabricLayout.row_size(input_hw, c.row), g.channels * 2 ** c.row
+                add = costs.add(width, hw)  # one sum per path and op, -(1 + H) per cell (cost.py)
+                ops.append([costs.op(cell.edges[0][op], op, width, hw) + add for op in self.ops])
+                paths.append([costs.path(cell.inputs[p], p, width, hw) + add if p in cell.inputs else 0
                               for p in INPUT_NAMES])
-                outputs.append(convs_macs(cell.output, h, w) if cell else 0)
-            sizes = [FabricLayout.row_size(input_hw, r) for r in range(self.genotype.rows)]
+                outputs.append(costs.output(cell.output, g.hidden, width, hw) - (1 + g.hidden) * add)
+            sizes = [FabricLayout.row_size(input_hw, r) for r in range(g.rows)]
 
-            def fixed_macs(module: nn.Module, row: Optional[int]) -> int:  # stem, Fuse-Split, heads
-                return 0 if isinstance(module, Cell) else module.macs(*(input_hw if row is None else sizes[row]))
+            def fixed_cost(module: nn.Module, row: Optional[int]) -> float:  # stem, Fuse-Split, heads
+                if isinstance(module, Cell):
+                    return 0
+                return costs.block(module, input_hw if row is None else sizes[row])
 
-            fixed = self._per_exit(fixed_macs)[self.genotype.layers]
+            fixed = self._per_exit(fixed_cost)[g.layers]
 
-            def gflops(x: list) -> Tensor:
-                return (torch.tensor(x, dtype=torch.float64) / 1e9).to(device=device, dtype=torch.float32)
+            def in_unit(x: list) -> Tensor:
+                raw = torch.tensor(x, dtype=torch.float64)
+                return (raw / costs.per_unit).to(device=device, dtype=torch.float32)
 
-            self._costs[key] = CostTable(ops=gflops(ops), paths=gflops(paths), outputs=gflops(outputs),
-                                         fixed=fixed / 1e9)
-        return self._costs[key]
+            table = CostTable(ops=in_unit(ops), paths=in_unit(paths), outputs=in_unit(outputs),
+                              fixed=fixed / costs.per_unit, unit=costs.unit)
+            self._costs[key] = costs, table
+        return self._costs[key][1]
