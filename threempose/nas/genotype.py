@@ -51,6 +51,7 @@ from typing import Any, Optional
 from threempose.atomic import atomic_open
 from threempose.cli import UserError
 from threempose.config import CellOptions
+from threempose.json_file import read_json_file
 from threempose.nas.ops import OP_NAMES
 
 GENOTYPE_FORMAT = "threempose.genotype/1"
@@ -314,14 +315,7 @@ class Genotype:
     @classmethod
     def load(cls, path: str | Path) -> "Genotype":
         """Read and validate a format-1 genotype file."""
-        path = Path(path)
-        if not path.is_file():
-            raise GenotypeError(f"genotype file not found: {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise GenotypeError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json_file(path, GenotypeError, "genotype file"), str(path))
 
     @classmethod
     def _from_dict(cls, raw: Any) -> "Genotype":

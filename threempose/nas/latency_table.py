@@ -28,7 +28,6 @@ A table only prices the fabric, ops and input size it was measured for: the chec
 """
 from __future__ import annotations
 
-import json
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from torch import nn
 
 from threempose.atomic import atomic_write_json
 from threempose.cli import UserError
+from threempose.json_file import read_json_file
 from threempose.nas.cost import BlockCosts
 from threempose.nas.fuse_split import Fuse, Head, Split
 
@@ -233,14 +233,7 @@ class LatencyTable(BlockCosts):
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
         """Read a table written by ``python -m threempose.latency``."""
-        path = Path(path)
-        if not path.is_file():
-            raise LatencyTableError(f"latency table not found: {path}; {BUILD_HINT}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise LatencyTableError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json_file(path, LatencyTableError, "latency table", BUILD_HINT), str(path))
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<latency table>") -> "LatencyTable":

@@ -30,6 +30,7 @@ from threempose.config import Config, ConfigError, config_from_dict, config_to_d
 from threempose.data.keypoints import NUM_JOINTS
 from threempose.engine.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from threempose.flops import measure_gflops
+from threempose.json_file import read_json_file
 from threempose.nas.dyn_egs import MAX_SEED
 from threempose.nas.genotype import GenotypeError
 from threempose.nas.ops import conv_bn
@@ -122,14 +123,7 @@ class PnfsArchitecture:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "PnfsArchitecture":
-        path = Path(path)
-        if not path.is_file():
-            raise GenotypeError(f"PNFS architecture file not found: {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise GenotypeError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json_file(path, GenotypeError, "PNFS architecture file"), str(path))
 
 
 # --------------------------------------------------------------------------- #
