@@ -69,8 +69,8 @@ def test_thesis_fabric_latency_prediction(benchmark):
           f"bias {acc['bias']:+.1%}; GFLOPs vs measured: Spearman {by_gflops['spearman']:.3f}; "
           f"{len(band)} genotypes within 2% of {median:.2f} GFLOPs")
     benchmark.extra_info.update(
-        device=table.device_name, timer=TIMER, form=table.meta["form"], calibration=table.calibration, spearman=acc["spearman"],
-        mae=acc["mae"], bias=acc["bias"], gflops_spearman=by_gflops["spearman"],
+        device=table.device_name, timer=TIMER, form=table.meta["form"], calibration=table.calibration,
+        spearman=acc["spearman"], mae=acc["mae"], bias=acc["bias"], gflops_spearman=by_gflops["spearman"],
         networks={k: {"gflops": flops[k], "predicted_ms": predicted[k], "measured_ms": measured[k]}
                   for k in nets})
     assert acc["spearman"] >= 0.9 and acc["mae"] <= 0.15, acc
