@@ -3,7 +3,8 @@
     pytest bench/test_bench_latency.py -s [--benchmark-json out.json]
 
 On this machine's CPU with one thread and the CPU-time timer (:mod:`threempose.latency`;
-tables made on a busy shared machine still predict the idle latency that way):
+tables made on a busy shared machine still predict the idle latency that way), blocks and
+networks in the form inference runs (``"deploy"``, :func:`~threempose.latency.inference_form`):
 
 * builds the latency table and times 20 random genotypes
   (:func:`~threempose.latency.random_genotypes`, preference 1, so they span cheap to costly
@@ -58,7 +59,8 @@ def test_thesis_fabric_latency_prediction(benchmark):
         by_gflops = prediction_accuracy([flops[k] for k in random_keys], [measured[k] for k in random_keys])
     finally:
         torch.set_num_threads(threads)
-    print(f"\n{table.device_name}, 1 thread, timer {TIMER}, calibration x{table.calibration:.3f}")
+    print(f"\n{table.device_name}, 1 thread, timer {TIMER}, form {table.meta['form']}, "
+          f"calibration x{table.calibration:.3f}")
     print(f"{'network':>26} {'GFLOPs':>7} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
     for k in nets:
         print(f"{k:>26} {flops[k]:>7.2f} {predicted[k]:>13.1f} {measured[k]:>12.1f} "
@@ -67,8 +69,8 @@ def test_thesis_fabric_latency_prediction(benchmark):
           f"bias {acc['bias']:+.1%}; GFLOPs vs measured: Spearman {by_gflops['spearman']:.3f}; "
           f"{len(band)} genotypes within 2% of {median:.2f} GFLOPs")
     benchmark.extra_info.update(
-        device=table.device_name, timer=TIMER, calibration=table.calibration, spearman=acc["spearman"],
-        mae=acc["mae"], bias=acc["bias"], gflops_spearman=by_gflops["spearman"],
+        device=table.device_name, timer=TIMER, form=table.meta["form"], calibration=table.calibration,
+        spearman=acc["spearman"], mae=acc["mae"], bias=acc["bias"], gflops_spearman=by_gflops["spearman"],
         networks={k: {"gflops": flops[k], "predicted_ms": predicted[k], "measured_ms": measured[k]}
                   for k in nets})
     assert acc["spearman"] >= 0.9 and acc["mae"] <= 0.15, acc

@@ -180,6 +180,33 @@ def test_a_network_folding_does_not_fit_is_refused():
         optimize_for_inference(net, input_size=(16, 16))
 
 
+@onednn
+def test_a_block_is_optimized_on_its_own_feature_map_inputs():
+    """A Fuse block of the thesis fabric takes a list of feature maps and a size: optimized on
+    example inputs (channels-last, as they arrive between optimized blocks), it folds its
+    BatchNorms, packs its convs, adds no input conversion and gives the original's outputs."""
+    net = random_bn_stats_(Supernet(ModelConfig(rows=3, layers=4, channels=8, eels=[2], stem_blocks=1)))
+    fuse = net.exits["4"].fuse
+    xs = [torch.randn(1, 8 * 2 ** r, 32 // 2 ** r, 32 // 2 ** r).contiguous(memory_format=torch.channels_last)
+          for r in range(3)]
+    fast = optimize_for_inference(fuse, input_size=(32, 32), example_inputs=(xs, (32, 32)))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, PackedConv2d) for m in fast.modules())
+    assert not any(m._forward_pre_hooks for m in fast.modules())
+    with torch.no_grad():
+        expected, got = fuse(xs, (32, 32)), fast(xs, (32, 32))
+    assert_same_outputs(expected, got)
+    assert got.is_contiguous(memory_format=torch.channels_last)   # passed on channels-last
+    pool = optimize_for_inference(nn.MaxPool2d(3, 1, 1), input_size=(32, 32), example_inputs=(xs[0],))
+    assert torch.equal(pool(xs[0]), nn.functional.max_pool2d(xs[0], 3, 1, 1))   # no parameters: fine
+
+
+def test_a_block_folding_does_not_fit_is_refused_on_its_example_inputs():
+    net = random_bn_stats_(ReadsRawConv())
+    with pytest.raises(RuntimeError, match="output 0 differs"):
+        optimize_for_inference(net, input_size=(16, 16), example_inputs=(torch.randn(1, 3, 16, 16),))
+
+
 def test_half_precision_off_cuda_is_refused(thesis_net):
     with pytest.raises(ValueError, match="float16 is for CUDA"):
         optimize_for_inference(thesis_net, input_size=(32, 32), dtype=torch.float16)

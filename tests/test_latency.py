@@ -219,10 +219,13 @@ def test_latency_command_measures_every_block_once(tmp_path):
     out = tmp_path / "lut.json"
     assert latency_main(["--device", "cpu", "--input-size", "32", "--config", str(config), "--out", str(out),
                          "--warmup", "0", "--reps", "2", "--threads", "1", "--timer", "cpu"]) == 0
+    assert latency_main(["--device", "cpu", "--input-size", "32", "--config", str(config), "--out",
+                         str(tmp_path / "eager.json"), "--warmup", "0", "--reps", "1", "--form", "eager"]) == 0
+    assert json.loads((tmp_path / "eager.json").read_text())["form"] == "eager"
     raw = json.loads(out.read_text())
     for key in ("device", "device_name", "torch", "threads", "batch", "input_size", "method", "form"):
         assert key in raw, key
-    assert raw["form"] == "eager" and raw["threads"] == 1 and raw["method"]["timer"] == "cpu"
+    assert raw["form"] == "deploy" and raw["threads"] == 1 and raw["method"]["timer"] == "cpu"
     assert raw["calibration"] > 0 and len(raw["calibration_ratios"]) == 4
     table = LatencyTable.load(out)
     net = Supernet(ModelConfig(**TINY, ops=list(OP_NAMES)))
@@ -234,6 +237,49 @@ def test_latency_command_measures_every_block_once(tmp_path):
     net = tiny_supernet()
     net.use_latency_table(table)
     assert net(torch.randn(2, 3, *HW), tau=1.0, seed=0).latency.item() > 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_blocks_and_networks_are_timed_in_the_form_inference_runs():
+    """The default form is deploy.optimize_for_inference's (as Predictor runs): a block is
+    optimized on its own channels-last inputs (BatchNorm folded, convs packed, same outputs,
+    channels-last out for the next block), a whole network as from images; eager keeps BN."""
+    from threempose.deploy import PackedConv2d
+    from threempose.latency import FORM, feature_layout, inference_form
+
+    assert FORM == "deploy"
+    net = tiny_supernet().eval()
+    for name in ("conv", "residual", "sep_conv", "se"):
+        op = net.cells["0"].edges[0][name]
+        x = feature_layout(torch.randn(1, 4, 16, 16))
+        fast = inference_form(op, HW, "cpu", (x,))
+        assert fast is not op and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()), name
+        assert any(isinstance(m, PackedConv2d) for m in fast.modules()), name
+        with torch.no_grad():
+            expected, got = op(x), fast(x)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), name
+        assert got.is_contiguous(memory_format=torch.channels_last), name
+    genotype = net.genotype_of(net.sample(1.0, seed=1))
+    whole = inference_form(DerivedNet(genotype, stem_blocks=1), HW, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in whole.modules())
+    op = net.cells["0"].edges[0]["conv"]
+    assert inference_form(op, HW, "cpu", form="eager") is op and any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in op.modules())
+    with pytest.raises(ValueError, match="unknown form 'fast'"):
+        inference_form(op, HW, "cpu", form="fast")
+
+
+def test_profile_measures_in_the_tables_form(net, tmp_path, monkeypatch):
+    import threempose.latency
+    from threempose.profile import measure_latency
+
+    forms = []
+    monkeypatch.setattr(threempose.latency, "network_ms",
+                        lambda *args, form, **kw: forms.append(form) or {"net": {2: 1.0}})
+    genotype = net.genotype_of(net.sample(1.0, seed=2))
+    for form in ("eager", "deploy"):
+        measure_latency(genotype, random_table(net, meta={"threads": 1, "batch": 1, "form": form}))
+    assert forms == ["eager", "deploy"]
 
 
 def test_latency_command_rejects_the_cpu_timer_with_threads(tmp_path, capsys):

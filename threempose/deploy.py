@@ -96,8 +96,9 @@ class Trace:
 
 
 @torch.no_grad()
-def trace_network(net: nn.Module, image: Tensor) -> Trace:
-    """Run ``net(image)`` once (eval mode) and record its convolutions and BatchNorms (:class:`Trace`)."""
+def trace_network(net: nn.Module, *inputs: Any) -> Trace:
+    """Run ``net(*inputs)`` once (eval mode; e.g. one image) and record its convolutions and
+    BatchNorms (:class:`Trace`)."""
     produced: dict[int, tuple[weakref.ref, nn.Module]] = {}   # id(conv output) -> (output, conv)
     fed: dict[nn.BatchNorm2d, set] = {}       # bn -> the convs (None: not a conv) that fed it
     calls: dict[nn.Module, int] = {}
@@ -122,7 +123,7 @@ def trace_network(net: nn.Module, image: Tensor) -> Trace:
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(before_bn))
     try:
-        net(image)
+        net(*inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -250,7 +251,8 @@ def fuse_onednn(net: nn.Module, input_shapes: dict[nn.Module, tuple[int, ...]]) 
 def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 512),
                            device: str | torch.device = "cpu", compile: bool = False,
                            channels_last: bool = True, fuse: Optional[bool] = None,
-                           dtype: Optional[torch.dtype] = None, check: bool = True) -> nn.Module:
+                           dtype: Optional[torch.dtype] = None, check: bool = True,
+                           example_inputs: Optional[tuple] = None) -> nn.Module:
     """An inference-optimized deep copy of ``net`` (module docstring), in eval mode on ``device``.
 
     Args:
@@ -264,7 +266,13 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         fuse: oneDNN conv packing and ReLU / residual-add fusion; None: on for the CPU when
             oneDNN is available and ``compile`` is off.
         dtype: None (float32), or ``torch.float16`` / ``torch.bfloat16`` on CUDA.
-        check: compare the result with ``net`` on a random ``64 x 64`` image (float32 only).
+        check: compare the result with ``net`` on a random ``64 x 64`` image, or on
+            ``example_inputs`` (float32 only).
+        example_inputs: for a module that takes other inputs than one image (e.g. a block of a
+            fabric taking feature maps): the arguments of one call, on ``device``, float32 and
+            already in the layout they will arrive in (channels-last with ``channels_last``:
+            nothing converts them). The trace (and ``check``) runs on them; None: an image
+            ``[1, 3, *input_size]``, converted to channels-last (and ``dtype``) on the way in.
 
     Returns:
         The optimized module: same class, same outputs (float32: within float rounding), eval
@@ -285,10 +293,14 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
     elif fuse and not can_fuse:
         raise ValueError(f"fuse=True needs the CPU with oneDNN (device {device}, oneDNN "
                          f"{'available' if torch.backends.mkldnn.is_available() else 'missing'})")
+    if example_inputs is not None and dtype not in (None, torch.float32):
+        raise ValueError("example_inputs are for float32 networks")
     original = net
     net = copy.deepcopy(net).cpu().float().eval().requires_grad_(False)
-    example = torch.randn(1, 3, *input_size)
-    trace = trace_network(net, example)
+    if example_inputs is None:
+        trace = trace_network(net, torch.randn(1, 3, *input_size))
+    else:
+        trace = trace_network(net, *_map_tensors(example_inputs, lambda t: t.cpu()))
     for conv, bn in trace.pairs:
         fold_batchnorm(conv, bn)
     folded = {bn for _, bn in trace.pairs}
@@ -304,12 +316,13 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         net.to(dtype)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    _convert_inputs(net, trace.first_conv, dtype, channels_last)
+    if example_inputs is None:
+        _convert_inputs(net, trace.first_conv, dtype, channels_last)
     if dtype not in (None, torch.float32):
         for m in _exit_modules(net):
             m.register_forward_hook(_outputs_to_float32)
     if check and dtype in (None, torch.float32):
-        check_same_outputs(original, net, device)
+        check_same_outputs(original, net, device, inputs=example_inputs)
     if compile:
         parts = _compiled_parts(net)
         # instances of one class (the cells) share a code object, each with its own guards
@@ -380,18 +393,21 @@ def output_tensors(obj: Any) -> list[Tensor]:
 
 @torch.no_grad()
 def check_same_outputs(reference: nn.Module, optimized: nn.Module, device: torch.device | str,
-                       size: int = CHECK_SIZE, tolerance: float = CHECK_TOLERANCE) -> None:
-    """Raise RuntimeError unless ``optimized`` gives ``reference``'s outputs on a random
-    ``[1, 3, size, size]`` image: each within ``tolerance * max(1, max |reference output|)``."""
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(1, 3, size, size, generator=generator)
+                       size: int = CHECK_SIZE, tolerance: float = CHECK_TOLERANCE,
+                       inputs: Optional[tuple] = None) -> None:
+    """Raise RuntimeError unless ``optimized`` gives ``reference``'s outputs on ``inputs`` (the
+    arguments of one call; None: a random ``[1, 3, size, size]`` image): each within
+    ``tolerance * max(1, max |reference output|)``."""
+    if inputs is None:
+        inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+    reference_device = next(reference.parameters(), torch.empty(0)).device
     was_training = reference.training
     reference.eval()
     try:
-        expected = output_tensors(reference(image.to(next(reference.parameters()).device)))
+        expected = output_tensors(reference(*_map_tensors(inputs, lambda t: t.to(reference_device))))
     finally:
         reference.train(was_training)
-    got = output_tensors(optimized(image.to(device)))
+    got = output_tensors(optimized(*_map_tensors(inputs, lambda t: t.to(device))))
     if len(got) != len(expected):
         raise RuntimeError(f"optimize_for_inference: {len(got)} outputs, the original network gives "
                            f"{len(expected)}")

@@ -10,7 +10,11 @@ Times every block the cost model prices for the fabric of ``--config``'s model s
 (default: the thesis fabric, 4 rows x 10 layers, C = 32): every candidate op of the op registry
 at every row's size and width, every input path, every cell's output conv, the element-wise
 sum, the stem, the Fuse-Split blocks and the heads. Identical (block, shape) pairs are timed
-once. Method: the blocks are run in :func:`inference_form` under ``torch.inference_mode``;
+once. Form (``--form``, :func:`inference_form`): ``deploy`` (default) times every block and
+network as inference runs it, optimized by :func:`threempose.deploy.optimize_for_inference`
+(BatchNorm folded, channels-last, oneDNN-fused on a CPU; each block optimized on its own
+inputs, feature maps channels-last as they flow between blocks); ``eager`` times them in eval
+mode with BatchNorm kept. Method: the blocks are run under ``torch.inference_mode``;
 ``--warmup`` rounds, then ``--reps`` rounds each calling every block once (interleaved, so a
 load change on a shared machine hits all blocks alike); an entry is the median of its rounds.
 
@@ -41,6 +45,7 @@ from torch import nn
 
 from threempose.cli import check_output_file, entry_point
 from threempose.config import ModelConfig, load_config
+from threempose.deploy import optimize_for_inference
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import FabricNet, Supernet
 from threempose.nas.genotype import ROW_STEP, FabricLayout, Genotype
@@ -49,16 +54,41 @@ from threempose.nas.latency_table import (FABRIC_KEYS, LatencyTable, LatencyTabl
 from threempose.nas.ops import OP_NAMES
 from threempose.profile import parse_input_size
 
-FORM = "eager"            # what inference_form produces; recorded in every table
+FORMS = ("deploy", "eager")  # what inference_form can produce; recorded in every table
+FORM = "deploy"             # the default: the form Predictor and infer run
 CALIBRATION_NETWORKS = 4  # reference networks timed with the blocks (see build_table)
 CALIBRATION_SEED = 10 ** 6
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def inference_form(net: nn.Module) -> nn.Module:
-    """The form in which blocks and networks are timed, as inference runs them: eval mode,
-    BatchNorm kept (``"eager"``, :data:`FORM`). The one place that decides it."""
-    return net.eval()
+def inference_form(net: nn.Module, input_hw: tuple[int, int], device: torch.device | str,
+                   example_inputs: Optional[tuple] = None, form: str = FORM) -> nn.Module:
+    """``net`` (a whole network or one block of a fabric) in the form in which it is timed, as
+    inference runs it; the one place that decides it. ``form``:
+
+    * ``"deploy"`` (:data:`FORM`, what :class:`~threempose.predictor.Predictor` and ``infer``
+      run): :func:`~threempose.deploy.optimize_for_inference`'s defaults for ``device`` (a
+      copy: BatchNorm folded, channels-last, oneDNN-fused convs on a CPU). A block is optimized
+      on its own ``example_inputs`` (its call's arguments, feature maps in
+      :func:`feature_layout`); None: a network taking images ``[B, 3, *input_hw]``.
+    * ``"eager"``: ``net`` itself in eval mode on ``device``, BatchNorm kept.
+    """
+    check_form(form)
+    if form == "eager":
+        return net.to(device).eval()
+    return optimize_for_inference(net, input_hw, device, example_inputs=example_inputs)
+
+
+def feature_layout(x: torch.Tensor, form: str = FORM) -> torch.Tensor:
+    """A feature map ``[B, C, H, W]`` in the memory layout blocks pass it on in ``form``
+    (channels-last in ``"deploy"``)."""
+    return x.contiguous(memory_format=torch.channels_last) if form == "deploy" else x
+
+
+def check_form(form: str) -> None:
+    """Raise ValueError unless ``form`` is one of :data:`FORMS`."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; use one of {list(FORMS)}")
 
 
 def median_ms(fns: dict[str, Callable[[], Any]], device: torch.device | str, warmup: int = 3,
@@ -115,59 +145,71 @@ def check_timer(timer: str, device: torch.device | str) -> None:
                          "or the wall timer")
 
 
-def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1) -> dict[str, Callable[[], Any]]:
+def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1,
+                  form: str = FORM) -> dict[str, Callable[[], Any]]:
     """``{block key: run it once}`` for every block of ``net`` the cost model prices at
-    ``input_hw``, each on random inputs of its shape on ``net``'s device (identical keys once)."""
+    ``input_hw``, each in :func:`inference_form` ``form`` (optimized on its own inputs) on
+    random inputs of its shape on ``net``'s device (identical keys once)."""
     g = net.genotype
     device = next(net.parameters()).device
     sizes = [FabricLayout.row_size(input_hw, r) for r in range(g.rows)]
 
     def feat(width: int, row: int) -> torch.Tensor:
-        return torch.randn(batch, width, *sizes[row], device=device)
+        return feature_layout(torch.randn(batch, width, *sizes[row], device=device), form)
+
+    def timed(module: nn.Module, *args: Any) -> Callable[[], Any]:
+        run = inference_form(module, input_hw, device, args, form)
+        return lambda: run(*args)
+
+    def concat_then(output: nn.Module, nodes: list[torch.Tensor]) -> Callable[[], Any]:
+        run = inference_form(output, input_hw, device, (torch.cat(nodes, dim=1),), form)
+        return lambda: run(torch.cat(nodes, dim=1))
 
     blocks: dict[str, Callable[[], Any]] = {}
 
-    def add(key: str, fn: Callable[[], Any]) -> None:
-        blocks.setdefault(key, fn)
+    def add(key: str, make: Callable[[], Callable[[], Any]]) -> None:
+        if key not in blocks:      # identical blocks are optimized and timed once
+            blocks[key] = make()
 
-    images = torch.randn(batch, 3, *input_hw, device=device)
-    add(block_key(net.stem, input_hw), lambda: net.stem(images))
+    def on_images(stem: nn.Module) -> Callable[[], Any]:
+        images = torch.randn(batch, 3, *input_hw, device=device)
+        run = inference_form(stem, input_hw, device, None, form)   # optimized as a network's start
+        return lambda: run(images)
+
+    add(block_key(net.stem, input_hw), lambda: on_images(net.stem))
     for c in g.cells:
         if c.pruned:
             continue
         cell, width, hw = net.cells[str(c.index)], g.channels * 2 ** c.row, sizes[c.row]
         x = feat(width, c.row)
         for name, op in cell.edges[0].items():
-            add(op_key(name, width, hw), lambda op=op, x=x: op(x))
+            add(op_key(name, width, hw), lambda op=op, x=x: timed(op, x))
         for name, path in cell.inputs.items():
             src = c.row + ROW_STEP[name]
             inp = feat(g.channels * 2 ** src, src)
-            add(path_key(name, width, hw), lambda path=path, inp=inp, hw=hw: path(inp, hw))
+            add(path_key(name, width, hw), lambda path=path, inp=inp, hw=hw: timed(path, inp, hw))
         nodes = [feat(width, c.row) for _ in range(g.hidden)]
-        add(output_key(g.hidden, width, hw),
-            lambda out=cell.output, nodes=nodes: out(torch.cat(nodes, dim=1)))
+        add(output_key(g.hidden, width, hw), lambda out=cell.output, nodes=nodes: concat_then(out, nodes))
         y = feat(width, c.row)
-        add(add_key(width, hw), lambda x=x, y=y: x + y)
+        add(add_key(width, hw), lambda x=x, y=y: lambda: x + y)
     fused = feat(g.channels, 0)
     for layer in g.exit_layers:
         if g.fuse_split:
             block = net.exits[str(layer)]
             rows = {r: feat(g.channels * 2 ** r, r) for r in block.rows}
-            add(block_key(block.fuse, sizes[0]),
-                lambda f=block.fuse, xs=list(rows.values()): f(xs, sizes[0]))
+            add(block_key(block.fuse, sizes[0]), lambda f=block.fuse, xs=list(rows.values()): timed(f, xs, sizes[0]))
             if block.fuse_skip is not None:
-                add(block_key(block.fuse_skip, sizes[0]),
-                    lambda f=block.fuse_skip: f([fused, fused], sizes[0]))
+                add(block_key(block.fuse_skip, sizes[0]), lambda f=block.fuse_skip: timed(f, [fused, fused], sizes[0]))
             if block.split is not None:
-                add(block_key(block.split, sizes[0]), lambda s=block.split, rows=rows: s(fused, rows))
+                add(block_key(block.split, sizes[0]), lambda s=block.split, rows=rows: timed(s, fused, rows))
         head = net.heads[str(layer)]
-        add(block_key(head, sizes[0]), lambda head=head: head(fused))
+        add(block_key(head, sizes[0]), lambda head=head: timed(head, fused))
     return blocks
 
 
 def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.device | str = "cpu",
                 batch: int = 1, warmup: int = 3, reps: int = 15, progress: bool = False,
-                timer: str = "wall") -> LatencyTable:
+                timer: str = "wall", form: str = FORM) -> LatencyTable:
     """Measure the :class:`LatencyTable` of ``model``'s fabric with every op of the registry
     (:data:`~threempose.nas.ops.OP_NAMES`) at ``input_hw`` on ``device`` (module docstring).
 
@@ -178,31 +220,32 @@ def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.dev
     dispatch between blocks, blocks whose inputs come cold from the previous block rather
     than warm from the last repetition, and per-call times skewed to the right (a network's
     median exceeds the sum of its blocks' medians)."""
-    return build_table_and_time(model, input_hw, {}, device, batch, warmup, reps, progress, timer)[0]
+    return build_table_and_time(model, input_hw, {}, device, batch, warmup, reps, progress, timer, form)[0]
 
 
 def build_table_and_time(model: ModelConfig, input_hw: tuple[int, int], networks: dict[str, FabricNet],
                          device: torch.device | str = "cpu", batch: int = 1, warmup: int = 3,
                          reps: int = 15, progress: bool = False,
-                         timer: str = "wall") -> tuple[LatencyTable, dict[str, float]]:
+                         timer: str = "wall", form: str = FORM) -> tuple[LatencyTable, dict[str, float]]:
     """:func:`build_table`, and the whole ``networks`` (their last exit) timed in the same
     interleaved rounds: ``(table, {name: median ms})``. On a machine whose load drifts, this
     compares predictions with measurements taken under the same load."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = dataclasses.replace(model, ops=list(OP_NAMES))
-    net = inference_form(Supernet(model).to(device))
-    blocks = fabric_blocks(net, input_hw, batch)
+    check_form(form)
+    net = Supernet(model).to(device).eval()
+    blocks = fabric_blocks(net, input_hw, batch, form)
     references = {f"\0reference network {i}": DerivedNet(g, model.num_joints, model.stem_blocks)
                   for i, g in enumerate(random_genotypes(model, CALIBRATION_NETWORKS, CALIBRATION_SEED, 1.0))}
     images = torch.randn(batch, 3, *input_hw, device=device)
-    whole = {k: (lambda n=inference_form(n.to(device)): _run_to(n, images, n.genotype.layers))
+    whole = {k: (lambda n=inference_form(n, input_hw, device, form=form): _run_to(n, images, n.genotype.layers))
              for k, n in {**references, **networks}.items()}
     times = median_ms({**blocks, **whole}, device, warmup, reps, "latency table" if progress else None, timer)
     entries = {k: times[k] for k in blocks}
     fabric = {k: getattr(model, k) for k in FABRIC_KEYS}
     fabric["eels"] = list(fabric["eels"])
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "form": FORM,
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "form": form,
             "method": {"timer": timer, "clock": TIMERS[timer].__name__, "statistic": "median",
                        "warmup_rounds": warmup, "rounds": reps, "grad": "torch.inference_mode",
                        "order": "interleaved: each round runs every block once"}}
@@ -216,15 +259,15 @@ def build_table_and_time(model: ModelConfig, input_hw: tuple[int, int], networks
 
 def network_ms(nets: dict[str, FabricNet], input_hw: tuple[int, int], device: torch.device | str = "cpu",
                batch: int = 1, warmup: int = 3, reps: int = 15, progress: Optional[str] = None,
-               exits: bool = False, timer: str = "wall") -> dict[str, Any]:
+               exits: bool = False, timer: str = "wall", form: str = FORM) -> dict[str, Any]:
     """Measured end-to-end latency (median ms, :func:`median_ms`, interleaved over ``nets``) of
-    each network in :func:`inference_form` on ``[batch, 3, *input_hw]`` images: ``{name: ms}``
+    each network in :func:`inference_form` ``form`` on ``[batch, 3, *input_hw]`` images: ``{name: ms}``
     to the last exit, or with ``exits`` ``{name: {layer: ms}}`` to every exit (computing
     only as far as that exit)."""
     images = torch.randn(batch, 3, *input_hw, device=device)
     fns: dict[str, Callable[[], Any]] = {}
     for name, net in nets.items():
-        net = inference_form(net.to(device))
+        net = inference_form(net, input_hw, device, form=form)
         g = net.genotype
         for layer in (g.exit_layers if exits else [g.layers]):
             fns[f"{name}\0{layer}"] = lambda net=net, layer=layer: _run_to(net, images, layer)
@@ -291,6 +334,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reps", type=int, default=15, help="timed rounds; the median is kept (default 15)")
     parser.add_argument("--timer", choices=sorted(TIMERS), default="wall",
                         help="wall clock (default) or process CPU time (needs --threads 1; module docstring)")
+    parser.add_argument("--form", choices=FORMS, default=FORM,
+                        help="time blocks and networks deploy-optimized as inference runs them (default) "
+                             "or eager (BatchNorm kept; inference_form)")
     parser.add_argument("--out", help="output JSON (default latency-DEVICE-HxW.json)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.reps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
@@ -304,10 +350,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with torch_threads(args.threads):
         check_timer(args.timer, args.device)
         table = build_table(model, hw, args.device, args.batch, args.warmup, args.reps, progress=True,
-                            timer=args.timer)
+                            timer=args.timer, form=args.form)
     table.save(out)
     print(f"wrote {out}: {len(table.entries)} blocks on {table.device} ({table.device_name}), "
-          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), calibration "
+          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), form {args.form}, calibration "
           f"x{table.calibration:.3f}, {time.perf_counter() - start:.0f} s")
     return 0
 

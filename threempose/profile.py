@@ -79,7 +79,7 @@ def profile_genotype(genotype: Genotype, input_hw: tuple[int, int], num_joints: 
 
 def measure_latency(genotype: Genotype, table: LatencyTable, reps: int = 30) -> dict[int, float]:
     """Measured ms to each exit of ``genotype``'s network on this machine, as ``table`` was
-    measured (its device, which must be this machine's, threads, batch, timer, input size):
+    measured (its device, which must be this machine's, threads, batch, timer, form, input size):
     ``{layer: ms}``."""
     from threempose.latency import network_ms, torch_threads
     from threempose.nas.derived import DerivedNet
@@ -90,7 +90,8 @@ def measure_latency(genotype: Genotype, table: LatencyTable, reps: int = 30) -> 
     net = DerivedNet(genotype, table.fabric["num_joints"], table.fabric["stem_blocks"])
     with torch_threads(table.meta.get("threads")):
         return network_ms({"net": net}, table.input_hw, table.device, int(table.meta.get("batch", 1)), reps=reps,
-                          exits=True, timer=table.meta.get("method", {}).get("timer", "wall"))["net"]
+                          exits=True, timer=table.meta.get("method", {}).get("timer", "wall"),
+                          form=table.meta.get("form", "eager"))["net"]
 
 
 def profile_supernet(supernet: Supernet, input_hw: tuple[int, int]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ row) are one entry. The file (``format`` 1, JSON) is written by ``python -m
 threempose.latency`` and records how and where it was measured::
 
     {"format": 1, "device": "cpu", "device_name": "...", "torch": "2.13.0", "threads": 2,
-     "batch": 1, "input_size": [512, 512], "form": "eager", "method": {...},
+     "batch": 1, "input_size": [512, 512], "form": "deploy", "method": {...},
      "fabric": {"rows": 4, "layers": 10, "channels": 32, "hidden": 2, "eels": [4, 7],
                 "fuse_split": true, "stem_blocks": 4, "num_joints": 17},
      "ops": ["identity", "conv", ...], "entries": {"op:conv:C32:128x128": 6.1, ...},
