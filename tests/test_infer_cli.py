@@ -86,7 +86,11 @@ def test_unreadable_files_are_skipped_and_listed(model, images, tmp_path, capsys
     assert "3 images in" in line and "images/s" in line
     assert sorted(seconds) == sorted(["load (background)", "waiting for images", "network", "exit scoring",
                                       "decode/group"])
-    assert seconds["network"] > 0 and seconds["load (background)"] > 0
+    # printed to 10 ms: the background load of three tiny images may round to 0.00
+    assert seconds["network"] > 0 and all(v >= 0 for v in seconds.values())
+    total = float(re.search(r"3 images in ([\d.]+) s", line).group(1))
+    foreground = sum(v for k, v in seconds.items() if k != "load (background)")
+    assert foreground <= total + 0.05                 # the parts the caller waited for fit in the wall time
 
 
 @pytest.mark.parametrize("exit", ["2", "dynamic"])
