@@ -35,6 +35,7 @@ exact for a one-hot sample.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,7 +70,7 @@ def convs_macs(module: nn.Module, h: int, w: int) -> int:
     return sum(conv_macs(m, h, w) for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
-class BlockCosts:
+class BlockCosts(ABC):
     """What each block of a fabric costs, in raw units (``raw / per_unit`` is in ``unit``).
 
     ``channels`` is the width of the cell's row, ``hw`` its feature size (for :meth:`block`:
@@ -79,25 +80,30 @@ class BlockCosts:
     unit: CostUnit
     per_unit: float
 
+    @abstractmethod
     def op(self, module: nn.Module, name: str, channels: int, hw: tuple[int, int]) -> float:
         """Candidate op ``name`` on one edge."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def path(self, module: nn.Module, name: str, channels: int, hw: tuple[int, int]) -> float:
         """Input path ``name`` (above, parallel, below) into the cell."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def output(self, module: nn.Module, hidden: int, channels: int, hw: tuple[int, int]) -> float:
         """The cell's concat -> 1x1 output conv-BN (``module`` is ``Cell.output``)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def add(self, channels: int, hw: tuple[int, int]) -> float:
         """One element-wise sum of two ``[B, channels, *hw]`` tensors."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def block(self, module: nn.Module, hw: tuple[int, int]) -> float:
         """A fixed block: the stem, a Fuse, a Split or a head."""
-        raise NotImplementedError
+        ...
 
     def cell(self, cell: nn.Module, channels: int, hw: tuple[int, int]) -> float:
         """A whole :class:`~threempose.nas.cell.Cell` with every path and op it holds, summed."""
