@@ -42,12 +42,16 @@ class EpochJob(abc.ABC):
     """Template of a resumable, multi-rank epoch loop (see the module docstring)."""
 
     kind = "job"                     # "search" or "train"; stored in checkpoints
+    # Step scalars whose epoch mean the end-of-epoch line shows, and under what name (what moves
+    # while the val AP may still be 0: the loss, the sampled architecture's GFLOPs).
+    epoch_means = {"heatmap": "heatmap loss", "gflops": "sampled GFLOPs"}
 
     def __init__(self, cfg: Config, ctx: DistContext, epochs: int):
         self.cfg, self.ctx, self.epochs = cfg, ctx, epochs
         self.epoch = 0               # next epoch to run
         self.global_step = 0
         self.run_dir: Optional[RunDir] = None
+        self.run_path: Optional[Path] = None   # a new run's directory; None: <out_dir>/<name>-<stamp>
         self.metrics: Optional[MetricsLogger] = None
 
     # ---- to be provided by a job ------------------------------------------ #
@@ -99,7 +103,7 @@ class EpochJob(abc.ABC):
         path = None
         if self.ctx.is_main:
             run_dir = (RunDir.open_for_resume(resume, self.cfg) if resume
-                       else RunDir.create(self.cfg))
+                       else RunDir.create(self.cfg, self.run_path))
             path = str(run_dir.path)
             if resume:
                 self.warn_thread_change(run_dir)
@@ -188,11 +192,17 @@ class EpochJob(abc.ABC):
         batches, n = self.epoch_batches(epoch)
         started = time.perf_counter()
         images = 0
+        sums: dict[str, float] = {}
+        steps = 0
         with EpochProgress(epoch, self.epochs, n, enabled=show_bar) as bar:
             for step, batch in enumerate(batches):
                 scalars = self.train_step(batch, epoch, step)
                 self.global_step += 1
+                steps += 1
                 images += int(scalars.get("images", 0))
+                for key in self.epoch_means:
+                    if key in scalars:
+                        sums[key] = sums.get(key, 0.0) + float(scalars[key])
                 bar.update(int(scalars.get("images", 0)), scalars, scalars.get("gflops"))
                 if self.global_step % self.cfg.run.log_every == 0 or step == n - 1:
                     self.log(epoch=epoch, images_per_s=bar.images_per_second(), **scalars)
@@ -200,7 +210,8 @@ class EpochJob(abc.ABC):
         val = self.end_epoch(epoch)
         if val:
             self.log(epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+        means = {self.epoch_means[k]: v / max(steps, 1) for k, v in sums.items()}
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in {**means, **val}.items())
         self.say(f"[threempose] epoch {epoch + 1}/{self.epochs} done in {seconds:.1f} s "
                  f"({images * self.ctx.world_size / max(seconds, 1e-9):.1f} images/s)"
                  + (f": {summary}" if summary else ""))

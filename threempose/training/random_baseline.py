@@ -35,6 +35,7 @@ from threempose.atomic import atomic_open, atomic_write_json
 from threempose.cli import UserError
 from threempose.config import Config, ModelConfig, check_config_command, load_config
 from threempose.engine.distributed import DistContext
+from threempose.engine.job import EpochJob
 from threempose.engine.run_dir import RunDir
 from threempose.engine.validate import validation_ap
 from threempose.nas.genotype import Genotype
@@ -184,8 +185,7 @@ class RandomBaseline:
             return Genotype.load(saved)
         started = self.clock()
         self.say(f"[baseline] searching with {self.settings.search_config} in {path}")
-        _prepare_run_dir(path, self.search_cfg)
-        SearchJob(self.search_cfg, self.ctx).run(resume=str(path))
+        _run_in(SearchJob(self.search_cfg, self.ctx), path)
         self.say(f"[baseline] search done in {self.clock() - started:.0f} s")
         return Genotype.load(saved)
 
@@ -235,9 +235,8 @@ class RandomBaseline:
         cfg.data.num_workers = self.train_cfg.data.num_workers
         path = self.training_dir(candidate.name, seed)
         started = self.clock()
-        _prepare_run_dir(path, cfg)
         job = TrainJob(cfg, self.ctx, candidate.genotype)
-        job.run(resume=str(path))
+        _run_in(job, path)
         ap = final_val_ap(job)
         seconds = self.clock() - started
         result = {"name": candidate.name, "seed": seed, "ap": ap, "seconds": seconds,
@@ -297,14 +296,15 @@ def _space_of(model: Optional[ModelConfig], searched: Genotype, train_cfg: Confi
     return space
 
 
-def _prepare_run_dir(path: Path, cfg: Config) -> None:
-    """Make ``path`` a run directory of ``cfg`` unless it is one (a killed run continues from
-    it); a directory a kill left without its ``config.json`` is started over."""
+def _run_in(job: EpochJob, path: Path) -> None:
+    """Run ``job`` in the run directory ``path``: a new one, or the continuation of a killed
+    run there (from its last checkpoint); a directory a kill left without its ``config.json``
+    is started over."""
     if path.is_dir() and not (path / RunDir.CONFIG).is_file():
         shutil.rmtree(path)
-    if not path.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        RunDir.create(cfg, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    job.run_path = path
+    job.run(resume=str(path) if path.is_dir() else None)
 
 
 def _duration(seconds: float) -> str:
