@@ -20,6 +20,7 @@ its last epoch checkpoint; the protocol's own arguments must be those it was sta
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -229,10 +230,8 @@ class RandomBaseline:
         training), score its val AP on the whole val split, write ``result.json``."""
         from threempose.train import TrainJob
 
-        cfg = load_config(self.settings.train_config)
+        cfg = copy.deepcopy(self.train_cfg)      # as read when the protocol started
         cfg.run.seed = seed
-        cfg.run.threads = self.train_cfg.run.threads
-        cfg.data.num_workers = self.train_cfg.data.num_workers
         path = self.training_dir(candidate.name, seed)
         started = self.clock()
         job = TrainJob(cfg, self.ctx, candidate.genotype)
