@@ -25,7 +25,7 @@ import abc
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ class EpochJob(abc.ABC):
     kind = "job"                     # "search" or "train"; stored in checkpoints
     # Step scalars whose epoch mean the end-of-epoch line shows, and under what name (what moves
     # while the val AP may still be 0: the loss, the sampled architecture's GFLOPs).
-    epoch_means = {"heatmap": "heatmap loss", "gflops": "sampled GFLOPs"}
+    epoch_means: ClassVar[dict[str, str]] = {"heatmap": "heatmap loss", "gflops": "sampled GFLOPs"}
 
     def __init__(self, cfg: Config, ctx: DistContext, epochs: int):
         self.cfg, self.ctx, self.epochs = cfg, ctx, epochs
