@@ -90,7 +90,8 @@ def markdown_table(searched: dict[str, Any], random: Sequence[dict[str, Any]], s
 def draw_ap_vs_gflops(searched: dict[str, Any], random: Sequence[dict[str, Any]], path: str | Path) -> None:
     """A PNG scatter of mean val AP (y) against GFLOPs (x): each genotype's mean over seeds with
     a bar from its lowest to its highest seed; random genotypes blue dots, the searched one a
-    red diamond labelled "searched". Drawn with Pillow; written atomically."""
+    red diamond labelled "searched"; a dashed grey line at the random genotypes' mean. Drawn
+    with Pillow; written atomically."""
     from PIL import Image, ImageDraw
 
     width, height, left, right, top, bottom = 720, 480, 70, 30, 40, 60
@@ -120,6 +121,10 @@ def draw_ap_vs_gflops(searched: dict[str, Any], random: Sequence[dict[str, Any]]
         d.text((left - 45, Y - 6), f"{y:.3f}", fill="black")
     d.text((width // 2 - 30, height - 25), "GFLOPs", fill="black")
     d.text((10, top - 28), "val AP (mean over seeds; bars: lowest to highest seed)", fill="black")
+    _, Y = px(x_lo, float(np.mean([np.mean(e["ap"]) for e in random])))
+    for x in range(left, width - right, 12):
+        d.line([(x, Y), (x + 6, Y)], fill="grey", width=1)
+    d.text((width - right - 95, Y - 14), "random mean", fill="grey")
     for entry in [*random, searched]:
         is_searched = entry is searched
         colour = "red" if is_searched else "royalblue"
