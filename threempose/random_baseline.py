@@ -21,11 +21,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from threempose.cli import entry_point
 from threempose.config import load_config
 from threempose.engine.distributed import DistContext, resolve_device
-from threempose.engine.threads import apply_threads
 from threempose.training.random_baseline import BaselineSettings, RandomBaseline
+from threempose.util.cli import entry_point
+from threempose.util.threads import apply_threads
 
 
 @entry_point

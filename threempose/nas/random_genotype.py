@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch
 
-from threempose.cli import UserError
 from threempose.config import ModelConfig
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
 from threempose.nas.genotype import Genotype
+from threempose.nas.supernet import Supernet
+from threempose.util.errors import UserError
 
 
 class MatchedSamplingError(UserError, ValueError):

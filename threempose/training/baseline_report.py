@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from threempose.atomic import atomic_open
+from threempose.util.files import atomic_open
 
 
 def bootstrap_difference(searched: Sequence[float], random_means: Sequence[float], samples: int = 10000,

@@ -2,12 +2,12 @@
 
 :class:`RandomBaseline` runs, in one output directory ``DIR``:
 
-1. the search of a search config (a :class:`~threempose.search.SearchJob` in ``DIR/search``),
+1. the search of a search config (a :class:`~threempose.training.search_job.SearchJob` in ``DIR/search``),
    or takes a given genotype;
 2. K random genotypes of the *same* search space whose GFLOPs lie within +-tolerance of the
    searched one's (:func:`~threempose.nas.random_genotype.sample_matched_genotypes`), fixed
    once in ``DIR/candidates.json``;
-3. (K + 1) x N trainings, each a :class:`~threempose.train.TrainJob` of the train config with
+3. (K + 1) x N trainings, each a :class:`~threempose.training.train_job.TrainJob` of the train config with
    run seed ``run.seed + i`` (i < N) in its own run directory ``DIR/runs/<name>-seed<S>``,
    then its val AP on the whole held-out val split, written last (atomically) as that
    directory's ``result.json``;
@@ -32,16 +32,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from threempose.atomic import atomic_open, atomic_write_json
-from threempose.cli import UserError
 from threempose.config import Config, ModelConfig, check_config_command, load_config
 from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.run_dir import RunDir
-from threempose.engine.validate import validation_ap
 from threempose.nas.genotype import Genotype
 from threempose.nas.random_genotype import CostedGenotype, genotype_cost, sample_matched_genotypes
 from threempose.training.baseline_report import draw_ap_vs_gflops, markdown_table, summarize
+from threempose.training.search_job import SearchJob
+from threempose.training.train_job import TrainJob
+from threempose.training.validate import validation_ap
+from threempose.util.errors import UserError
+from threempose.util.files import atomic_open, atomic_write_json
 
 RESULT_FILE = "result.json"
 
@@ -178,8 +180,6 @@ class RandomBaseline:
         """The given genotype, or the result of the search in ``DIR/search`` (run or resumed)."""
         if self.settings.genotype is not None:
             return Genotype.load(self.settings.genotype)
-        from threempose.search import SearchJob
-
         path = self.out / "search"
         saved = path / "genotype.json"
         if saved.is_file():
@@ -228,8 +228,6 @@ class RandomBaseline:
     def train_one(self, candidate: Candidate, seed: int) -> dict[str, Any]:
         """Train ``candidate`` with the train config at run seed ``seed`` (resuming a killed
         training), score its val AP on the whole val split, write ``result.json``."""
-        from threempose.train import TrainJob
-
         cfg = copy.deepcopy(self.train_cfg)      # as read when the protocol started
         cfg.run.seed = seed
         path = self.training_dir(candidate.name, seed)
@@ -263,7 +261,7 @@ class RandomBaseline:
 
 
 def final_val_ap(job) -> float:
-    """COCO keypoint AP of a finished :class:`~threempose.train.TrainJob`'s network (last exit)
+    """COCO keypoint AP of a finished :class:`~threempose.training.train_job.TrainJob`'s network (last exit)
     on the whole val split (the held-out images, never trained on)."""
     net = job.net
     net.eval()
