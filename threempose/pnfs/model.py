@@ -218,7 +218,7 @@ class PnfsNet(nn.Module):
             if arch is not None:
                 return FixedFabric(arch)
             return SearchableFabric(kind, rows, layers, hidden, channels, ops, m.r_alpha, m.r_beta,
-                                    p.share_alpha, m.sampling, m.cell_options)
+                                    p.share_alpha, m.sampling, m.cell_options, m.dyn_egs_sampling)
 
         if p.backbone != "fabric":
             self.backbone: Union[HRNetBackbone, MobileNetV2Backbone, ResNet50Backbone, FabricBackbone] = (
