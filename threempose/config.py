@@ -170,6 +170,8 @@ class SearchConfig:
     arch_lr_milestones: list[int] = field(default_factory=lambda: [20, 25])
     arch_lr_gamma: float = 0.5
     arch_val_fraction: float = 0.5    # part of the train split held out for alpha/beta/m
+    arch_weight_decay: float = 0.0    # bilevel: the arch Adam's L2 weight decay (PNFS' first-order
+                                      # baseline: 0.001, §IV-B; the thesis gives none)
     tau_start: float = 10.0
     tau_end: float = 0.001
     grad_clip: Optional[float] = 5.0
@@ -481,6 +483,13 @@ def _check_semantics(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
     if not 0.0 < cfg.search.arch_val_fraction < 1.0:
         raise ConfigError(f"{src}: search.arch_val_fraction must be in (0, 1)")
+    if cfg.search.arch_weight_decay < 0:
+        raise ConfigError(f"{src}: search.arch_weight_decay must be >= 0, got {cfg.search.arch_weight_decay}")
+    if cfg.data.dataset == "mpii" and not cfg.pnfs.enabled:
+        raise ConfigError(f'{src}: data.dataset "mpii" is for PNFS mode (pnfs.enabled); the bottom-up '
+                          'commands train on COCO-format data')
+    if cfg.data.synthetic.format == "mpii" and cfg.data.dataset == "synthetic" and not cfg.pnfs.enabled:
+        raise ConfigError(f'{src}: data.synthetic.format "mpii" is for PNFS mode (pnfs.enabled)')
     if cfg.pnfs.enabled and cfg.data.backend == "dali":
         raise ConfigError(f'{src}: data.backend "dali" feeds the bottom-up pipeline; PNFS mode\'s top-down '
                           'crops (pnfs.enabled) use the torch backend')
