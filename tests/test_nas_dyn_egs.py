@@ -179,7 +179,7 @@ def test_ensemble_draw_0_is_topk_top_1_and_duplicates_keep_one_op():
 
 def test_model_dyn_egs_sampling_setting_reaches_the_supernet_and_pnfs_fabrics():
     from threempose.config import ModelConfig, load_config
-    from threempose.nas.fabric import Supernet
+    from threempose.nas.supernet import Supernet
     from threempose.pnfs.model import PnfsNet
     from pathlib import Path
     small = ModelConfig(rows=2, layers=2, channels=4, hidden=1, eels=[], fuse_split=False, stem_blocks=0,

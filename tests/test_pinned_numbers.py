@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from threempose.config import load_config
-from threempose.flops import measure_gflops
+from threempose.util.flops import measure_gflops
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
 from threempose.pnfs.model import PnfsNet, profile_pnfs

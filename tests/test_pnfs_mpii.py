@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from threempose.cli import UserError
+from threempose.util.errors import UserError
 from threempose.config import load_config
 from threempose.data.synthetic import ensure_synthetic, mpii_people
 from threempose.engine.metrics import read_metrics
@@ -138,9 +138,10 @@ def test_small_search_and_training_on_synthetic_mpii_report_pckh(tmp_path, capsy
     path = tmp_path / "c.json"
     path.write_text(json.dumps({
         "extends": str(CONFIGS / "pnfs-mpii-small.json"),
-        "run": {"out_dir": str(tmp_path / "runs"), "progress": False, "val_ap_images": 8, "log_every": 1},
-        "data": {"synthetic": {"cache_dir": str(tmp_path / "cache"), "train_images": 24, "val_images": 6}},
-        "search": {"epochs": 1, "max_steps_per_epoch": 3}, "train": {"epochs": 1, "max_steps_per_epoch": 3}}))
+        "run": {"out_dir": str(tmp_path / "runs"), "progress": False, "val_ap_images": 4, "log_every": 1},
+        "data": {"batch_size": 4, "synthetic": {"cache_dir": str(tmp_path / "cache"), "train_images": 8,
+                                                "val_images": 3, "min_size": 96, "max_size": 160}},
+        "search": {"epochs": 1, "max_steps_per_epoch": 2}, "train": {"epochs": 1, "max_steps_per_epoch": 2}}))
     assert search_cli.main(["--config", str(path)]) == 0
     searched = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
     rows = read_metrics(Path(searched["run directory"]) / "metrics.jsonl")

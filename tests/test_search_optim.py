@@ -9,7 +9,7 @@ from torch import nn
 
 from threempose.config import ConfigError, load_config
 from threempose.engine.distributed import DistContext
-from threempose.engine.search_optim import SearchOptimizers
+from threempose.training.search_optim import SearchOptimizers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -31,9 +31,9 @@ from torch.utils.data import Dataset
 
 from threempose.data.augment import normalize
 from threempose.data.image_io import ImageReadError, read_image
-from threempose.json_file import read_json_file
+from threempose.util.files import read_json_file
 from threempose.pnfs.pckh import MPII_FLIP_INDEX, NUM_MPII_JOINTS
-from threempose.pnfs.settings import TopDownConfig
+from threempose.config import TopDownConfig
 from threempose.pnfs.topdown_data import (
     TopDownDataError, box_to_center_size, crop_matrix, heatmap_targets, transform_points, warp_crop,
 )
