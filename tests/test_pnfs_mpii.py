@@ -155,3 +155,15 @@ def test_small_search_and_training_on_synthetic_mpii_report_pckh(tmp_path, capsy
     assert any("val/PCKh@0.5" in r for r in rows)
     net, _ = load_pnfs_model(trained["model"])
     assert net(torch.zeros(1, 3, 64, 48)).scores.shape[1] == 16
+
+
+def test_table_i_mpii_numbering_is_pnfs_footnote_3():
+    footnote = ("head top, upper neck, thorax, l-shoulder, r-shoulder, l-elbow, r-elbow, l-wrist, r-wrist, "
+                "l-hip, r-hip, l-knee, r-knee, l-ankle, r-ankle, pelvis")            # PNFS footnote 3, verbatim
+    names = [n.strip().replace("l-", "left_").replace("r-", "right_").replace(" ", "_") for n in footnote.split(",")]
+    assert list(TABLE_I_MPII_ORDER) == names and sorted(names) == sorted(MPII_JOINT_NAMES)
+
+
+def test_mpii_data_is_pnfs_only():
+    with pytest.raises(UserError, match='"mpii" is for PNFS mode'):
+        load_config(CONFIGS / "search-small.json", overrides={"data": {"dataset": "mpii"}})
