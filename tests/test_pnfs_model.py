@@ -236,3 +236,20 @@ def test_resnet50_backbone_loads_a_torchvision_state_dict_and_is_selectable(tmp_
     torch.save(state, tmp_path / "cut.pth")
     with pytest.raises(StateDictMismatchError, match="layer4.2.bn3.weight"):
         net.backbone.load_pretrained(tmp_path / "cut.pth")
+
+
+def test_a_derived_part_that_reads_no_row_0_input_runs():
+    """A dyn_egs derivation may leave every layer-1 cell of a part without a row-0 input; the
+    part then has no row-0 adapter and still runs at row 0's size."""
+    from dataclasses import replace
+    from threempose.pnfs.cnf import FabricArchitecture
+    from threempose.pnfs.model import PnfsArchitecture
+    cfg = tiny_cfg()
+    derived = [FabricArchitecture(a.genotype) for a in PnfsNet(cfg).architecture().parts]
+    g = derived[0].genotype
+    inputs = {0: ["below"], 1: ["parallel", "below"], 2: ["parallel", "below"], 3: ["parallel"]}
+    cells = [replace(c, inputs=inputs[c.row]) if c.layer == 1 and not c.pruned else c for c in g.cells]
+    derived[0] = FabricArchitecture(replace(g, cells=cells).prune())
+    net = PnfsNet(cfg, PnfsArchitecture(3, PnfsNet(cfg).architecture().backbone, derived)).eval()
+    assert "0" not in net.parts[0].adapters
+    assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)

@@ -178,8 +178,10 @@ class PartNet(nn.Module):
 
     def forward(self, pyramid: list[Tensor], tau: float = 1.0, seed: Optional[int] = None) -> Tensor:
         feats = {int(r): adapter(pyramid[int(r)]) for r, adapter in self.adapters.items()}
-        if 0 not in feats:      # row sizes are read from row 0
-            raise ValueError("a part fabric must read pyramid row 0")
+        if 0 not in feats:
+            # A derived part may read no row-0 input (its layer-1 cells took other rows); the
+            # fabric still reads the rows' sizes from feats[0], and no cell reads its values.
+            feats[0] = pyramid[0]
         return self.head(self.fabric(feats, tau, seed)[0])
 
 
