@@ -35,7 +35,8 @@ class ConfigError(UserError, ValueError):
 # --------------------------------------------------------------------------- #
 @dataclass
 class SyntheticConfig:
-    """The embedded synthetic COCO-format data set (generated on demand)."""
+    """The embedded synthetic COCO-format data set (generated on demand; ``format: "mpii"`` adds
+    the MPII JSON form of the same people, for PNFS mode)."""
 
     train_images: int = 64          # images in the train split
     val_images: int = 16            # images in the val split
@@ -109,7 +110,7 @@ class ModelConfig:
     r_beta: int = 3                 # Dyn-EGS states for inputs per cell (1..r_beta inputs)
     sampling: Literal["dyn_egs", "argmax", "dense"] = "dyn_egs"
     dyn_egs_sampling: Literal["topk", "ensemble"] = "topk"   # §3.3's sum of i+1 draws: one Gumbel draw's
-                                    # top-(i+1) (topk) or i+1 Gumbel-softmax draws summed (ensemble)
+                                    # top-(i+1) (topk) or i+1 one-hot Gumbel-softmax draws OR-ed (ensemble)
     stem_blocks: int = 4            # residual (bottleneck) units in the HRNet stem
     cell_options: CellOptions = field(default_factory=CellOptions)
 
