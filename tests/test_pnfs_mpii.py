@@ -13,12 +13,13 @@ from threempose.util.errors import UserError
 from threempose.config import load_config
 from threempose.data.synthetic import ensure_synthetic, mpii_people
 from threempose.engine.metrics import read_metrics
+from threempose.pnfs import infer as infer_cli
 from threempose.pnfs import search as search_cli
 from threempose.pnfs import train as train_cli
 from threempose.pnfs.mpii_data import MpiiDataError, TopDownMpiiDataset, read_mpii_annotations
 from threempose.pnfs.model import PnfsNet, load_pnfs_model
 from threempose.pnfs.parts import TABLE_I_MPII_ORDER
-from threempose.pnfs.pckh import MPII_JOINT_NAMES
+from threempose.pnfs.pckh import MPII_JOINT_NAMES, evaluate_pckh
 from threempose.pnfs.topdown_data import transform_points
 from threempose.pnfs.topdown_decode import flip_back
 
@@ -153,8 +154,17 @@ def test_small_search_and_training_on_synthetic_mpii_report_pckh(tmp_path, capsy
     trained = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
     rows = read_metrics(Path(trained["run directory"]) / "metrics.jsonl")
     assert any("val/PCKh@0.5" in r for r in rows)
-    net, _ = load_pnfs_model(trained["model"])
+    net, cfg = load_pnfs_model(trained["model"])
     assert net(torch.zeros(1, 3, 64, 48)).scores.shape[1] == 16
+    # the infer command on the MPII val file: one 16 x [x, y, score] per person, the PCKh table
+    splits = ensure_synthetic(cfg.data.synthetic, progress=False)
+    out = tmp_path / "preds.json"
+    assert infer_cli.main(["--checkpoint", trained["model"], "--annotations", str(splits.mpii_annotations("val")),
+                           "--images", str(splits.val_images), "--out", str(out), "--evaluate"]) == 0
+    preds = np.asarray(json.loads(out.read_text()))
+    assert preds.shape == (len(read_mpii_annotations(splits.mpii_annotations("val"))), 16, 3)
+    table = evaluate_pckh(splits.mpii_annotations("val"), out)
+    assert f"{table['Mean']:8.1f}" in capsys.readouterr().out
 
 
 def test_table_i_mpii_numbering_is_pnfs_footnote_3():

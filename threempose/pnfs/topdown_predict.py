@@ -9,6 +9,7 @@
   (:func:`threempose.pnfs.topdown_decode.coco_results`).
 * :func:`validation_ap` — COCO OKS AP/AR of a network on the crops of the first ``n`` val
   images, through :func:`threempose.data.coco_eval.evaluate_keypoints`.
+* :func:`predict_mpii` — the keypoints of MPII crops as a PCKh predictions list.
 * :func:`validation_pckh` — PCKh@0.5 / @0.1 (head-size normalised, :mod:`threempose.pnfs.pckh`)
   of a network on the first ``n`` val people of MPII data (``data.dataset: "mpii"``, or the
   synthetic set with ``data.synthetic.format: "mpii"``).
@@ -200,3 +201,11 @@ def validation_pckh(score_fn: ScoreFn, loaders: TopDownLoaders, cfg: TopDownConf
     return {"PCKh@0.5": table["Mean"], "PCKh@0.1": table["Mean@0.1"],
             **{k: table[k] for k in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")},
             "crops": float(len(ids))}
+
+
+def predict_mpii(score_fn: ScoreFn, crops: TopDownMpiiDataset, cfg: TopDownConfig, batch_size: int = 16,
+                 device: torch.device | str = "cpu", num_workers: int = 0) -> list[list[list[float]]]:
+    """One prediction per person of an MPII crop set (``train=False``), in file order: 16 x
+    ``[x, y, score]`` in image pixels, the predictions file :mod:`threempose.pnfs.pckh` reads."""
+    pred = predict_keypoints(score_fn, crops, cfg, batch_size, device, num_workers)
+    return pred["keypoints"].round(3).tolist()
