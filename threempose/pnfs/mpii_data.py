@@ -25,18 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from threempose.data.augment import normalize
-from threempose.data.image_io import ImageReadError, read_image
-from threempose.util.files import read_json_file
-from threempose.pnfs.pckh import MPII_FLIP_INDEX, NUM_MPII_JOINTS
 from threempose.config import TopDownConfig
-from threempose.pnfs.topdown_data import (
-    TopDownDataError, box_to_center_size, crop_matrix, heatmap_targets, transform_points, warp_crop,
-)
+from threempose.data.image_io import ImageReadError, read_image
+from threempose.pnfs.pckh import MPII_FLIP_INDEX, NUM_MPII_JOINTS
+from threempose.pnfs.topdown_data import TopDownDataError, augmentation_draw, person_crop
+from threempose.util.files import read_json_file
 
 MPII_SCALE_UNIT = 200.0        # MPII's person scale is a height in units of 200 pixels
 _REQUIRED = ("image", "joints", "joints_vis", "center", "scale")
@@ -145,36 +141,13 @@ class TopDownMpiiDataset(Dataset):
         except ImageReadError as e:
             raise MpiiDataError(f"{path}: cannot decode image: {e.reason}") from None
 
-    def _augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
-        if not self.train:
-            return 1.0, 0.0, False
-        cfg = self.cfg
-        rng = np.random.default_rng([self.seed, epoch, index])
-        scale, rotation, coin = rng.uniform(cfg.scale_min, cfg.scale_max), rng.uniform(-1, 1), rng.random()
-        return float(scale), float(rotation * cfg.rotation), bool(cfg.flip and coin < 0.5)
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``key``: an index (augmented as in the epoch of :meth:`set_epoch`) or an
+        ``(index, epoch)`` pair."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        cfg, person = self.cfg, self.people[index]
-        box = self.samples[index]["bbox"]
-        scale, rotation, flip = self._augmentation(index, epoch)
-        center, size = box_to_center_size(box, cfg.input_width / cfg.input_height, cfg.box_padding)
-        matrix = crop_matrix(center, size * scale, cfg.input_width, cfg.input_height, rotation, flip)
-        crop = warp_crop(self._load_image(person["image"]), matrix, cfg.input_width, cfg.input_height)
-        joints = np.concatenate([transform_points(person["joints"], matrix),
-                                 person["visible"][:, None].astype(np.float64)], axis=1)
-        if flip:
-            joints = joints[list(MPII_FLIP_INDEX)]
-        target, weight = heatmap_targets(joints, cfg)
-        return {
-            "image": normalize(torch.from_numpy(crop).permute(2, 0, 1)),
-            "target": target,
-            "target_weight": weight,
-            "joints": torch.from_numpy(joints).float(),
-            "matrix": torch.from_numpy(matrix),
-            "flipped": flip,
-            "image_id": index,
-            "box": torch.tensor(box, dtype=torch.float64),
-            "box_score": 1.0,
-            "area": float(size[0] * size[1]),
-        }
+        person = self.people[index]
+        keypoints = np.concatenate([person["joints"], person["visible"][:, None].astype(np.float64)], axis=1)
+        crop = person_crop(self._load_image(person["image"]), self.samples[index]["bbox"], keypoints,
+                           list(MPII_FLIP_INDEX), self.cfg, augmentation_draw(self.cfg, self.train, self.seed,
+                                                                              epoch, index))
+        return {**crop, "image_id": index, "box_score": 1.0}
