@@ -177,3 +177,15 @@ def test_table_i_mpii_numbering_is_pnfs_footnote_3():
 def test_mpii_data_is_pnfs_only():
     with pytest.raises(UserError, match='"mpii" is for PNFS mode'):
         load_config(CONFIGS / "search-small.json", overrides={"data": {"dataset": "mpii"}})
+
+
+def test_synthetic_command_writes_the_mpii_form(tmp_path):
+    from threempose.data.synthetic import main as synthetic_main
+    out = tmp_path / "syn"
+    assert synthetic_main(["--out", str(out), "--images", "6", "--min-size", "96", "--max-size", "160",
+                           "--format", "mpii"]) == 0
+    people = read_mpii_annotations(out / "mpii.json")
+    coco = json.loads((out / "annotations.json").read_text())
+    labelled = [a for a in coco["annotations"] if not a["iscrowd"] and a["num_keypoints"]]
+    assert 0 < len(people) <= len(labelled)
+    assert all(p["joints"].shape == (16, 2) and p["headbox"] is not None for p in people)
