@@ -1,5 +1,6 @@
 """The random-baseline protocol: matched sampling, statistics, a tiny end-to-end run and resume."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 from threempose import random_baseline
 from threempose.config import load_config
 from threempose.engine.distributed import DistContext
+from threempose.engine.metrics import read_metrics
 from threempose.nas.genotype import Genotype
 from threempose.nas.random_genotype import MatchedSamplingError, genotype_cost, sample_matched_genotypes
 from threempose.training.baseline_report import bootstrap_difference, markdown_table, summarize
@@ -126,25 +128,36 @@ def test_tiny_protocol_end_to_end(finished):
     assert Image.open(finished / "baseline.png").size == (720, 480)
 
 
-def test_resume_keeps_finished_trainings_and_redoes_the_killed_one(finished, configs):
+def test_resume_keeps_finished_trainings_and_redoes_the_killed_ones(finished, configs, capsys):
     runs = finished / "runs"
-    kept = {name: (runs / f"{name}-seed0" / "result.json").read_text() for name in ("searched", "random-01")}
-    mtimes = {name: (runs / f"{name}-seed0" / "result.json").stat().st_mtime_ns for name in kept}
-    (runs / "random-02-seed0" / "result.json").unlink()      # as if killed before its evaluation
+    kept = (runs / "searched-seed0" / "result.json").read_text()
+    mtime = (runs / "searched-seed0" / "result.json").stat().st_mtime_ns
+    (runs / "random-02-seed0" / "result.json").unlink()      # killed after training, before its result
+    shutil.rmtree(runs / "random-01-seed0")                    # killed while its run directory was made
+    (runs / "random-01-seed0" / "checkpoints").mkdir(parents=True)
     (finished / "baseline.json").unlink()
     lines = []
     settings = BaselineSettings(search_config=str(configs[0]), train_config=str(configs[1]), random=2, seeds=1)
     report = RandomBaseline(finished, settings, DistContext(), say=lines.append).run(resume=True)
-    assert "[baseline] 2 of 3 trainings already finished; kept" in lines
-    assert [line for line in lines if line.startswith("[baseline] training ") and "done" not in line] == \
-        [f"[baseline] training 3/3: random-02 seed 0 ({report['random'][1]['gflops']:.4g} GFLOPs) in "
-         f"{runs / 'random-02-seed0'}"]
+    assert "[baseline] 1 of 3 trainings already finished; kept" in lines
+    started = [line for line in lines if line.startswith("[baseline] training ") and "done" not in line]
+    assert started == [f"[baseline] training {i}/3: {name} seed 0 ({entry['gflops']:.4g} GFLOPs) in "
+                       f"{runs / (name + '-seed0')}"
+                       for i, name, entry in ((2, "random-01", report["random"][0]),
+                                              (3, "random-02", report["random"][1]))]
     assert not any("searching" in line for line in lines)
-    for name, text in kept.items():
-        assert (runs / f"{name}-seed0" / "result.json").read_text() == text
-        assert (runs / f"{name}-seed0" / "result.json").stat().st_mtime_ns == mtimes[name]
-    assert (runs / "random-02-seed0" / "result.json").is_file()
+    assert (runs / "searched-seed0" / "result.json").read_text() == kept
+    assert (runs / "searched-seed0" / "result.json").stat().st_mtime_ns == mtime
+    for name in ("random-01", "random-02"):
+        assert json.loads((runs / f"{name}-seed0" / "result.json").read_text())["ap"] == \
+            report["random"][int(name[-1]) - 1]["ap"][0]
     assert (finished / "baseline.json").is_file()
+    # random-01 trained again from scratch: its epoch line shows the epoch's mean heatmap loss
+    heatmap = [row["heatmap"] for row in read_metrics(runs / "random-01-seed0" / "metrics.jsonl") if "heatmap" in row]
+    assert len(heatmap) == 4                                    # 16 images / batch 4, logged every step
+    err = capsys.readouterr().err
+    assert "[threempose] epoch 1/1 done in" in err and f"heatmap loss {np.mean(heatmap):.4g}" in err
+    assert "already ran all 1 epochs" in err                    # random-02 was not trained again
 
 
 def test_resume_refuses_other_arguments_and_a_fresh_run_a_used_directory(finished, configs, capsys):
