@@ -164,6 +164,14 @@ def test_resume_refuses_other_arguments_and_a_fresh_run_a_used_directory(finishe
     settings = BaselineSettings(search_config=str(configs[0]), train_config=str(configs[1]), random=3, seeds=1)
     with pytest.raises(BaselineError, match="random was 2, now 3"):
         RandomBaseline(finished, settings, DistContext()).run(resume=True)
+    train, original = configs[1], configs[1].read_text()
+    try:
+        train.write_text(original.replace('"epochs": 1', '"epochs": 2'))
+        settings.random = 2
+        with pytest.raises(BaselineError, match="the train config now reads differently"):
+            RandomBaseline(finished, settings, DistContext()).run(resume=True)
+    finally:
+        train.write_text(original)
     argv = ["--search-config", str(configs[0]), "--train-config", str(configs[1]), "--random", "2",
             "--seeds", "1", "--out", str(finished)]
     assert random_baseline.main(argv) == 2

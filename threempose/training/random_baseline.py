@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from threempose.config import Config, ModelConfig, check_config_command, load_config
+from threempose.config import Config, ModelConfig, check_config_command, config_to_dict, load_config
 from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.run_dir import RunDir
@@ -136,13 +136,20 @@ class RandomBaseline:
 
     def open_out(self, resume: bool) -> None:
         """Create ``DIR`` (empty or new) and record the settings; with ``resume``, check them."""
-        recorded = asdict(self.settings)
+        recorded = json.loads(json.dumps({
+            **asdict(self.settings), "resolved_train_config": config_to_dict(self.train_cfg),
+            "resolved_search_config": (config_to_dict(self.search_cfg) if self.settings.search_config
+                                       is not None else None)}))
         if resume:
             if not self.protocol_path.is_file():
                 raise BaselineError(f"--resume: {self.out} holds no protocol ({self.protocol_path.name} is "
                                     f"missing); start it without --resume")
             stored = json.loads(self.protocol_path.read_text())
-            diffs = [k for k in recorded if stored.get(k) != recorded[k]]
+            diffs = [k for k in recorded if k in stored and stored[k] != recorded[k]]   # (older: fewer keys)
+            if diffs and diffs[0].startswith("resolved_"):
+                what = diffs[0].removeprefix("resolved_").replace("_", " ")
+                raise BaselineError(f"--resume: the {what} now reads differently from when {self.out} started "
+                                    f"(its files changed); restore them or use a new --out")
             if diffs:
                 k = diffs[0]
                 raise BaselineError(f"--resume: {self.out} ran another protocol: {k} was {stored.get(k)!r}, "
