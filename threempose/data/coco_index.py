@@ -165,7 +165,7 @@ class CocoIndex:
         keypoints = np.frombuffer(b"".join(people), np.float64).reshape(-1, num_joints, 3)
         people_image, people_order = _image_positions(ids, people_id)
         region_image, region_order = _image_positions(ids, region_id)
-        return cls(ids, sizes, names, keypoints[people_order].copy(), people_image,
+        return cls(ids, sizes, names, keypoints[people_order], people_image,
                    [regions[k] for k in region_order], region_image)
 
     def __len__(self) -> int:
@@ -199,7 +199,7 @@ def _pack(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """``(buffer uint8 [sum of lengths], offsets int64 [len + 1])`` of byte strings."""
     offsets = np.zeros(len(chunks) + 1, np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
-    return np.frombuffer(b"".join(chunks), np.uint8).copy(), offsets
+    return np.frombuffer(b"".join(chunks), np.uint8), offsets
 
 
 def _image_positions(ids: np.ndarray, owners: list) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from threempose.config import ModelConfig
 from threempose.models.hrnet_blocks import Bottleneck, make_res_layer
 from threempose.nas.cell import Cell, CellChoice
+from threempose.nas.checkpointing import CheckpointFn, checkpoint_cell, torch_checkpoint_fn
 from threempose.nas.cost import (BlockCosts, CostTable, MacCosts, conv_macs, conv_out_size, convs_macs,
                                  expected_gflops, expected_latency)
 from threempose.nas.dyn_egs import MAX_SEED, SAMPLING_MODES, ArchParameters, ArchSample, SamplingMode
@@ -143,6 +144,12 @@ class FabricNet(nn.Module):
                 rows = [c.row for c in g.cells_in_layer(layer)]
                 self.exits[str(layer)] = FuseSplit(rows, g.channels, skip=i > 0, split=layer < g.layers)
             self.heads[str(layer)] = Head(g.channels, num_joints)
+        self.checkpoint_fn: Optional[CheckpointFn] = None
+
+    def use_activation_checkpointing(self, checkpoint_fn: Optional[CheckpointFn] = torch_checkpoint_fn) -> None:
+        """Checkpoint every cell in forwards that record gradients (:mod:`threempose.nas.checkpointing`:
+        its inner activations are recomputed in backward, gradients unchanged); None turns it off."""
+        self.checkpoint_fn = checkpoint_fn
 
     def run(self, images: Tensor, genotype: Genotype, weights: Optional[WeightsFn] = None,
             cell_outputs: Optional[list[Tensor]] = None) -> Iterator[ExitOutput]:
@@ -197,7 +204,11 @@ class FabricNet(nn.Module):
             for cell in genotype.cells_in_layer(current):
                 inputs = {p: feats[cell.row + ROW_STEP[p]] for p in cell.inputs}
                 choice = weights(cell) if weights is not None else None
-                new[cell.row] = self.cells[str(cell.index)](inputs, sizes[cell.row], choice)
+                module = self.cells[str(cell.index)]
+                if self.checkpoint_fn is not None and torch.is_grad_enabled():
+                    new[cell.row] = checkpoint_cell(module, inputs, sizes[cell.row], choice, self.checkpoint_fn)
+                else:
+                    new[cell.row] = module(inputs, sizes[cell.row], choice)
                 if cell_outputs is not None:
                     cell_outputs.append(new[cell.row])
             feats = new

@@ -1,0 +1,96 @@
+"""Activation checkpointing per fabric cell (``run.activation_checkpointing``).
+
+A checkpointed cell keeps only its inputs for the backward pass; its inner activations
+(every sampled op's output on every edge, the hidden nodes, the concatenation) are
+recomputed during the backward pass from those inputs. Peak training memory then holds
+one cell's activations at a time plus the cells' inputs and outputs.
+
+What the recomputation must see to give the plain step's gradients exactly:
+
+* the same architecture and weights: the Gumbel draw happens once per forward, before any
+  cell runs (:meth:`~threempose.nas.fabric.Supernet.forward`), and the cell gets the drawn
+  :class:`~threempose.nas.cell.CellChoice` (its weight tensors are checkpoint inputs, so
+  their gradients reach alpha and beta); no op of a cell draws random numbers (no dropout,
+  no drop-path), and both backends restore the RNG state anyway;
+* the same BatchNorm statistics: in train mode BN normalises with the batch's statistics,
+  which the recomputation recomputes identically; but it would also update the running
+  statistics a second time. :func:`checkpoint_cell` restores the cell's BN buffers after
+  the recomputation, so they move once per step as without checkpointing.
+
+Backends: ``torch.utils.checkpoint`` (non-reentrant) in one process;
+``deepspeed.checkpointing.checkpoint`` under the DeepSpeed launcher, configured from the
+config's ``deepspeed.activation_checkpointing`` section (partition_activations,
+cpu_checkpointing, ...) by :func:`deepspeed_checkpoint_fn`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from threempose.nas.cell import Cell, CellChoice
+
+CheckpointFn = Callable[..., Tensor]
+"""``fn(function, *tensors) -> function(*tensors)``, keeping only ``tensors`` for backward."""
+
+
+def torch_checkpoint_fn(function: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """``torch.utils.checkpoint`` without re-entrance (RNG state preserved)."""
+    return torch_checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def deepspeed_checkpoint_fn(ds_config: Mapping[str, Any]) -> CheckpointFn:
+    """DeepSpeed's activation checkpointing, configured from a DeepSpeed config dict
+    (its ``activation_checkpointing`` section; defaults where it has none)."""
+    import deepspeed
+
+    deepspeed.checkpointing.configure(None, deepspeed_config=dict(ds_config))
+    return deepspeed.checkpointing.checkpoint
+
+
+@contextlib.contextmanager
+def _bn_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the running statistics of ``module``'s BatchNorms on exit."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, int],
+                    choice: Optional[CellChoice], checkpoint_fn: CheckpointFn = torch_checkpoint_fn) -> Tensor:
+    """``cell(inputs, size, choice)`` with its inner activations recomputed in backward.
+
+    Args:
+        cell: the cell to run.
+        inputs: ``{path name: [B, C_p, h_p, w_p]}`` as :meth:`Cell.forward` takes them.
+        size: ``(h, w)``, the cell's row size.
+        choice: the sampled sub-cell (supernet) or None (derived network).
+        checkpoint_fn: the backend (:func:`torch_checkpoint_fn`, :func:`deepspeed_checkpoint_fn`).
+    Returns:
+        ``[B, C, h, w]``, equal to the plain call's output; so are all gradients.
+    """
+    names = list(inputs)
+    n_in = len(names)
+    weights: list[Tensor] = [] if choice is None else [choice.path_weights, *choice.edge_weights]
+    calls = 0
+
+    def run(*tensors: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        rebuilt = None
+        if choice is not None:
+            rebuilt = CellChoice(choice.paths, tensors[n_in], choice.edges, list(tensors[n_in + 1:]))
+        recompute = _bn_stats_kept(cell) if calls > 1 else contextlib.nullcontext()
+        with recompute:
+            return cell(dict(zip(names, tensors[:n_in])), size, rebuilt)
+
+    return checkpoint_fn(run, *[inputs[n] for n in names], *weights)
