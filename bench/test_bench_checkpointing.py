@@ -38,7 +38,7 @@ def _rss_mib() -> float:
 def phase_step(checkpointing: bool, batch: int, steps: int = 2) -> dict:
     import torch
     from threempose.config import load_config
-    from threempose.nas.fabric import Supernet
+    from threempose.nas.supernet import Supernet
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = Supernet(load_config(ROOT / "configs" / "search.json").model).train()

@@ -59,7 +59,8 @@ def _dataset(root: Path, train: bool = True):
 
 def _loader(ds, workers: int, batches: int):
     import torch
-    from threempose.data.loader import EpochSampler, collate_samples, loader_worker_init
+    from threempose.data.sampler import EpochSampler
+    from threempose.data.loader import collate_samples, loader_worker_init
     sampler = EpochSampler(range(min(len(ds), batches * BATCH)), seed=0, shuffle=True)
     return torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=BATCH, num_workers=workers,
                                        collate_fn=collate_samples, drop_last=True,

@@ -18,7 +18,8 @@ from threempose.data.augment import augment_sample, center_affine, params_affine
 from threempose.data.coco import AnnotationError, CocoKeypoints
 from threempose.data.coco_index import CocoIndex
 from threempose.data.image_io import read_image
-from threempose.data.loader import EpochSampler, PoseDataLoader, build_loaders, collate_samples
+from threempose.data.loader import PoseDataLoader, build_loaders, collate_samples
+from threempose.data.sampler import EpochSampler
 from threempose.data.synthetic import generate
 from threempose.data.targets import ignore_mask, supervision_mask
 

@@ -8,7 +8,7 @@ import torch
 
 from threempose.config import ModelConfig
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 
 TINY = ModelConfig(rows=2, layers=3, channels=16, eels=[2], stem_blocks=0, hidden=2)   # cells outweigh the stem
 

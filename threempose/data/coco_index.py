@@ -27,8 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from threempose.cli import UserError
 from threempose.data.targets import ignored_by_loss
+from threempose.util.errors import UserError
 
 _HEAD_BYTES = 64
 

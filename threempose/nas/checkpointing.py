@@ -8,7 +8,7 @@ one cell's activations at a time plus the cells' inputs and outputs.
 What the recomputation must see to give the plain step's gradients exactly:
 
 * the same architecture and weights: the Gumbel draw happens once per forward, before any
-  cell runs (:meth:`~threempose.nas.fabric.Supernet.forward`), and the cell gets the drawn
+  cell runs (:meth:`~threempose.nas.supernet.Supernet.forward`), and the cell gets the drawn
   :class:`~threempose.nas.cell.CellChoice` (its weight tensors are checkpoint inputs, so
   their gradients reach alpha and beta); no op of a cell draws random numbers (no dropout,
   no drop-path), and both backends restore the RNG state anyway;
