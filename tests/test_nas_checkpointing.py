@@ -2,11 +2,18 @@
 and BatchNorm running statistics as the plain step, on a tiny supernet and a tiny derived net,
 with fewer activation bytes kept for backward."""
 import copy
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from threempose.config import ModelConfig
+from threempose.nas.checkpointing import torch_checkpoint_fn
 from threempose.nas.derived import DerivedNet
 from threempose.nas.supernet import Supernet
 
@@ -34,9 +41,9 @@ def _step(net, forward):
     return loss.detach(), grads, buffers, saved[0]
 
 
-def _compare(net, forward):
+def _compare(net, forward, checkpoint_fn=torch_checkpoint_fn):
     plain_net, ckpt_net = copy.deepcopy(net), copy.deepcopy(net)
-    ckpt_net.use_activation_checkpointing()
+    ckpt_net.use_activation_checkpointing(checkpoint_fn)
     loss, grads, buffers, plain_bytes = _step(plain_net, forward)
     loss_c, grads_c, buffers_c, ckpt_bytes = _step(ckpt_net, forward)
     assert torch.equal(loss, loss_c)
@@ -95,3 +102,38 @@ def test_checkpointing_changes_nothing_without_gradients_or_in_eval(grad):
         net.use_activation_checkpointing()
         ckpt = net(images, tau=1.0, seed=2).exits[-1].heatmaps
     assert torch.equal(plain, ckpt)
+
+
+def _deepspeed_rank(port: int) -> None:
+    """One gloo rank: the DeepSpeed backend (configured from a config's section) against the plain step."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    from threempose.nas.checkpointing import deepspeed_checkpoint_fn
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    net = Supernet(TINY).train()
+    images = torch.randn(2, 3, 40, 32)
+    ds_fn = deepspeed_checkpoint_fn({"train_micro_batch_size_per_gpu": 2,
+                                     "activation_checkpointing": {"partition_activations": False}})
+
+    def forward(n):
+        out = n(images, tau=0.7, seed=11)
+        return _loss(out.exits) + out.gflops
+
+    _compare(net, forward, ds_fn)
+    print("deepspeed backend: equal")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed package")
+def test_deepspeed_backend_has_the_plain_gradients():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, __file__, str(port)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and "deepspeed backend: equal" in proc.stdout, proc.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    _deepspeed_rank(int(sys.argv[1]))

@@ -14,13 +14,14 @@ What the recomputation must see to give the plain step's gradients exactly:
   no drop-path), and both backends restore the RNG state anyway;
 * the same BatchNorm statistics: in train mode BN normalises with the batch's statistics,
   which the recomputation recomputes identically; but it would also update the running
-  statistics a second time. :func:`checkpoint_cell` restores the cell's BN buffers after
-  the recomputation, so they move once per step as without checkpointing.
+  statistics a second time. :func:`checkpoint_cell` recomputes with the cell's BN momentum
+  at 0, so they move once per step as without checkpointing.
 
 Backends: ``torch.utils.checkpoint`` (non-reentrant) in one process;
 ``deepspeed.checkpointing.checkpoint`` under the DeepSpeed launcher, configured from the
 config's ``deepspeed.activation_checkpointing`` section (partition_activations,
-cpu_checkpointing, ...) by :func:`deepspeed_checkpoint_fn`.
+cpu_checkpointing, ...) by :func:`deepspeed_checkpoint_fn`; :func:`run_checkpoint_fn` picks one
+for a run.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from threempose.config import Config
+from threempose.engine.weights import deepspeed_config
 from threempose.nas.cell import Cell, CellChoice
 
 CheckpointFn = Callable[..., Tensor]
@@ -52,17 +55,23 @@ def deepspeed_checkpoint_fn(ds_config: Mapping[str, Any]) -> CheckpointFn:
 
 
 @contextlib.contextmanager
-def _bn_stats_kept(module: nn.Module) -> Iterator[None]:
-    """Restore the running statistics of ``module``'s BatchNorms on exit."""
-    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
+def _bn_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Inside: ``module``'s BatchNorms normalise with the batch statistics as in train mode but
+    leave their running statistics as they are (momentum 0: ``1 * running + 0 * batch``, exact);
+    ``num_batches_tracked`` is put back on exit. The running tensors are not written after the
+    fact: the recomputed BatchNorm saved them for its backward."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
     try:
         yield
     finally:
         with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
 
 
 def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, int],
@@ -89,8 +98,18 @@ def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, i
         rebuilt = None
         if choice is not None:
             rebuilt = CellChoice(choice.paths, tensors[n_in], choice.edges, list(tensors[n_in + 1:]))
-        recompute = _bn_stats_kept(cell) if calls > 1 else contextlib.nullcontext()
+        recompute = _bn_stats_frozen(cell) if calls > 1 else contextlib.nullcontext()
         with recompute:
             return cell(dict(zip(names, tensors[:n_in])), size, rebuilt)
 
     return checkpoint_fn(run, *[inputs[n] for n in names], *weights)
+
+
+def run_checkpoint_fn(cfg: Config, launched: bool) -> Optional[CheckpointFn]:
+    """The backend a run's ``run.activation_checkpointing`` asks for: None (off), DeepSpeed's
+    under the launcher (its ``deepspeed`` section as the run hands it to DeepSpeed), else torch's."""
+    if not cfg.run.activation_checkpointing:
+        return None
+    if launched:
+        return deepspeed_checkpoint_fn(deepspeed_config(cfg, grad_clip=None))
+    return torch_checkpoint_fn
