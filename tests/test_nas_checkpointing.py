@@ -17,7 +17,7 @@ from threempose.nas.checkpointing import torch_checkpoint_fn
 from threempose.nas.derived import DerivedNet
 from threempose.nas.supernet import Supernet
 
-TINY = ModelConfig(rows=2, layers=3, channels=16, eels=[2], stem_blocks=0, hidden=2)   # cells outweigh the stem
+TINY = ModelConfig(rows=2, layers=3, channels=16, eels=[2], stem_blocks=1, hidden=2)
 
 
 def _loss(exits) -> torch.Tensor:

@@ -3,7 +3,9 @@
 A checkpointed cell keeps only its inputs for the backward pass; its inner activations
 (every sampled op's output on every edge, the hidden nodes, the concatenation) are
 recomputed during the backward pass from those inputs. Peak training memory then holds
-one cell's activations at a time plus the cells' inputs and outputs.
+one cell's activations at a time plus the cells' inputs and outputs. The stem's bottleneck
+units (64 -> 256 channels at 1/4 of the input: at 512 px a third of a supernet step's
+activations) are checkpointed one by one the same way.
 
 What the recomputation must see to give the plain step's gradients exactly:
 
@@ -26,7 +28,7 @@ for a run.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +76,21 @@ def _bn_stats_frozen(module: nn.Module) -> Iterator[None]:
                     m.num_batches_tracked.copy_(tracked)
 
 
+def checkpointed(module: nn.Module, function: Callable[..., Tensor], tensors: Sequence[Tensor],
+                 checkpoint_fn: CheckpointFn = torch_checkpoint_fn) -> Tensor:
+    """``function(*tensors)`` (which runs ``module``) with its inner activations recomputed in
+    backward; the recomputation leaves ``module``'s BatchNorm statistics alone."""
+    calls = 0
+
+    def run(*args: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        with _bn_stats_frozen(module) if calls > 1 else contextlib.nullcontext():
+            return function(*args)
+
+    return checkpoint_fn(run, *tensors)
+
+
 def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, int],
                     choice: Optional[CellChoice], checkpoint_fn: CheckpointFn = torch_checkpoint_fn) -> Tensor:
     """``cell(inputs, size, choice)`` with its inner activations recomputed in backward.
@@ -90,19 +107,14 @@ def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, i
     names = list(inputs)
     n_in = len(names)
     weights: list[Tensor] = [] if choice is None else [choice.path_weights, *choice.edge_weights]
-    calls = 0
 
     def run(*tensors: Tensor) -> Tensor:
-        nonlocal calls
-        calls += 1
         rebuilt = None
-        if choice is not None:
+        if choice is not None:      # the weights as checkpoint inputs: their gradients reach alpha, beta
             rebuilt = CellChoice(choice.paths, tensors[n_in], choice.edges, list(tensors[n_in + 1:]))
-        recompute = _bn_stats_frozen(cell) if calls > 1 else contextlib.nullcontext()
-        with recompute:
-            return cell(dict(zip(names, tensors[:n_in])), size, rebuilt)
+        return cell(dict(zip(names, tensors[:n_in])), size, rebuilt)
 
-    return checkpoint_fn(run, *[inputs[n] for n in names], *weights)
+    return checkpointed(cell, run, [inputs[n] for n in names] + weights, checkpoint_fn)
 
 
 def run_checkpoint_fn(cfg: Config, launched: bool) -> Optional[CheckpointFn]:
