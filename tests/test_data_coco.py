@@ -182,7 +182,8 @@ def test_masks_cover_crowds_and_people_without_keypoints_and_empty_images_are_va
 
 
 @pytest.mark.parametrize("case", ["no_annotation_file", "no_image_dir", "not_json", "not_json_at_all",
-                                  "instances", "annotation_without_keypoints", "missing_images"])
+                                  "instances", "annotation_without_keypoints", "string_image_id",
+                                  "missing_images"])
 def test_bad_input_fails_at_construction_naming_the_file(synthetic_set, tmp_path, case):
     images, ann_file, data = _copy(synthetic_set, tmp_path)
     ann_file.write_text(json.dumps(data))
@@ -206,6 +207,10 @@ def test_bad_input_fails_at_construction_naming_the_file(synthetic_set, tmp_path
         del data["annotations"][0]["keypoints"]
         ann_file.write_text(json.dumps(data))
         error = AnnotationError
+    elif case == "string_image_id":
+        data["annotations"][0]["image_id"] = "1"
+        ann_file.write_text(json.dumps(data))
+        error, named = AnnotationError, "has image_id '1'; image ids must be integers"
     else:
         for name in ("000002.jpg", "000004.jpg", "000005.jpg", "000006.jpg"):
             (images / name).unlink()

@@ -139,6 +139,9 @@ class CocoIndex:
         for i, img in enumerate(images):
             if not (isinstance(img, dict) and all(k in img for k in ("id", "file_name", "width", "height"))):
                 raise AnnotationError(f"{path}: images[{i}] lacks one of id, file_name, width, height")
+        if not all(isinstance(img["id"], int) for img in images):
+            bad = next(i for i, img in enumerate(images) if not isinstance(img["id"], int))
+            raise AnnotationError(f"{path}: images[{bad}] has id {images[bad]['id']!r}; image ids must be integers")
         order = sorted(range(len(images)), key=lambda i: images[i]["id"])
         ids = np.array([images[i]["id"] for i in order], np.int64)
         if len(ids) > 1 and (np.diff(ids) == 0).any():
@@ -152,6 +155,9 @@ class CocoIndex:
         for ann in data["annotations"]:
             if not isinstance(ann, _Annotation) or ann.category_id != cat_id:
                 continue
+            if not isinstance(ann.image_id, int):
+                raise AnnotationError(f"{path}: annotation id {ann.id} has image_id {ann.image_id!r}; "
+                                      "image ids must be integers")
             if ann.keypoints == b"":
                 raise AnnotationError(f"{path}: annotation id {ann.id} has no 'keypoints' list of "
                                       f"{3 * num_joints} numbers; not a person-keypoints file")
