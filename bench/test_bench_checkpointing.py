@@ -37,6 +37,7 @@ def _rss_mib() -> float:
 
 def phase_step(checkpointing: bool, batch: int, steps: int = 2) -> dict:
     import torch
+
     from threempose.config import load_config
     from threempose.nas.supernet import Supernet
     torch.set_num_threads(1)

@@ -59,8 +59,9 @@ def _dataset(root: Path, train: bool = True):
 
 def _loader(ds, workers: int, batches: int):
     import torch
-    from threempose.data.sampler import EpochSampler
+
     from threempose.data.loader import collate_samples, loader_worker_init
+    from threempose.data.sampler import EpochSampler
     sampler = EpochSampler([i % len(ds) for i in range(batches * BATCH)], seed=0, shuffle=True)   # small sets repeat
     return torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=BATCH, num_workers=workers,
                                        collate_fn=collate_samples, drop_last=True,
@@ -79,6 +80,7 @@ def phase_build(root: Path) -> dict:
 def phase_pycocotools(root: Path) -> dict:
     import contextlib
     import io
+
     from pycocotools.coco import COCO
     start, cpu = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):

@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from coco_scale_file import write_coco_sized  # noqa: E402
+from coco_scale_file import write_coco_sized
 
 RSS_GAP_MIB, EVAL_S = 100.0, 60.0
 
@@ -48,6 +48,7 @@ def _timed(cmd: list[str], cwd: Path) -> dict:
 def make_model(out: Path) -> tuple[Path, Path]:
     """A small random-weight model file and an infer config (short side 64, threshold 0)."""
     import torch
+
     from threempose.config import ModelConfig
     from threempose.nas.derived import DerivedNet
     from threempose.nas.model_file import save_model_file

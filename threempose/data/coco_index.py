@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -40,13 +40,13 @@ class AnnotationError(UserError, ValueError):
 class _Annotation:
     """One parsed annotation, reduced to what the index needs (made by the parse hook)."""
 
-    __slots__ = ("id", "image_id", "category_id", "keypoints", "person", "ignored")
+    __slots__ = ("category_id", "id", "ignored", "image_id", "keypoints", "person")
 
     def __init__(self, ann: dict, num_joints: int):
         self.id, self.image_id, self.category_id = ann.get("id"), ann["image_id"], ann["category_id"]
         kpts = ann.get("keypoints")
-        self.keypoints: Optional[bytes] = None       # float64 [J, 3] of a person (below); b"" if malformed
-        self.ignored: Optional[bytes] = None         # the pickled segmentation of an ignored region
+        self.keypoints: bytes | None = None       # float64 [J, 3] of a person (below); b"" if malformed
+        self.ignored: bytes | None = None         # the pickled segmentation of an ignored region
         if not isinstance(kpts, list) or len(kpts) != 3 * num_joints:
             self.keypoints, self.person = b"", False
             return
@@ -97,7 +97,7 @@ class CocoIndex:
         self.region_start = np.searchsorted(region_image, np.arange(n + 1)).astype(np.int64)
 
     @classmethod
-    def read(cls, path: str | Path, num_joints: int) -> "CocoIndex":
+    def read(cls, path: str | Path, num_joints: int) -> CocoIndex:
         """Parse and check a COCO person-keypoints file.
 
         Raises:
@@ -122,7 +122,7 @@ class CocoIndex:
         return cls._from_parsed(path, data, num_joints)
 
     @classmethod
-    def _from_parsed(cls, path: Path, data: Any, num_joints: int) -> "CocoIndex":
+    def _from_parsed(cls, path: Path, data: Any, num_joints: int) -> CocoIndex:
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
                                                  for k in ("images", "annotations", "categories")):
             raise AnnotationError(f"{path}: not a COCO annotation file (needs lists 'images', "
@@ -142,7 +142,7 @@ class CocoIndex:
         if not all(isinstance(img["id"], int) for img in images):
             bad = next(i for i, img in enumerate(images) if not isinstance(img["id"], int))
             raise AnnotationError(f"{path}: images[{bad}] has id {images[bad]['id']!r}; image ids must be integers")
-        order = sorted(range(len(images)), key=lambda i: images[i]["id"])
+        order = np.argsort(np.array([img["id"] for img in images], np.int64), kind="stable").tolist()
         ids = np.array([images[i]["id"] for i in order], np.int64)
         if len(ids) > 1 and (np.diff(ids) == 0).any():
             dup = int(ids[1:][np.diff(ids) == 0][0])

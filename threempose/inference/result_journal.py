@@ -14,8 +14,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any
 
 from threempose.util.files import atomic_open
 
@@ -26,7 +27,7 @@ class ResultJournal:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.path = self.out.with_name(self.out.name + ".partial")
-        self._file: Optional[IO[str]] = None
+        self._file: IO[str] | None = None
 
     def done_files(self) -> set[str]:
         """Files (as recorded) whose results the journal holds."""
@@ -48,8 +49,7 @@ class ResultJournal:
         if resume and self.path.is_file():
             keep = self.path.with_name(self.path.name + ".tmp")
             with open(keep, "w", encoding="utf-8") as f:      # drop a torn last line
-                for entry in self.entries():
-                    f.write(json.dumps(entry) + "\n")
+                f.writelines(json.dumps(entry) + "\n" for entry in self.entries())
             os.replace(keep, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if resume else "w", encoding="utf-8")

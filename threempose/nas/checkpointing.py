@@ -28,7 +28,8 @@ for a run.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +93,7 @@ def checkpointed(module: nn.Module, function: Callable[..., Tensor], tensors: Se
 
 
 def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, int],
-                    choice: Optional[CellChoice], checkpoint_fn: CheckpointFn = torch_checkpoint_fn) -> Tensor:
+                    choice: CellChoice | None, checkpoint_fn: CheckpointFn = torch_checkpoint_fn) -> Tensor:
     """``cell(inputs, size, choice)`` with its inner activations recomputed in backward.
 
     Args:
@@ -117,7 +118,7 @@ def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, i
     return checkpointed(cell, run, [inputs[n] for n in names] + weights, checkpoint_fn)
 
 
-def run_checkpoint_fn(cfg: Config, launched: bool) -> Optional[CheckpointFn]:
+def run_checkpoint_fn(cfg: Config, launched: bool) -> CheckpointFn | None:
     """The backend a run's ``run.activation_checkpointing`` asks for: None (off), DeepSpeed's
     under the launcher (its ``deepspeed`` section as the run hands it to DeepSpeed), else torch's."""
     if not cfg.run.activation_checkpointing:
