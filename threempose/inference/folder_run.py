@@ -207,7 +207,7 @@ def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], journ
     done (its ETA is for the rest). ``summary.timings`` splits the wall time (see
     :meth:`RunSummary.timing_text`)."""
     summary = RunSummary()
-    done = journal.done_files()
+    done = journal.done
     wanted = [f for f in files if f in ids]
     todo = [f for f in wanted if str(f) not in done]
     names = drawing_names(files) if draw_dir is not None else {}
