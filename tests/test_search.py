@@ -205,6 +205,7 @@ def test_train_writes_a_loadable_model_and_checks_the_genotype_on_resume(tmp_pat
         TrainJob(load_config(config), DistContext(), other).run(resume=str(job.run_dir.path))
 
 
+@pytest.mark.slow     # three search subprocesses, one killed and resumed
 def test_killed_search_resumes_to_the_same_result(tmp_path, cache):
     """SIGKILL mid-epoch, --resume: same genotype and final metrics as an uninterrupted run."""
     config = tiny_config(tmp_path, cache, search={"epochs": 3, "arch_lr_milestones": [2]},
