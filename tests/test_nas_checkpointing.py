@@ -125,6 +125,7 @@ def _deepspeed_rank(port: int) -> None:
     print("deepspeed backend: equal")
 
 
+@pytest.mark.slow     # a gloo rank in a subprocess (DeepSpeed's import and op build)
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed package")
 def test_deepspeed_backend_has_the_plain_gradients():
     with socket.socket() as s:
