@@ -21,6 +21,7 @@ torch path on ``device``, normally a GPU; dali: nvJPEG decode and the GPU warp),
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
@@ -72,6 +73,16 @@ class PoseDataLoader(DataLoader):
             if skipped:
                 self.skipped_files += skipped
                 warn_skipped(skipped)
+
+
+def loader_worker_init(worker_id: int = 0) -> None:
+    """A torch loader worker's ``worker_init_fn``: single-threaded
+    (:func:`~threempose.util.threads.single_threaded_worker`), and the Python objects it
+    inherited from the parent frozen (``gc.freeze``): the cyclic collector then never walks
+    them, which would write every inherited object's GC header and so copy nearly every page
+    of the parent's Python heap into the worker (private memory growing over an epoch)."""
+    single_threaded_worker(worker_id)
+    gc.freeze()
 
 
 Loader = Union[PoseDataLoader, "DaliLoader"]
@@ -182,5 +193,5 @@ def _torch_loader_factory(cfg: DataConfig, device: torch.device, gpu: bool) -> L
         return PoseDataLoader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                               collate_fn=collate_raw if gpu else collate_samples,
                               pin_memory=device.type == "cuda", drop_last=drop_last,
-                              worker_init_fn=single_threaded_worker if cfg.num_workers else None)
+                              worker_init_fn=loader_worker_init if cfg.num_workers else None)
     return make

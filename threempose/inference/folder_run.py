@@ -1,6 +1,7 @@
 """Running a predictor over a folder (or list) of images: the image list and COCO image ids,
 a background loader that reads the next images while the network runs, and a run summary
-(results, exits taken, GFLOPs, timings). The library behind ``python -m threempose.infer``."""
+(exits taken, GFLOPs, timings); results go to a :class:`ResultJournal` as they are produced.
+The library behind ``python -m threempose.infer``."""
 from __future__ import annotations
 
 import collections
@@ -16,7 +17,8 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from threempose.inference.draw import save_drawing
-from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Prediction, Predictor, load_image
+from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Predictor, load_image
+from threempose.inference.result_journal import ResultJournal
 from threempose.util.errors import UserError
 
 
@@ -26,22 +28,19 @@ class InferInputError(UserError, ValueError):
 
 @dataclass
 class RunSummary:
-    """What a run did: per-image records, skipped files, totals."""
+    """What a run did: images processed by this process, skipped files, time; ``overall``: the
+    totals over every image of the results (:meth:`ResultJournal.totals`, a resumed run's included)."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
+    processed: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
-    results: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)       # seconds per part (:func:`run`)
+    overall: dict[str, Any] = field(default_factory=dict)
 
     def totals(self) -> dict[str, Any]:
-        n = len(self.records)
-        exits = collections.Counter(r["exit"] for r in self.records)
-        return {"images": n, "skipped": len(self.skipped),
-                "people": sum(r["people"] for r in self.records),
-                "exits": {str(k): exits[k] for k in sorted(exits)},
-                "mean_gflops": sum(r["gflops"] for r in self.records) / n if n else 0.0,
-                "images_per_s": n / self.seconds if self.seconds > 0 else 0.0}
+        return {"images": 0, "people": 0, "exits": {}, "mean_gflops": 0.0, **self.overall,
+                "skipped": len(self.skipped),
+                "images_per_s": self.processed / self.seconds if self.seconds > 0 else 0.0}
 
     def timing_text(self) -> str:
         """``--benchmark``: images/s and where the wall time went. The loader's time runs in a
@@ -50,12 +49,14 @@ class RunSummary:
         t = self.totals()
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
         main = sum(v for k, v in self.timings.items() if k != "load (background)")
-        return (f"benchmark: {t['images']} images in {self.seconds:.2f} s = {t['images_per_s']:.2f} images/s; "
+        return (f"benchmark: {self.processed} images in {self.seconds:.2f} s = {t['images_per_s']:.2f} images/s; "
                 f"{parts}; other (records, drawings) {max(self.seconds - main, 0.0):.2f} s")
 
     def text(self) -> str:
         t = self.totals()
-        lines = [f"images: {t['images']} processed, {t['skipped']} skipped",
+        resumed = t["images"] - self.processed
+        lines = [f"images: {t['images']} processed, {t['skipped']} skipped"
+                 + (f" ({resumed} of them by the run resumed)" if resumed > 0 else ""),
                  f"people found: {t['people']}",
                  "exits taken: " + ", ".join(f"layer {k}: {v}" for k, v in t["exits"].items()),
                  f"mean GFLOPs per image: {t['mean_gflops']:.4g} (flip-test passes included)",
@@ -196,30 +197,37 @@ class BackgroundLoader:
         return False
 
 
-def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], batch: int = 1,
-        draw_dir: Optional[Path] = None, progress: bool = True) -> RunSummary:
-    """Predict every file of ``ids`` (in ``files`` order), ``batch`` images per call, reading and
-    resizing the next images in a :class:`BackgroundLoader` meanwhile; unreadable files go to
-    ``summary.skipped``. Drawings are written as images finish. ``summary.timings`` splits the
-    wall time (see :meth:`RunSummary.timing_text`)."""
+def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], journal: ResultJournal,
+        batch: int = 1, draw_dir: Optional[Path] = None, progress: bool = True) -> RunSummary:
+    """Predict every file of ``ids`` (in ``files`` order) that ``journal`` does not hold yet,
+    ``batch`` images per call, reading and resizing the next images in a
+    :class:`BackgroundLoader` meanwhile. Each image's record and results go to ``journal`` and
+    its drawing to ``draw_dir`` as it finishes (nothing grows with the number of images);
+    unreadable files go to ``summary.skipped``. The progress bar counts the journal's images as
+    done (its ETA is for the rest). ``summary.timings`` splits the wall time (see
+    :meth:`RunSummary.timing_text`)."""
     summary = RunSummary()
-    todo = [f for f in files if f in ids]
+    done = journal.done
+    wanted = [f for f in files if f in ids]
+    todo = [f for f in wanted if str(f) not in done]
     names = drawing_names(files) if draw_dir is not None else {}
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     before = dict(predictor.timings)
     start = time.perf_counter()
     waited = 0.0
-    with tqdm(total=len(todo), desc="infer", unit="img", disable=not progress) as bar, \
+    with tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="infer", unit="img",
+              disable=not progress) as bar, \
             BackgroundLoader(predictor, chunks, keep_arrays=draw_dir is not None) as loader:
         batches = iter(loader)
         for chunk in chunks:
             wait_start = time.perf_counter()
-            done, arrays, prepared, skipped = next(batches)
+            finished, arrays, prepared, skipped = next(batches)
             waited += time.perf_counter() - wait_start
             summary.skipped += skipped
             predictions = predictor.predict_prepared(prepared) if prepared else []
-            for k, (f, pred) in enumerate(zip(done, predictions)):
-                _record(summary, f, ids[f], pred)
+            for k, (f, pred) in enumerate(zip(finished, predictions)):
+                journal.append({"file": str(f), "image_id": ids[f], **pred.summary()}, pred.to_coco(ids[f]))
+                summary.processed += 1
                 if draw_dir is not None:
                     save_drawing(draw_dir / names[f], arrays[k], [{"keypoints": p.keypoints, "score": p.score}
                                                                   for p in pred.people])
@@ -227,9 +235,5 @@ def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], batch
     summary.seconds = time.perf_counter() - start
     summary.timings = {"load (background)": loader.seconds, "waiting for images": waited,
                        **{part: predictor.timings[part] - before.get(part, 0.0) for part in PREDICT_PARTS}}
+    summary.overall = journal.totals()
     return summary
-
-
-def _record(summary: RunSummary, path: Path, image_id: int, pred: Prediction) -> None:
-    summary.results += pred.to_coco(image_id)
-    summary.records.append({"file": str(path), "image_id": image_id, **pred.summary()})

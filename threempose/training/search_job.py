@@ -16,6 +16,7 @@ from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
 from threempose.kernels import set_backend
 from threempose.measure.profile import profile_genotype
+from threempose.nas.checkpointing import run_checkpoint_fn
 from threempose.nas.derived import DerivedNet
 from threempose.nas.dyn_egs import gumbel_tau, step_seed
 from threempose.nas.latency_table import LatencyTable
@@ -54,6 +55,7 @@ class SearchJob(EpochJob):
         if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
             self.supernet.sampling = "argmax"
         self.supernet.use_latency_table(self.latency_table)
+        self.supernet.use_activation_checkpointing(run_checkpoint_fn(cfg, ctx.launched))
         self.loss = PoseLoss(cfg.loss)
 
     # ---- architecture ------------------------------------------------------ #

@@ -15,6 +15,7 @@ from threempose.engine.launch import steps_per_epoch, take
 from threempose.engine.weights import train_optimizer
 from threempose.kernels import set_backend
 from threempose.measure.profile import profile_network
+from threempose.nas.checkpointing import run_checkpoint_fn
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
 from threempose.nas.model_file import save_model_file
@@ -37,6 +38,7 @@ class TrainJob(EpochJob):
                                   world_size=ctx.world_size, progress=ctx.is_main)
         torch.manual_seed(cfg.run.seed)
         self.net = DerivedNet(genotype, cfg.model.num_joints, cfg.model.stem_blocks).to(ctx.device)
+        self.net.use_activation_checkpointing(run_checkpoint_fn(cfg, ctx.launched))
         self.loss = PoseLoss(dataclasses.replace(cfg.loss, flops_weight=0.0, teacher_weight=0.0))
         self.weights, self.scheduler = train_optimizer(self.net, cfg, ctx)
 
