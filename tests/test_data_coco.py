@@ -10,7 +10,7 @@ import torch
 
 from threempose.config import DataConfig, SyntheticConfig
 from threempose.data.augment import center_affine
-from threempose.data.coco import AnnotationError, CocoKeypoints
+from threempose.data.coco import AnnotationError, CocoKeypoints, UnreadableSplitError
 from threempose.data.loader import EpochSampler, PoseDataLoader, build_loaders, collate_samples
 from threempose.data.synthetic import generate
 
@@ -147,8 +147,11 @@ def test_an_undecodable_image_is_skipped_counted_and_warned_about_once(synthetic
 
     for p in images.iterdir():
         p.write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="could be decoded"):
+    with pytest.raises(UnreadableSplitError, match=r"^none of the 6 images of .*ann\.json .* can be read"):
         ds[0]
+    with pytest.raises(UnreadableSplitError) as caught:        # raised in a worker: still one line
+        next(iter(loader))
+    assert str(caught.value) == ds.unreadable_message()
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_shards_ranks():

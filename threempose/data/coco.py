@@ -13,13 +13,17 @@ on worker count or order, and a resumed run sees the same samples.
 An image that fails to decode is skipped: the next image is returned in its
 place and the file is listed in the sample's ``"skipped"`` entry (and in
 :attr:`CocoKeypoints.skipped_files` of the process that read it); the loaders
-warn once per epoch with the names.
+warn once per epoch with the names. When no image of the split can be read, reading
+any sample raises :class:`UnreadableSplitError` (one line).
+
+The annotation file is checked at construction by
+:func:`threempose.data.coco_schema.check_keypoint_annotations` (duplicate image ids or file
+names, missing or unknown ``image_id``, malformed keypoints, sizes, areas, segmentations ...).
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -32,8 +36,10 @@ from torch.utils.data import Dataset
 from threempose.cli import UserError
 from threempose.config import DataConfig
 from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
+from threempose.data.coco_schema import AnnotationError, check_keypoint_annotations
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.targets import supervision_mask
+from threempose.json_file import read_json_file
 
 SampleKey = Union[int, tuple[int, int]]
 T = TypeVar("T")
@@ -41,8 +47,8 @@ EXIF_ORIENTATION = 0x0112
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class AnnotationError(UserError, ValueError):
-    """An annotation file is malformed or is not a COCO person-keypoints file."""
+class UnreadableSplitError(UserError, RuntimeError):
+    """No image of a split can be read."""
 
 
 def split_key(key: SampleKey) -> tuple[int, int]:
@@ -57,35 +63,15 @@ def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def _read_annotations(path: Path, num_joints: int) -> dict:
-    """Load and check a COCO person-keypoints file; fill in missing ``num_keypoints``."""
+    """Load and check a COCO person-keypoints file (:mod:`threempose.data.coco_schema`); keep the
+    annotations of its person category and fill in missing ``num_keypoints``."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnnotationError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
-                                             for k in ("images", "annotations", "categories")):
-        raise AnnotationError(f"{path}: not a COCO annotation file (needs lists 'images', "
-                              "'annotations' and 'categories')")
-    cats = [c for c in data["categories"] if isinstance(c, dict) and "keypoints" in c]
-    if not cats:
-        raise AnnotationError(f"{path}: not a COCO person-keypoints file: no category has 'keypoints' "
-                              "(use person_keypoints_*.json, not instances_*.json)")
-    if len(cats[0]["keypoints"]) != num_joints:
-        raise AnnotationError(f"{path}: category {cats[0].get('name')!r} has {len(cats[0]['keypoints'])} "
-                              f"keypoints, data.num_joints is {num_joints}")
-    cat_id = cats[0]["id"]
-    for i, img in enumerate(data["images"]):
-        if not all(k in img for k in ("id", "file_name", "width", "height")):
-            raise AnnotationError(f"{path}: images[{i}] lacks one of id, file_name, width, height")
-    data["annotations"] = [a for a in data["annotations"] if a.get("category_id") == cat_id]
+    data = read_json_file(path, AnnotationError, "annotation file")
+    cat_id = check_keypoint_annotations(data, str(path), num_joints)
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] == cat_id]
     for ann in data["annotations"]:
-        kpts = ann.get("keypoints")
-        if not isinstance(kpts, list) or len(kpts) != 3 * num_joints:
-            raise AnnotationError(f"{path}: annotation id {ann.get('id')} has no 'keypoints' list of "
-                                  f"{3 * num_joints} numbers; not a person-keypoints file")
-        ann.setdefault("num_keypoints", sum(1 for v in kpts[2::3] if v > 0))
+        ann.setdefault("num_keypoints", sum(1 for v in ann["keypoints"][2::3] if v > 0))
     return data
 
 
@@ -199,7 +185,12 @@ class CocoKeypoints(Dataset):
                 self.skipped_files.extend(skipped)
                 return i, value, skipped
             skipped.append(str(self.image_path(i)))
-        raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
+        raise UnreadableSplitError(self.unreadable_message())
+
+    def unreadable_message(self) -> str:
+        """The one line of an :class:`UnreadableSplitError`: no image of the split can be read."""
+        return (f"none of the {len(self)} images of {self.annotation_file} in {self.image_dir} can be "
+                "read (all fail to decode or differ from their annotated width x height)")
 
     def augment_params(self, index: int, epoch: int) -> AugmentParams:
         """The augmentation of image ``index`` in ``epoch``: drawn from
