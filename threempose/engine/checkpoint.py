@@ -64,6 +64,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+_REFUSED = "Unsupported global"   # weights_only's refusal of a class or function (could run code)
+
+
 def read_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: str = "a checkpoint",
                     advice: str = "") -> Any:
     """``torch.load(path, weights_only=True)`` with one-line :class:`CheckpointError` s: a file
@@ -72,7 +75,10 @@ def read_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: st
     as unreadable."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:      # weights_only refuses classes, functions, code
+    except pickle.UnpicklingError as e:
+        if _REFUSED not in str(e):              # else a damaged or foreign pickle stream
+            raise CheckpointError(f"cannot read {path}: it is corrupt, truncated or not a torch "
+                                  f"checkpoint at all (UnpicklingError); expected {what}") from e
         raise CheckpointError(f"{path} is not {what}: it holds Python objects other than tensors and "
                               "plain containers, which threempose does not load (they could run code)"
                               + (f"; {advice}" if advice else "")) from e
