@@ -118,11 +118,11 @@ class PoseDataLoader(DataLoader):
                 warn_skipped(skipped)
 
 
-def warn_skipped(skipped: list[str]) -> None:
-    """One warning for a pass's images that failed to decode (and were replaced), by name."""
+def warn_skipped(skipped: list[str],
+                 what: str = "image reads failed to decode and were replaced by other images") -> None:
+    """One warning for a pass's images that failed to decode (``"<count> <what>: <names>"``)."""
     names = ", ".join(sorted(set(skipped)))
-    warnings.warn(f"{len(skipped)} image reads failed to decode and were replaced by other images: {names}",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{len(skipped)} {what}: {names}", RuntimeWarning, stacklevel=3)
 
 
 Loader = Union[PoseDataLoader, "DaliLoader"]

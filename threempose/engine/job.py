@@ -10,7 +10,9 @@ provides the model-specific parts:
 * :meth:`epoch_batches` - the batches of one epoch (their order depends only on
   the seed and the epoch, so a resumed epoch sees the same data);
 * :meth:`train_step` - one optimisation step, returning scalars to log;
-* :meth:`end_epoch` - validation and snapshots after an epoch;
+* :meth:`end_epoch` - scheduler steps and snapshots after an epoch (part of its checkpoint);
+* :meth:`validation_metrics` - validation metrics, computed after the epoch's checkpoint is written, so
+  that nothing that happens in validation loses the epoch's training;
 * :meth:`network` and :meth:`stateful` - what a checkpoint holds besides the loop's own
   state (the weight optimizer ``self.weights`` is always saved);
 * :meth:`finish` - the final artifacts (genotype, profile, weights).
@@ -60,7 +62,13 @@ class EpochJob(abc.ABC):
         """One step; returns scalars to log, with ``"images"`` (images processed)."""
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        """After ``epoch``: validation metrics (logged by rank 0)."""
+        """After ``epoch``, before its checkpoint: state changes (scheduler steps, snapshots);
+        returns scalars to log with the validation metrics (by rank 0)."""
+        return {}
+
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """After ``epoch``'s checkpoint is written: validation metrics to log (by rank 0). It
+        must not change the state a resume restores (the checkpoint is already written)."""
         return {}
 
     @abc.abstractmethod
@@ -173,17 +181,20 @@ class EpochJob(abc.ABC):
         show_bar = progress_enabled(self.cfg.run.progress, self.ctx.rank)
         try:
             while self.epoch < self.epochs:
-                self._run_epoch(show_bar)
+                seconds, images, scalars = self._run_epoch(show_bar)
                 self.epoch += 1
                 self.save_collective(self.epoch)
                 if self.ctx.is_main:
                     self.run_dir.save_checkpoint(self.full_state(), epoch=self.epoch)
+                val = self.validation_metrics(self.epoch - 1)      # after the checkpoint: never loses it
+                self._report_epoch(self.epoch - 1, seconds, images, {**scalars, **val})
                 self.ctx.barrier()
             return self.finish()
         finally:
             self.metrics.close()
 
-    def _run_epoch(self, show_bar: bool) -> None:
+    def _run_epoch(self, show_bar: bool) -> tuple[float, int, dict[str, float]]:
+        """Train one epoch and end it: ``(seconds, images, end_epoch's scalars)``."""
         epoch = self.epoch
         batches, n = self.epoch_batches(epoch)
         started = time.perf_counter()
@@ -197,7 +208,10 @@ class EpochJob(abc.ABC):
                 if self.global_step % self.cfg.run.log_every == 0 or step == n - 1:
                     self.log(epoch=epoch, images_per_s=bar.images_per_second(), **scalars)
         seconds = time.perf_counter() - started
-        val = self.end_epoch(epoch)
+        return seconds, images, self.end_epoch(epoch)
+
+    def _report_epoch(self, epoch: int, seconds: float, images: int, val: dict[str, float]) -> None:
+        """Log ``epoch``'s end and validation scalars and print its summary line."""
         if val:
             self.log(epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
         summary = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
