@@ -8,11 +8,9 @@ import scipy.stats
 import torch
 
 from threempose.config import ConfigError, EELConfig
-from threempose.dynamic_exit import (NEVER, ExitRule, ExitScore, choose_exit, confidence_floor,
-                                     eq34_confidence, resolve_exit, resolve_rules, score_exit,
-                                     should_exit)
-from threempose.predictor import Predictor, decode_image, image_passes, with_flips
-from threempose.profile import profile_network
+from threempose.inference.dynamic_exit import (NEVER, ExitRule, ExitScore, choose_exit, confidence_floor, eq34_confidence, resolve_exit, resolve_rules, score_exit, should_exit)
+from threempose.inference.predictor import Predictor, decode_image, image_passes, with_flips
+from threempose.measure.profile import profile_network
 
 from test_predictor import random_image, same_people, tiny_infer, tiny_net
 

@@ -8,9 +8,9 @@ from torch import nn
 
 from threempose.config import ModelConfig
 from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, check_state_dict, load_checkpoint
-from threempose.model_file import load_model_file, save_model_file
+from threempose.nas.model_file import load_model_file, save_model_file
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 from threempose.nas.genotype import Genotype, GenotypeError
 from threempose.nas.latency_table import LatencyTable, LatencyTableError
 from threempose.profile import main as profile_main

@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 
-import threempose.engine.validate as validate_module
+import threempose.training.validate as validate_module
 from threempose.config import DataConfig, InferConfig, SyntheticConfig
 from threempose.data.loader import build_loaders
-from threempose.engine.validate import validation_ap
+from threempose.training.validate import validation_ap
 
 
 def _no_people(x):

@@ -33,13 +33,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from threempose.cli import UserError
 from threempose.config import DataConfig
 from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
 from threempose.data.coco_schema import AnnotationError, check_keypoint_annotations
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.targets import supervision_mask
-from threempose.json_file import read_json_file
+from threempose.util.errors import UserError
+from threempose.util.files import read_json_file
 
 SampleKey = Union[int, tuple[int, int]]
 T = TypeVar("T")

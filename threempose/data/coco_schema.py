@@ -27,7 +27,7 @@ import math
 import numbers
 from typing import Any, Optional
 
-from threempose.cli import UserError
+from threempose.util.errors import UserError
 
 _EVALUATION_FIELDS = ("id", "num_keypoints", "area", "bbox", "iscrowd")
 

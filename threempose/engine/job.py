@@ -3,7 +3,7 @@
 :class:`EpochJob` owns what every run does the same way: the run directory
 (created by rank 0 and shared with the other ranks), resuming from its last
 checkpoint, the progress bar, metrics every ``run.log_every`` steps, a NaN
-guard (the loss raises :class:`~threempose.losses.NonFiniteLossError`), and a
+guard (the loss raises :class:`~threempose.training.losses.NonFiniteLossError`), and a
 checkpoint at the end of every epoch. A job (``SearchJob``, ``TrainJob``)
 provides the model-specific parts:
 

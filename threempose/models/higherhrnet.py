@@ -46,7 +46,6 @@ from threempose.engine.checkpoint import (
     check_state_dict,
     read_torch_file,
 )
-from threempose.flops import count_params, model_gflops
 from threempose.models.hrnet_blocks import (
     BN_MOMENTUM,
     BasicBlock,
@@ -56,6 +55,7 @@ from threempose.models.hrnet_blocks import (
     make_res_layer,
     make_transition,
 )
+from threempose.util.flops import count_params, model_gflops
 
 __all__ = [
     "HigherHRNet", "higherhrnet_w32", "load_weights", "unwrap_state_dict",
@@ -366,7 +366,7 @@ def load_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) -
 
 
 def profile_higherhrnet(input_hw: int | tuple[int, int] = 512) -> dict[str, float]:
-    """Parameters (millions) and GFLOPs (multiply-adds, :mod:`threempose.flops`) of
+    """Parameters (millions) and GFLOPs (multiply-adds, :mod:`threempose.util.flops`) of
     HigherHRNet-W32 on one [1,3,H,W] image. At 512x512: 28.65 M, 46.2 G."""
     h, w = (input_hw, input_hw) if isinstance(input_hw, int) else input_hw
     model = higherhrnet_w32()

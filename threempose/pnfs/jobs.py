@@ -44,17 +44,22 @@ from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
 from threempose.engine.run_dir import RunDir, RunDirError
-from threempose.engine.search_optim import SearchOptimizers, multistep
 from threempose.engine.weights import WeightOptimizer
 from threempose.kernels import set_backend
-from threempose.losses import NonFiniteLossError
-from threempose.nas.dyn_egs import gumbel_tau
-from threempose.pnfs.inference import TopDownLoaders, build_topdown_loaders, validation_ap
+from threempose.nas.dyn_egs import gumbel_tau, step_seed
 from threempose.pnfs.model import (
-    PnfsArchitecture, PnfsNet, check_pnfs_config, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
+    PnfsArchitecture,
+    PnfsNet,
+    check_pnfs_config,
+    load_pnfs_model,
+    profile_pnfs,
+    pruned_network,
+    save_pnfs_model,
 )
+from threempose.pnfs.topdown_predict import TopDownLoaders, build_topdown_loaders, validation_ap
 from threempose.pnfs.vector_head import pnfs_loss
-from threempose.search import step_seed
+from threempose.training.losses import NonFiniteLossError
+from threempose.training.search_optim import SearchOptimizers, multistep
 
 ARCHITECTURE_FILE = "architecture.json"
 

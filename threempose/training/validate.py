@@ -12,9 +12,10 @@ import warnings
 import numpy as np
 
 from threempose.config import InferConfig
-from threempose.data.loader import DataLoaders, warn_skipped
-from threempose.evaluate import METRIC_NAMES, evaluate_keypoints
-from threempose.predictor import ExitFn, predict_people
+from threempose.data.coco_eval import METRIC_NAMES, evaluate_keypoints
+from threempose.data.loader import DataLoaders
+from threempose.data.sampler import warn_skipped
+from threempose.inference.predictor import ExitFn, predict_people
 
 
 def val_image_subset(data: DataLoaders, count: int) -> list[int]:
