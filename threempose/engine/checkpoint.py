@@ -38,6 +38,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or not a threempose checkpoint."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, read-only, I/O error)."""
+
+
 class StateDictMismatchError(CheckpointError):
     """A checkpoint's state_dict does not fit the model.
 

@@ -33,11 +33,14 @@ import torch
 import torch.distributed as dist
 
 from threempose.config import Config
+from threempose.engine.checkpoint import CheckpointWriteError
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import MetricsLogger
 from threempose.engine.progress import EpochProgress, progress_enabled
 from threempose.engine.run_dir import RunDir, RunDirError
 from threempose.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
+from threempose.util.cli import note_resumable
+from threempose.util.errors import write_failure
 
 
 class EpochJob(abc.ABC):
@@ -155,6 +158,7 @@ class EpochJob(abc.ABC):
         """Run (or resume) all epochs; return the artifacts of :meth:`finish`."""
         seed_everything(self.cfg.run.seed)   # the same on every rank
         self.run_dir = self.open_run_dir(resume)
+        note_resumable(self.run_dir.path)       # Ctrl-C names it
         resumed = resume is not None and self.run_dir.has_checkpoint
         if resume is not None and self.ctx.world_size > 1:
             seen = int(self.ctx.all_reduce_sum(float(resumed)))   # every rank decides alike
@@ -185,13 +189,27 @@ class EpochJob(abc.ABC):
                 self.epoch += 1
                 self.save_collective(self.epoch)
                 if self.ctx.is_main:
-                    self.run_dir.save_checkpoint(self.full_state(), epoch=self.epoch)
+                    self._save_checkpoint()
                 val = self.validation_metrics(self.epoch - 1)      # after the checkpoint: never loses it
                 self._report_epoch(self.epoch - 1, seconds, images, {**scalars, **val})
                 self.ctx.barrier()
             return self.finish()
         finally:
             self.metrics.close()
+
+    def _save_checkpoint(self) -> None:
+        """Write the epoch's checkpoint; a write the disk refuses stops the run with one line
+        (:class:`CheckpointWriteError`); the previous checkpoint stays whole and resumable."""
+        try:
+            self.run_dir.save_checkpoint(self.full_state(), epoch=self.epoch)
+        except Exception as e:
+            failure = write_failure(e)
+            if failure is None:
+                raise
+            raise CheckpointWriteError(
+                f"cannot write {failure.filename or 'the checkpoint'}: {failure.strerror}; epoch "
+                f"{self.epoch} is lost, the earlier checkpoints are intact: free space and resume "
+                f"with --resume {self.run_dir.path}") from e
 
     def _run_epoch(self, show_bar: bool) -> tuple[float, int, dict[str, float]]:
         """Train one epoch and end it: ``(seconds, images, end_epoch's scalars)``."""

@@ -9,6 +9,12 @@ Each ``main`` of ``search``, ``train``, ``infer``, ``evaluate``, ``profile``, ``
   prints ``error: <message>`` on stderr and exits with :data:`EXIT_USER_ERROR` (2);
 * ``--debug`` on the command line (removed before the command parses it) or
   ``THREEMPOSE_DEBUG=1`` lets the traceback through instead;
+* a write the disk refuses (full, over quota, read-only, I/O error) is one line too:
+  ``error: cannot write <path>: No space left on device`` (see :mod:`threempose.util.errors`);
+* Ctrl-C (``KeyboardInterrupt``) prints ``interrupted`` - with ``: resume with --resume <run
+  dir>`` when the command registered one (:func:`note_resumable`) - and exits with
+  :data:`~threempose.util.errors.EXIT_INTERRUPTED` (130); every write is atomic, so the last
+  checkpoint is whole;
 * any other exception keeps its traceback (it is a bug to report).
 
 A command that imports torch also gets its thread pool sized by
@@ -30,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from threempose.util.errors import EXIT_USER_ERROR, OutputPathError, user_error_message
+from threempose.util.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, OutputPathError, user_error_message
 from threempose.util.threads import apply_threads
 
 DEBUG_ENV = "THREEMPOSE_DEBUG"
@@ -55,6 +61,20 @@ def _tear_down_process_group() -> None:
 
 MainFn = Callable[[Optional[list[str]]], Optional[int]]
 
+_resume_hint: Optional[str] = None      # the run directory of the command running now
+
+
+def note_resumable(run_dir: str | os.PathLike) -> None:
+    """Tell :func:`entry_point` that the running command writes the resumable run directory
+    ``run_dir``: a Ctrl-C then says ``interrupted: resume with --resume <run_dir>``."""
+    global _resume_hint
+    _resume_hint = str(run_dir)
+
+
+def interrupted_message() -> str:
+    """The line printed on Ctrl-C."""
+    return "interrupted" + (f": resume with --resume {_resume_hint}" if _resume_hint else "")
+
 
 def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException], ...] = ()):
     """Wrap a command's ``main(argv) -> exit status`` with the error path of the module docstring.
@@ -74,8 +94,17 @@ def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException
         threads = torch.get_num_threads() if torch is not None else None
         if torch is not None:
             apply_threads()
+        global _resume_hint
+        _resume_hint = None
         try:
             status = main(args)
+        except KeyboardInterrupt:
+            if debug_requested():
+                raise
+            _tear_down_process_group()
+            if _rank() == 0:
+                print(interrupted_message(), file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         except BaseException as e:
             message = user_error_message(e, also)
             if message is None or debug_requested():
