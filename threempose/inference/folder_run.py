@@ -7,6 +7,7 @@ import collections
 import hashlib
 import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from threempose.inference.draw import save_drawing
 from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Prediction, Predictor, load_image
-from threempose.util.errors import UserError
+from threempose.util.errors import OutputPathError, UserError
 
 
 class InferInputError(UserError, ValueError):
@@ -79,10 +80,15 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
+_MAX_NUMERIC_STEM = 18      # digits of a stem read as a number: ids stay within int64
+
+
 def name_image_id(name: str) -> int:
-    """A stable COCO image id from a file name (see the module docstring)."""
+    """A stable COCO image id from a file name: the number of a stem of ASCII digits (COCO's
+    ``000000397133.jpg`` -> 397133), else a 48-bit hash of the name. Nothing else of the name
+    is parsed (``².jpg`` is hashed: ``str.isdigit`` would accept it and ``int`` refuse it)."""
     stem = Path(name).stem
-    if stem.isdigit():
+    if re.fullmatch(r"[0-9]{1,%d}" % _MAX_NUMERIC_STEM, stem, re.ASCII):
         return int(stem)
     return int(hashlib.sha1(Path(name).name.encode("utf-8")).hexdigest()[:12], 16)
 
@@ -124,6 +130,17 @@ def drawing_names(files: Sequence[Path]) -> dict[Path, str]:
     """PNG names for ``--draw`` (see the module docstring)."""
     stems = collections.Counter(f.stem for f in files)
     return {f: (f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")) + ".png" for f in files}
+
+
+def check_drawing_targets(draw_dir: Path, files: Sequence[Path]) -> None:
+    """Refuse, before any work, a ``--draw`` folder where a drawing could not be written: an
+    entry of a drawing's name that is a folder (or another non-file)."""
+    for f, name in drawing_names(files).items():
+        target = draw_dir / name
+        if target.exists() and not target.is_file():
+            raise OutputPathError(f"--draw {draw_dir}: {target} is a folder (or not a file), so the "
+                                  f"drawing of {f.name} cannot be written there; move it or choose "
+                                  "another --draw folder")
 
 
 class BackgroundLoader:

@@ -25,13 +25,15 @@ Under a distributed launcher every rank exits 2, only rank 0 prints, and the pro
 is torn down first (without a barrier: the other ranks may be inside another collective).
 
 :func:`check_output_file` and :func:`check_output_dir` let a command refuse an output path
-it could not write before it starts any work; :func:`parse_size` reads ``--input-size``.
+it could not write before it starts any work; :func:`parse_size` reads ``--input-size`` and
+:func:`parse_device` ``--device``.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -169,3 +171,22 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(values) not in (1, 2) or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"size must be N or WxH (e.g. 512 or 640x480), got {text!r}")
     return (values[0], values[0]) if len(values) == 1 else (values[1], values[0])
+
+
+def parse_device(text: str) -> str:
+    """A ``--device`` argument: ``cpu``, ``cuda`` or ``cuda:N`` naming a GPU this machine has.
+    Anything else is an ``argparse.ArgumentTypeError`` (argparse prints it as one line)."""
+    match = re.fullmatch(r"cpu|cuda(?::([0-9]+))?", text, re.ASCII)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"choose cpu, cuda or cuda:N, not {text!r}")
+    index = match.group(1)
+    if text != "cpu":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here; use cpu")
+        if index and int(index) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA GPU(s), "
+                                             f"cuda:0 to cuda:{count - 1}")
+    return text
