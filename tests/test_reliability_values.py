@@ -26,8 +26,8 @@ def test_synthetic_arguments_are_checked_before_writing(tmp_path, capsys, argv, 
 
 @pytest.mark.parametrize("synthetic_section, message", [
     ({"min_size": 300, "max_size": 200}, "16 <= min_size <= max_size, got min_size 300, max_size 200"),
-    ({"train_images": -5}, "train_images and val_images must be >= 1"),
-    ({"max_people": -1}, "max_people >= 0"),
+    ({"train_images": -5}, "train_images, val_images and max_people must be >= 0, got -5"),
+    ({"max_people": -1}, "max_people must be >= 0"),
 ])
 def test_synthetic_config_values_are_checked(tmp_path, synthetic_section, message):
     path = tmp_path / "c.json"

@@ -512,9 +512,9 @@ def _check_semantics(cfg: Config, src: str) -> None:
     if cfg.data.augment.scale_min > cfg.data.augment.scale_max:
         raise ConfigError(f"{src}: data.augment.scale_min must be <= scale_max")
     syn = cfg.data.synthetic
-    if syn.train_images < 1 or syn.val_images < 1 or syn.max_people < 0:
-        raise ConfigError(f"{src}: data.synthetic.train_images and val_images must be >= 1 and "
-                          f"max_people >= 0, got {syn.train_images}, {syn.val_images}, {syn.max_people}")
+    if syn.train_images < 0 or syn.val_images < 0 or syn.max_people < 0:
+        raise ConfigError(f"{src}: data.synthetic.train_images, val_images and max_people must be >= 0, "
+                          f"got {syn.train_images}, {syn.val_images}, {syn.max_people}")
     if not 16 <= syn.min_size <= syn.max_size:
         raise ConfigError(f"{src}: data.synthetic needs 16 <= min_size <= max_size, got min_size "
                           f"{syn.min_size}, max_size {syn.max_size}")
