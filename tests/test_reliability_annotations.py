@@ -14,6 +14,7 @@ from threempose.config import DataConfig
 from threempose.data.coco import AnnotationError, CocoKeypoints
 from threempose.data.coco_schema import check_keypoint_annotations
 from threempose.data.synthetic import generate
+from threempose.evaluate import main as evaluate_main
 
 TINY = Path(__file__).parent / "data" / "tiny_person_keypoints.json"   # 3 images, 7 people
 CFG = DataConfig(input_size=64, heatmap_stride=4, sigma=1.5, max_people=6, batch_size=2, num_workers=0)
@@ -148,3 +149,20 @@ def test_an_annotation_file_of_the_wrong_kind_is_one_line(synthetic_set, tmp_pat
     with pytest.raises(AnnotationError, match=message) as caught:
         CocoKeypoints(images, tmp_path / "ann.json", CFG, train=True)
     assert "\n" not in str(caught.value) and str(tmp_path / "ann.json") in str(caught.value)
+
+
+@pytest.mark.parametrize("change, rule", [
+    (_set("images", 2, id=1), r"images\[2\] \(id 1\): duplicate image id 1"),
+    (_set("annotations", 5, area=-10.0), r"annotations\[5\] \(id 6\): 'area' must be a positive number"),
+    (_set("annotations", 3, image_id=None), r"annotations\[3\] \(id 4\) lacks 'image_id'"),
+])
+def test_evaluate_checks_its_ground_truth_with_the_same_rules(tmp_path, capsys, change, rule):
+    """The evaluate command: one line and exit 2 (pycocotools would merge the duplicate images,
+    and a negative area overflows OKS into meaningless numbers)."""
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(_changed(change)))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 2, "category_id": 1, "keypoints": [1.0] * 51, "score": 1.0}]))
+    assert evaluate_main(["--annotations", str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(rf"error: {re.escape(str(path))}: {rule}", err), err
