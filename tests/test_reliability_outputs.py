@@ -7,7 +7,7 @@ from PIL import Image
 
 from threempose.calibrate import main as calibrate_main
 from threempose.infer import main as infer_main
-from threempose.inference.folder_run import image_ids, name_image_id
+from threempose.inference.folder_run import InferInputError, image_ids, name_image_id
 from threempose.util.cli import parse_device
 
 
@@ -65,3 +65,16 @@ def test_image_ids_read_only_ascii_digit_stems(tmp_path):
     files = [_image(tmp_path / "².jpg"), _image(tmp_path / "2.jpg")]
     ids, skipped = image_ids(files, None)
     assert ids == {files[0]: hashed, files[1]: 2} and skipped == []
+
+
+@pytest.mark.parametrize("images, message", [
+    ([{"id": 1, "file_name": "a/x.jpg"}, {"id": 2, "file_name": "b/x.jpg"}], "two images are named 'x.jpg'"),
+    ([{"id": 1, "file_name": "x.jpg"}, {"id": 1, "file_name": "y.jpg"}], "share the id 1"),
+])
+def test_infer_annotations_with_ambiguous_images_are_refused(tmp_path, images, message):
+    (tmp_path / "a.json").write_text(__import__("json").dumps({"images": images}))
+    with pytest.raises(InferInputError, match=message):
+        image_ids([tmp_path / "x.jpg"], tmp_path / "a.json")
+    (tmp_path / "b.json").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(InferInputError, match=r"b\.json: not a JSON file \(binary"):
+        image_ids([tmp_path / "x.jpg"], tmp_path / "b.json")

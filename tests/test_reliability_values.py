@@ -11,7 +11,7 @@ from threempose.data import synthetic
 @pytest.mark.parametrize("argv, message", [
     (["--images", "-5"], "--images must be >= 1"),
     (["--images", "0"], "--images must be >= 1"),
-    (["--max-people", "-1"], "--max-people >= 0"),
+    (["--max-people", "-1"], "--max-people must be >= 0, got -1"),
     (["--min-size", "300", "--max-size", "200"], "need 16 <= --min-size <= --max-size, got --min-size 300"),
     (["--min-size", "8", "--max-size", "200"], "need 16 <= --min-size"),
 ])

@@ -402,8 +402,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-size", type=int, default=d.max_size, help="largest image side (pixels)")
     p.add_argument("--max-people", type=int, default=d.max_people, help="most people per image")
     args = p.parse_args(argv)
-    if args.images < 1 or args.max_people < 0:
-        p.error(f"--images must be >= 1 and --max-people >= 0, got {args.images} and {args.max_people}")
+    if args.images < 1:
+        p.error(f"--images must be >= 1, got {args.images}")
+    if args.max_people < 0:
+        p.error(f"--max-people must be >= 0, got {args.max_people}")
     if not 16 <= args.min_size <= args.max_size:
         p.error(f"need 16 <= --min-size <= --max-size, got --min-size {args.min_size} "
                 f"and --max-size {args.max_size}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import queue
 import re
 import threading
@@ -16,9 +15,11 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
+from threempose.data.coco_schema import is_int
 from threempose.inference.draw import save_drawing
 from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Prediction, Predictor, load_image
 from threempose.util.errors import OutputPathError, UserError
+from threempose.util.files import read_json_file
 
 
 class InferInputError(UserError, ValueError):
@@ -111,19 +112,26 @@ def image_ids(files: Sequence[Path], annotations: Optional[str | Path]) -> tuple
 
 
 def _annotation_ids(path: Path) -> dict[str, int]:
-    """``{file base name: image id}`` of a COCO annotation file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InferInputError(f"--annotations {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InferInputError(f"--annotations {path}: not a readable JSON file ({e})") from None
+    """``{file base name: image id}`` of a COCO annotation file (read by the one JSON reader);
+    two images with the same base name or the same id are an error, not a silent pick."""
+    data = read_json_file(path, InferInputError, "--annotations file")
     images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("id"), int)
+    if not isinstance(images, list) or not all(isinstance(im, dict) and is_int(im.get("id"))
                                                and isinstance(im.get("file_name"), str) for im in images):
         raise InferInputError(f"--annotations {path}: not a COCO annotation file (needs an 'images' "
                               "list of {id, file_name})")
-    return {Path(im["file_name"]).name: im["id"] for im in images}
+    by_name: dict[str, int] = {}
+    by_id: dict[int, str] = {}
+    for im in images:
+        name = Path(im["file_name"]).name
+        if name in by_name:
+            raise InferInputError(f"--annotations {path}: two images are named {name!r} (ids {by_name[name]} "
+                                  f"and {im['id']}); an input file would match either")
+        if im["id"] in by_id:
+            raise InferInputError(f"--annotations {path}: images {by_id[im['id']]!r} and {name!r} share "
+                                  f"the id {im['id']}")
+        by_name[name], by_id[im["id"]] = im["id"], name
+    return by_name
 
 
 def drawing_names(files: Sequence[Path]) -> dict[Path, str]:
