@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from threempose import predictor as predictor_module
+from threempose.inference import predictor as predictor_module
 from threempose.config import ModelConfig
 from threempose.inference.deploy import PackedConv2d, fold_batchnorm, optimize_for_inference, output_tensors
 from threempose.infer import main as infer_main

@@ -12,8 +12,7 @@ from threempose.data.loader import build_loaders
 from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import steps_per_epoch, take
-from threempose.engine.run_dir import RunDirError
-from threempose.engine.weights import WeightOptimizer
+from threempose.engine.weights import train_optimizer
 from threempose.kernels import set_backend
 from threempose.measure.profile import profile_network
 from threempose.nas.derived import DerivedNet
@@ -32,7 +31,6 @@ class TrainJob(EpochJob):
 
     def __init__(self, cfg: Config, ctx: DistContext, genotype: Genotype):
         super().__init__(cfg, ctx, cfg.train.epochs)
-        t = cfg.train
         set_backend(cfg.run.kernels)
         self.genotype = genotype
         self.data = build_loaders(cfg.data, seed=cfg.run.seed, device=ctx.device, rank=ctx.rank,
@@ -40,19 +38,11 @@ class TrainJob(EpochJob):
         torch.manual_seed(cfg.run.seed)
         self.net = DerivedNet(genotype, cfg.model.num_joints, cfg.model.stem_blocks).to(ctx.device)
         self.loss = PoseLoss(dataclasses.replace(cfg.loss, flops_weight=0.0, teacher_weight=0.0))
-        self.weights = WeightOptimizer(self.net, [{"params": list(self.net.parameters()), "lr": t.lr}],
-                                       cfg, ctx, grad_clip=t.grad_clip)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.weights.optimizer, t.lr_milestones,
-                                                              t.lr_gamma)
+        self.weights, self.scheduler = train_optimizer(self.net, cfg, ctx)
 
     def open_run_dir(self, resume: Optional[str]):
         run_dir = super().open_run_dir(resume)
-        saved = run_dir.artifact(GENOTYPE_FILE)
-        if self.ctx.is_main:
-            if resume and saved.is_file() and Genotype.load(saved).to_dict() != self.genotype.to_dict():
-                raise RunDirError(f"{run_dir.path} trained a different genotype than the one given; "
-                                  f"pass --genotype {saved}")
-            self.genotype.save(saved)
+        self.pin_input(run_dir, GENOTYPE_FILE, self.genotype, Genotype.load, "--genotype")
         return run_dir
 
     def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:
