@@ -15,6 +15,7 @@ from threempose.data.coco import AnnotationError, CocoKeypoints
 from threempose.data.coco_schema import check_keypoint_annotations
 from threempose.data.synthetic import generate
 from threempose.evaluate import main as evaluate_main
+from threempose.pnfs.topdown_data import TopDownDataError, read_person_keypoints
 
 TINY = Path(__file__).parent / "data" / "tiny_person_keypoints.json"   # 3 images, 7 people
 CFG = DataConfig(input_size=64, heatmap_stride=4, sigma=1.5, max_people=6, batch_size=2, num_workers=0)
@@ -166,3 +167,10 @@ def test_evaluate_checks_its_ground_truth_with_the_same_rules(tmp_path, capsys, 
     assert evaluate_main(["--annotations", str(path), "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.match(rf"error: {re.escape(str(path))}: {rule}", err), err
+
+
+def test_pnfs_top_down_data_uses_the_same_check(tmp_path):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(_changed(_set("images", 2, id=1))))
+    with pytest.raises(TopDownDataError, match=r"gt\.json: images\[2\] \(id 1\): duplicate image id 1"):
+        read_person_keypoints(path)
