@@ -104,7 +104,7 @@ def _check_ground_truth(dataset: Any, name: str) -> None:
     reads (:func:`threempose.data.coco_schema.check_keypoint_annotations`, the check training
     data gets too: duplicate ids, unknown image ids, non-positive areas ... are one line)."""
     check_keypoint_annotations(dataset, name, NUM_JOINTS, evaluation_fields=True,
-                               every_category_keypoints=True, error=EvaluationInputError)
+                               every_category_keypoints=True, image_files=False, error=EvaluationInputError)
 
 
 def _results(results: str | Path | list[dict], gt: COCO, gt_name: str) -> tuple[list[dict], str]:

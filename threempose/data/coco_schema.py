@@ -61,7 +61,7 @@ def _describe(kind: str, index: int, entry: Any) -> str:
 
 def check_keypoint_annotations(data: Any, name: str, num_joints: int, *,
                                evaluation_fields: bool = False, every_category_keypoints: bool = False,
-                               error: type[Exception] = AnnotationError) -> int:
+                               image_files: bool = True, error: type[Exception] = AnnotationError) -> int:
     """Check ``data`` (a parsed annotation file called ``name``) against the module's rules.
 
     Args:
@@ -72,6 +72,8 @@ def check_keypoint_annotations(data: Any, name: str, num_joints: int, *,
             ``area``, ``bbox``, ``iscrowd``) on every keypoint annotation.
         every_category_keypoints: every category must be a ``J``-keypoint one and every
             annotation's ``category_id`` one of them (COCOeval scores all categories).
+        image_files: every image needs ``file_name``, ``width`` and ``height`` (to be read);
+            False (evaluation): they are checked only where present.
         error: the exception type raised (an :class:`AnnotationError` by default).
     Returns:
         The id of the first keypoint category (the person category).
@@ -120,18 +122,21 @@ def check_keypoint_annotations(data: Any, name: str, num_joints: int, *,
             fail(f"{where}: an image must be a JSON object, got a JSON {type(img).__name__}")
         if not is_int(img.get("id")):
             fail(f"{where}: 'id' must be an integer, got {img.get('id')!r}")
-        if not (isinstance(img.get("file_name"), str) and img["file_name"]):
-            fail(f"{where}: 'file_name' must be a non-empty string, got {img.get('file_name')!r}")
-        for key in ("width", "height"):
-            if not (is_int(img.get(key)) and img[key] > 0):
+        for key in ("file_name", "width", "height"):
+            if key not in img and not image_files:
+                continue                   # COCOeval reads ids only
+            if key == "file_name" and not (isinstance(img.get(key), str) and img[key]):
+                fail(f"{where}: 'file_name' must be a non-empty string, got {img.get(key)!r}")
+            if key != "file_name" and not (is_int(img.get(key)) and img[key] > 0):
                 fail(f"{where}: '{key}' must be a positive integer (pixels), got {img.get(key)!r}")
         if img["id"] in sizes:
             fail(f"{where}: duplicate image id {img['id']} (also images[{sizes[img['id']][0]}]); "
                  "ids must be unique")
-        if img["file_name"] in file_names:
+        if img.get("file_name") in file_names:
             fail(f"{where}: duplicate file_name {img['file_name']!r} (also images[{file_names[img['file_name']]}])")
-        sizes[img["id"]] = (i, img["height"], img["width"])
-        file_names[img["file_name"]] = i
+        if "file_name" in img:
+            file_names[img["file_name"]] = i
+        sizes[img["id"]] = (i, img.get("height"), img.get("width"))
 
     for i, ann in enumerate(data["annotations"]):
         where = _describe("annotations", i, ann)
@@ -193,7 +198,7 @@ def _segmentation_rule(seg: Any, size: tuple[int, int]) -> Optional[str]:
         if not (isinstance(seg.get("size"), list) and len(seg["size"]) == 2
                 and all(is_int(v) for v in seg["size"])):
             return "RLE needs 'size': [height, width] (integers)"
-        if tuple(seg["size"]) != size:
+        if None not in size and tuple(seg["size"]) != size:
             return f"RLE 'size' {seg['size']} is not its image's [height, width] {list(size)}"
         counts = seg.get("counts")
         if not (isinstance(counts, str) or (isinstance(counts, list)
