@@ -271,11 +271,11 @@ def test_blocks_and_networks_are_timed_in_the_form_inference_runs():
 
 
 def test_profile_measures_in_the_tables_form(net, tmp_path, monkeypatch):
-    import threempose.latency
+    from threempose.measure import profile
     from threempose.measure.profile import measure_latency
 
     forms = []
-    monkeypatch.setattr(threempose.latency, "network_ms",
+    monkeypatch.setattr(profile, "network_ms",
                         lambda *args, form, **kw: forms.append(form) or {"net": {2: 1.0}})
     genotype = net.genotype_of(net.sample(1.0, seed=2))
     for form in ("eager", "deploy"):
