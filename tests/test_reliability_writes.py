@@ -137,6 +137,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
     assert _leftovers(run) == []
 
 
+@pytest.mark.slow     # a search subprocess, interrupted
 def test_ctrl_c_is_one_line_exit_130_and_the_last_checkpoint_is_whole(tmp_path):
     config = _train_config(tmp_path, epochs=50)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
