@@ -4,6 +4,7 @@ onnxruntime runtime of threempose.infer writes the torch runtime's COCO results;
 import dataclasses
 import itertools
 import json
+import stat
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra: 
 ort = pytest.importorskip("onnxruntime", reason="the onnxruntime runtime needs: pip install 'threempose[onnx]'")
 
 from threempose.inference.segments import load_segments
+from threempose.util.files import default_mode
 
 SIZES = [(2, 96, 128), (1, 160, 96)]         # (batch, H, W): two sizes, neither the traced example's
 
@@ -74,6 +76,7 @@ def test_metadata_names_every_segment_and_file(exported):
     assert segments[0]["outputs"][-1] == "out_skip" and segments[1]["outputs"] == ["heatmaps", "tags"]
     assert sorted(p.name for p in exported.iterdir()) == sorted(
         [META_FILE] + [f"exit{k}.{ext}" for k in (1, 2) for ext in ("pt2", "onnx")])
+    assert stat.S_IMODE(exported.stat().st_mode) == default_mode(directory=True)   # the umask, not 0o700
     import onnx
     model = onnx.load(str(exported / "exit2.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [ONNX_OPSET]

@@ -522,6 +522,13 @@ def _check_semantics(cfg: Config, src: str) -> None:
             raise ConfigError(f"{src}: model.eels entry {e} must be a layer in 1..{m.layers - 1}")
     if cfg.data.augment.scale_min > cfg.data.augment.scale_max:
         raise ConfigError(f"{src}: data.augment.scale_min must be <= scale_max")
+    syn = cfg.data.synthetic
+    if syn.train_images < 0 or syn.val_images < 0 or syn.max_people < 0:
+        raise ConfigError(f"{src}: data.synthetic.train_images, val_images and max_people must be >= 0, "
+                          f"got {syn.train_images}, {syn.val_images}, {syn.max_people}")
+    if not 16 <= syn.min_size <= syn.max_size:
+        raise ConfigError(f"{src}: data.synthetic needs 16 <= min_size <= max_size, got min_size "
+                          f"{syn.min_size}, max_size {syn.max_size}")
     if cfg.data.input_size % cfg.data.heatmap_stride:
         raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
     if not 0.0 < cfg.search.arch_val_fraction < 1.0:

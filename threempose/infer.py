@@ -39,7 +39,7 @@ images it holds (:mod:`threempose.inference.result_journal`). The progress bar s
 
 Image ids: with ``--annotations A.json`` (a COCO file), the id of A's image whose ``file_name``
 has the same base name (inputs A does not list are skipped). Without it, a stable id from the
-file name: the number itself when the stem is all digits (COCO's ``000000000139.jpg`` -> 139),
+file name: the number itself when the stem is all ASCII digits (at most 18; COCO's ``000000000139.jpg`` -> 139),
 else the first 48 bits of the SHA-1 of the file name; two inputs with the same id are an error.
 
 GFLOPs count both flip-test passes (see :mod:`threempose.inference.predictor`). Exit status: 0 when at
@@ -53,11 +53,11 @@ import sys
 from typing import Optional, Sequence
 
 from threempose.inference.dynamic_exit import DYNAMIC
-from threempose.inference.folder_run import InferInputError, image_ids, list_images, run
+from threempose.inference.folder_run import InferInputError, check_drawing_targets, image_ids, list_images, run
 from threempose.inference.predictor import Predictor
 from threempose.inference.result_journal import ResultJournal
 from threempose.pnfs.dispatch import pnfs_main
-from threempose.util.cli import check_output_dir, check_output_file, entry_point
+from threempose.util.cli import check_output_dir, check_output_file, entry_point, parse_device
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--draw", metavar="OUT_DIR", help="write a PNG per image with its people drawn")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (with dynamic exits "
                                                         "each image leaves the batch at its own exit)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--config", help="a JSON config whose infer section replaces the model file's")
     p.add_argument("--annotations", help="COCO annotations: take image ids from them")
     p.add_argument("--no-optimize", action="store_true",
@@ -108,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     per_image = check_output_file(out.with_suffix(".images.json"), "--out (per-image summary)")
     draw_dir = check_output_dir(args.draw, "--draw") if args.draw else None
     files = list_images(args.images)
+    if draw_dir is not None:
+        check_drawing_targets(draw_dir, files)
     ids, skipped = image_ids(files, args.annotations)
     overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
     if args.runtime == "onnxruntime":

@@ -13,7 +13,12 @@ on worker count or order, and a resumed run sees the same samples.
 An image that fails to decode is skipped: the next image is returned in its
 place and the file is listed in the sample's ``"skipped"`` entry (and in
 :attr:`CocoKeypoints.skipped_files` of the process that read it); the loaders
-warn once per epoch with the names.
+warn once per epoch with the names. When no image of the split can be read, reading
+any sample raises :class:`UnreadableSplitError` (one line).
+
+The annotation file is checked while it is read (:class:`~threempose.data.coco_index.CocoIndex`)
+against the rules of :mod:`threempose.data.coco_schema` (duplicate image ids or file
+names, missing or unknown ``image_id``, malformed keypoints, sizes, areas, segmentations ...).
 """
 from __future__ import annotations
 
@@ -32,14 +37,20 @@ from torch.utils.data import Dataset
 
 from threempose.config import DataConfig
 from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
-from threempose.data.coco_index import AnnotationError, CocoIndex  # noqa: F401 (AnnotationError: re-exported)
+from threempose.data.coco_index import CocoIndex
+from threempose.data.coco_schema import AnnotationError  # noqa: F401 (re-exported: the data set's error)
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.targets import ignore_mask
+from threempose.util.errors import UserError
 
 SampleKey = Union[int, tuple[int, int]]
 T = TypeVar("T")
 EXIF_ORIENTATION = 0x0112
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableSplitError(UserError, RuntimeError):
+    """No image of a split can be read."""
 
 
 def split_key(key: SampleKey) -> tuple[int, int]:
@@ -179,7 +190,12 @@ class CocoKeypoints(Dataset):
                 self.skipped_files.extend(skipped)
                 return i, value, skipped
             skipped.append(str(self.image_path(i)))
-        raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
+        raise UnreadableSplitError(self.unreadable_message())
+
+    def unreadable_message(self) -> str:
+        """The one line of an :class:`UnreadableSplitError`: no image of the split can be read."""
+        return (f"none of the {len(self)} images of {self.annotation_file} in {self.image_dir} can be "
+                "read (all fail to decode or differ from their annotated width x height)")
 
     def augment_params(self, index: int, epoch: int) -> AugmentParams:
         """The augmentation of image ``index`` in ``epoch``: drawn from

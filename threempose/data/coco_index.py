@@ -27,39 +27,58 @@ from typing import Any
 
 import numpy as np
 
+from threempose.data.coco_schema import (AnnotationError, annotation_rule, check_categories, check_images,
+                                         check_top_level, keypoint_annotation_rule)
 from threempose.data.targets import ignored_by_loss
-from threempose.util.errors import UserError
+from threempose.util.files import not_json_reason
 
 _HEAD_BYTES = 64
 
 
-class AnnotationError(UserError, ValueError):
-    """An annotation file is malformed or is not a COCO person-keypoints file."""
-
-
 class _Annotation:
-    """One parsed annotation, reduced to what the index needs (made by the parse hook)."""
+    """One parsed annotation, reduced to what the index needs (made by the parse hook), with the
+    rules of :mod:`threempose.data.coco_schema` it breaks (checked while parsing, reported after)."""
 
-    __slots__ = ("category_id", "id", "ignored", "image_id", "keypoints", "person")
+    __slots__ = ("category_id", "id", "ignored", "image_id", "keypoint_rule", "keypoints", "person",
+                 "rle_size", "rule")
 
     def __init__(self, ann: dict, num_joints: int):
-        self.id, self.image_id, self.category_id = ann.get("id"), ann["image_id"], ann["category_id"]
-        kpts = ann.get("keypoints")
-        self.keypoints: bytes | None = None       # float64 [J, 3] of a person (below); b"" if malformed
+        self.id, self.image_id, self.category_id = ann.get("id"), ann.get("image_id"), ann.get("category_id")
+        self.keypoints: bytes | None = None       # float64 [J, 3] of a person (below)
         self.ignored: bytes | None = None         # the pickled segmentation of an ignored region
-        if not isinstance(kpts, list) or len(kpts) != 3 * num_joints:
-            self.keypoints, self.person = b"", False
-            return
+        self.person = False
+        seg = ann.get("segmentation")
+        self.rle_size = tuple(seg["size"]) if isinstance(seg, dict) and isinstance(seg.get("size"), list) else None
+        self.rule = annotation_rule(ann)          # any annotation's rules; the keypoint category's:
+        self.keypoint_rule = keypoint_annotation_rule(ann, num_joints)
+        if self.rule is not None or self.keypoint_rule is not None:
+            return                                # reported after the parse if its category needs it
+        kpts = ann["keypoints"]
         if "num_keypoints" not in ann:
             ann["num_keypoints"] = sum(1 for v in kpts[2::3] if v > 0)
         self.person = not ann.get("iscrowd", 0) and ann["num_keypoints"] > 0
         if self.person:
-            try:
-                self.keypoints = np.asarray(kpts, np.float64).tobytes()
-            except (TypeError, ValueError):
-                self.keypoints, self.person = b"", False
+            self.keypoints = np.asarray(kpts, np.float64).tobytes()
         if ignored_by_loss(ann):
             self.ignored = pickle.dumps(ann["segmentation"], protocol=pickle.HIGHEST_PROTOCOL)
+
+    def where(self, index: int) -> str:
+        """How an error names it: ``annotations[7] (id 12)``."""
+        return f"annotations[{index}]" + (f" (id {self.id!r})" if self.id is not None else "")
+
+    def broken_rule(self, sizes: dict, keypoint_ids: list) -> str | None:
+        """The first rule it breaks, its image (``sizes`` of :func:`check_images`) and category known."""
+        if self.rule is not None:
+            return self.rule
+        rule = annotation_rule({"image_id": self.image_id, "category_id": self.category_id}, sizes)
+        if rule is not None or self.category_id not in keypoint_ids:
+            return rule
+        if self.keypoint_rule is not None:
+            return self.keypoint_rule
+        size = tuple(sizes[self.image_id][1:])
+        if self.rle_size is not None and self.rle_size != size:
+            return f": 'segmentation' RLE 'size' {list(self.rle_size)} is not its image's [height, width] {list(size)}"
+        return None
 
 
 def check_json_head(path: Path) -> None:
@@ -67,6 +86,9 @@ def check_json_head(path: Path) -> None:
     with ``{``: a 2 GB file that is not JSON fails here at once, not after it was read."""
     with open(path, "rb") as f:
         head = f.read(_HEAD_BYTES)
+    reason = not_json_reason(head, complete=len(head) < _HEAD_BYTES)
+    if reason is not None:
+        raise AnnotationError(f"{path}: not a JSON file ({reason}); expected a JSON annotation file")
     text = head.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
     if not text.startswith(b"{"):
         shown = head[:16]
@@ -109,8 +131,8 @@ class CocoIndex:
             raise FileNotFoundError(f"annotation file not found: {path}")
         check_json_head(path)
 
-        def hook(obj: dict) -> Any:
-            return _Annotation(obj, num_joints) if "image_id" in obj and "category_id" in obj else obj
+        def hook(obj: dict) -> Any:       # an annotation (not an image, a category or an RLE)
+            return _Annotation(obj, num_joints) if "image_id" in obj or "category_id" in obj else obj
 
         try:
             with open(path, "rb") as f:
@@ -123,44 +145,28 @@ class CocoIndex:
 
     @classmethod
     def _from_parsed(cls, path: Path, data: Any, num_joints: int) -> CocoIndex:
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
-                                                 for k in ("images", "annotations", "categories")):
-            raise AnnotationError(f"{path}: not a COCO annotation file (needs lists 'images', "
-                                  "'annotations' and 'categories')")
-        cats = [c for c in data["categories"] if isinstance(c, dict) and "keypoints" in c]
-        if not cats:
-            raise AnnotationError(f"{path}: not a COCO person-keypoints file: no category has 'keypoints' "
-                                  "(use person_keypoints_*.json, not instances_*.json)")
-        if len(cats[0]["keypoints"]) != num_joints:
-            raise AnnotationError(f"{path}: category {cats[0].get('name')!r} has {len(cats[0]['keypoints'])} "
-                                  f"keypoints, data.num_joints is {num_joints}")
-        cat_id = cats[0]["id"]
+        def fail(rule: str) -> None:
+            raise AnnotationError(f"{path}: {rule}")
+
+        check_top_level(data, fail)
+        _, keypoint_ids = check_categories(data["categories"], num_joints, fail)
         images = data["images"]
-        for i, img in enumerate(images):
-            if not (isinstance(img, dict) and all(k in img for k in ("id", "file_name", "width", "height"))):
-                raise AnnotationError(f"{path}: images[{i}] lacks one of id, file_name, width, height")
-        if not all(isinstance(img["id"], int) for img in images):
-            bad = next(i for i, img in enumerate(images) if not isinstance(img["id"], int))
-            raise AnnotationError(f"{path}: images[{bad}] has id {images[bad]['id']!r}; image ids must be integers")
+        sizes = check_images(images, fail)
         order = np.argsort(np.array([img["id"] for img in images], np.int64), kind="stable").tolist()
         ids = np.array([images[i]["id"] for i in order], np.int64)
-        if len(ids) > 1 and (np.diff(ids) == 0).any():
-            dup = int(ids[1:][np.diff(ids) == 0][0])
-            raise AnnotationError(f"{path}: image id {dup} appears more than once in 'images'")
-        sizes = np.array([(images[i]["width"], images[i]["height"]) for i in order], np.int64).reshape(-1, 2)
+        wh = np.array([(images[i]["width"], images[i]["height"]) for i in order], np.int64).reshape(-1, 2)
         names = [str(images[i]["file_name"]) for i in order]
         del images, data["images"]
 
         people, people_id, regions, region_id = [], [], [], []
-        for ann in data["annotations"]:
-            if not isinstance(ann, _Annotation) or ann.category_id != cat_id:
+        for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, _Annotation):    # not an object, or neither image_id nor category_id
+                fail(f"annotations[{i}]" + annotation_rule(ann))
+            rule = ann.broken_rule(sizes, keypoint_ids)
+            if rule is not None:
+                fail(ann.where(i) + rule)
+            if ann.category_id != keypoint_ids[0]:
                 continue
-            if not isinstance(ann.image_id, int):
-                raise AnnotationError(f"{path}: annotation id {ann.id} has image_id {ann.image_id!r}; "
-                                      "image ids must be integers")
-            if ann.keypoints == b"":
-                raise AnnotationError(f"{path}: annotation id {ann.id} has no 'keypoints' list of "
-                                      f"{3 * num_joints} numbers; not a person-keypoints file")
             if ann.person:
                 people.append(ann.keypoints)
                 people_id.append(ann.image_id)
@@ -171,7 +177,7 @@ class CocoIndex:
         keypoints = np.frombuffer(b"".join(people), np.float64).reshape(-1, num_joints, 3)
         people_image, people_order = _image_positions(ids, people_id)
         region_image, region_order = _image_positions(ids, region_id)
-        return cls(ids, sizes, names, keypoints[people_order], people_image,
+        return cls(ids, wh, names, keypoints[people_order], people_image,
                    [regions[k] for k in region_order], region_image)
 
     def __len__(self) -> int:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from threempose.config import DataConfig
 from threempose.data.augment_gpu import augment_batch, collate_raw
-from threempose.data.coco import CocoKeypoints, coco_split_paths
+from threempose.data.coco import CocoKeypoints, UnreadableSplitError, coco_split_paths
 from threempose.data.sampler import EpochSampler, held_out_split, warn_skipped
 from threempose.data.synthetic import ensure_synthetic
 from threempose.util.threads import single_threaded_worker
@@ -53,7 +53,9 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 class PoseDataLoader(DataLoader):
     """A DataLoader over an :class:`EpochSampler` that strips each batch's
-    ``skipped`` list and warns once per pass, naming the images that failed to decode."""
+    ``skipped`` list and warns once per pass, naming the images that failed to decode.
+    A split none of whose images can be read raises a one-line
+    :class:`~threempose.data.coco.UnreadableSplitError` (also from a worker)."""
 
     def __init__(self, dataset: CocoKeypoints, sampler: EpochSampler, **kwargs: Any):
         super().__init__(dataset, sampler=sampler, **kwargs)
@@ -69,6 +71,8 @@ class PoseDataLoader(DataLoader):
             for batch in super().__iter__():
                 skipped += batch.pop("skipped")
                 yield batch
+        except UnreadableSplitError:       # from a worker, its message carries the worker's traceback
+            raise UnreadableSplitError(self.dataset.unreadable_message()) from None
         finally:
             if skipped:
                 self.skipped_files += skipped

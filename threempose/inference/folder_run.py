@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,10 +16,12 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
+from threempose.data.coco_schema import is_int
 from threempose.inference.draw import save_drawing
 from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Predictor, load_image
 from threempose.inference.result_journal import ResultJournal
-from threempose.util.errors import UserError
+from threempose.util.errors import OutputPathError, UserError
+from threempose.util.files import read_json_file
 
 
 class InferInputError(UserError, ValueError):
@@ -80,10 +82,15 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
+_MAX_NUMERIC_STEM = 18      # digits of a stem read as a number: ids stay within int64
+
+
 def name_image_id(name: str) -> int:
-    """A stable COCO image id from a file name (see the module docstring)."""
+    """A stable COCO image id from a file name: the number of a stem of ASCII digits (COCO's
+    ``000000397133.jpg`` -> 397133), else a 48-bit hash of the name. Nothing else of the name
+    is parsed (``².jpg`` is hashed: ``str.isdigit`` would accept it and ``int`` refuse it)."""
     stem = Path(name).stem
-    if stem.isdigit():
+    if re.fullmatch(r"[0-9]{1,%d}" % _MAX_NUMERIC_STEM, stem, re.ASCII):
         return int(stem)
     return int(hashlib.sha1(Path(name).name.encode("utf-8")).hexdigest()[:12], 16)
 
@@ -106,25 +113,43 @@ def image_ids(files: Sequence[Path], annotations: Optional[str | Path]) -> tuple
 
 
 def _annotation_ids(path: Path) -> dict[str, int]:
-    """``{file base name: image id}`` of a COCO annotation file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InferInputError(f"--annotations {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InferInputError(f"--annotations {path}: not a readable JSON file ({e})") from None
+    """``{file base name: image id}`` of a COCO annotation file (read by the one JSON reader);
+    two images with the same base name or the same id are an error, not a silent pick."""
+    data = read_json_file(path, InferInputError, "--annotations file")
     images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("id"), int)
+    if not isinstance(images, list) or not all(isinstance(im, dict) and is_int(im.get("id"))
                                                and isinstance(im.get("file_name"), str) for im in images):
         raise InferInputError(f"--annotations {path}: not a COCO annotation file (needs an 'images' "
                               "list of {id, file_name})")
-    return {Path(im["file_name"]).name: im["id"] for im in images}
+    by_name: dict[str, int] = {}
+    by_id: dict[int, str] = {}
+    for im in images:
+        name = Path(im["file_name"]).name
+        if name in by_name:
+            raise InferInputError(f"--annotations {path}: two images are named {name!r} (ids {by_name[name]} "
+                                  f"and {im['id']}); an input file would match either")
+        if im["id"] in by_id:
+            raise InferInputError(f"--annotations {path}: images {by_id[im['id']]!r} and {name!r} share "
+                                  f"the id {im['id']}")
+        by_name[name], by_id[im["id"]] = im["id"], name
+    return by_name
 
 
 def drawing_names(files: Sequence[Path]) -> dict[Path, str]:
     """PNG names for ``--draw`` (see the module docstring)."""
     stems = collections.Counter(f.stem for f in files)
     return {f: (f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")) + ".png" for f in files}
+
+
+def check_drawing_targets(draw_dir: Path, files: Sequence[Path]) -> None:
+    """Refuse, before any work, a ``--draw`` folder where a drawing could not be written: an
+    entry of a drawing's name that is a folder (or another non-file)."""
+    for f, name in drawing_names(files).items():
+        target = draw_dir / name
+        if target.exists() and not target.is_file():
+            raise OutputPathError(f"--draw {draw_dir}: {target} is a folder (or not a file), so the "
+                                  f"drawing of {f.name} cannot be written there; move it or choose "
+                                  "another --draw folder")
 
 
 class BackgroundLoader:

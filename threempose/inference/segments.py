@@ -47,7 +47,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ from threempose.nas.fuse_split import ExitOutput
 from threempose.nas.genotype import Genotype
 from threempose.util.cli import check_output_dir
 from threempose.util.errors import UserError
+from threempose.util.files import in_final_place, make_parents, make_temp_dir, remove_if_empty
 
 META_FILE = "threempose.json"
 
@@ -196,8 +196,8 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
         raise ExportError(ONNX_MISSING)
     out_dir = check_export_dir(out_dir)
     net = net.cpu().eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    created = make_parents(out_dir)
+    tmp = make_temp_dir(out_dir)              # mode under the umask, like a plain mkdir
     try:
         specs = []
         for module, inputs, shapes in trace_segments(net):
@@ -216,9 +216,13 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
                 "infer": infer or {}, "genotype": net.genotype.to_dict()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        remove_if_empty(created)
+        named = in_final_place(e, tmp, out_dir)
+        if named is e:
+            raise
+        raise named from e
     return out_dir
 
 

@@ -114,12 +114,12 @@ class SearchJob(EpochJob):
         metrics = self.derived_costs()
         if self.ctx.is_main:
             self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
-            if self.cfg.run.val_ap_images:
-                metrics.update(self.validate())
         return metrics
 
-    def validate(self) -> dict[str, float]:
-        """AP of the current argmax architecture on the val subset."""
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """AP of the current argmax architecture on the val subset (after the epoch's checkpoint)."""
+        if not (self.ctx.is_main and self.cfg.run.val_ap_images):
+            return {}
         net, mode = self.supernet, self.supernet.sampling
         net.eval()
         net.sampling = "argmax"
@@ -131,7 +131,7 @@ class SearchJob(EpochJob):
         finally:
             net.sampling = mode
             net.train()
-        return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
+        return {k: stats[k] for k in ("AP", "AR", "people", "skipped")}
 
     def derived_costs(self) -> dict[str, float]:
         """``gflops_argmax``: GFLOPs (multiply-adds) of the current argmax architecture at the

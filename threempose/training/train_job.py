@@ -63,6 +63,10 @@ class TrainJob(EpochJob):
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         self.scheduler.step()
+        return {}
+
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """AP/AR of the trained network on the val subset (after the epoch's checkpoint)."""
         if not (self.ctx.is_main and self.cfg.run.val_ap_images):
             return {}
         self.net.eval()
@@ -73,7 +77,7 @@ class TrainJob(EpochJob):
             stats = validation_ap(exit_fn, self.data, self.cfg.infer, self.cfg.run.val_ap_images)
         finally:
             self.net.train()
-        return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
+        return {k: stats[k] for k in ("AP", "AR", "people", "skipped")}
 
     def network(self) -> torch.nn.Module:
         return self.net
