@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from threempose.cli import UserError, check_output_dir, entry_point
+from threempose.inference.used_weights import modules_used, pruned_copy
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import Carry
 
@@ -121,7 +122,9 @@ class ExitSegment(nn.Module):
 
 def trace_segments(net: DerivedNet) -> list[tuple[ExitSegment, tuple[Tensor, ...], dict[str, Any]]]:
     """Each segment's module, example inputs (batch 2, :data:`EXAMPLE_HW`) and the
-    ``torch.export`` dynamic shapes making batch, ``H`` and ``W`` (multiples of 32) free."""
+    ``torch.export`` dynamic shapes making batch, ``H`` and ``W`` (multiples of 32) free. Each
+    module holds only the submodules (so the weights) its segment runs
+    (:mod:`threempose.inference.used_weights`)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     h = torch.export.Dim("h32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
     w = torch.export.Dim("w32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
@@ -137,10 +140,12 @@ def trace_segments(net: DerivedNet) -> list[tuple[ExitSegment, tuple[Tensor, ...
                 # row r is H / 2**(r+2) = (8 >> r) * (H / 32); skip is row 0's size
                 shapes = [{0: batch, 2: (8 >> r) * h, 3: (8 >> r) * w} for r in rows]
                 shapes += [{0: batch, 2: 8 * h, 3: 8 * w}] * (len(inputs) - len(rows))
-            out, carry = net.segment(start)
+            outputs_of: list = []
+            used = modules_used(net, lambda: outputs_of.append(net.segment(start)))
+            out, carry = outputs_of[0]
             outputs = ["heatmaps", "tags"] + (carry_names(carry, "out_") if carry is not None else [])
             spec = SegmentSpec(first, out.layer, names, outputs)
-            segments.append((ExitSegment(net, spec, rows).eval(), inputs, {"inputs": tuple(shapes)}))
+            segments.append((ExitSegment(pruned_copy(net, used), spec, rows).eval(), inputs, {"inputs": tuple(shapes)}))
             start = carry
     return segments
 
@@ -175,6 +180,7 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())             # mkdtemp makes it 0700; the export honours the umask
         specs = []
         for module, inputs, shapes in trace_segments(net):
             spec = module.spec
@@ -207,6 +213,13 @@ def _save_onnx(program: torch.export.ExportedProgram, inputs: tuple[Tensor, ...]
                                          input_names=spec.inputs, output_names=spec.outputs,
                                          verbose=False, report=False)
     onnx_program.save(str(path))
+
+
+def _umask() -> int:
+    """The process' umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -1,0 +1,1 @@
+"""Inference: deploy forms, exit segments, low-precision (bf16 / int8) forms."""
