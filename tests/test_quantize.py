@@ -89,3 +89,79 @@ def test_calibration_inputs_are_the_predictors_network_inputs(tmp_path):
     inputs = calibration_inputs(images, 96)
     assert [x.shape for x in inputs] == [(1, 3, 96, 160), (1, 3, 128, 96)]
     np.testing.assert_array_equal(inputs[1], prepare_image(images[1], 96, "cpu")[0].numpy())
+
+
+# --------------------------------------------------------------------------- #
+# Predictor precisions (tiny network; agreement at full size: bench/test_bench_precision.py)
+# --------------------------------------------------------------------------- #
+from threempose import deploy  # noqa: E402
+from threempose.inference.quantize import PrecisionError, check_precision  # noqa: E402
+from threempose.predictor import Predictor  # noqa: E402
+
+from test_predictor import tiny_infer, tiny_net  # noqa: E402
+
+
+def test_precision_errors_are_one_line_and_name_what_is_missing(monkeypatch):
+    with pytest.raises(PrecisionError, match="needs --calibration-images"):
+        check_precision("int8")
+    with pytest.raises(PrecisionError, match="unknown precision 'fp8'"):
+        check_precision("fp8")
+    monkeypatch.setattr(deploy, "cpu_bf16_missing", lambda: "the CPU's bf16 instructions (avx512_bf16 or amx_bf16)")
+    with pytest.raises(PrecisionError, match="bf16 cannot run on this machine: it needs the CPU's bf16 "
+                                             "instructions") as e:
+        Predictor(tiny_net(), tiny_infer(), precision="bf16")
+    assert "\n" not in str(e.value)
+
+
+def test_int8_predictor_runs_quantized_onnx_segments_with_float32_maps():
+    pytest.importorskip("onnxruntime.quantization")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    cfg = tiny_infer(short_side=96, exit="dynamic")
+    calib = [random_image(96, 128, seed=s) for s in range(3)]
+    int8 = Predictor(tiny_net(), cfg, precision="int8", calibration_images=calib)
+    fp32 = Predictor(tiny_net(), cfg)
+    assert int8.net.meta["precision"] == "int8" and int8.net.meta["quantization"]["calibration_inputs"] == 3
+    x = torch.from_numpy(calibration_inputs([random_image(96, 160, seed=7)], 96)[0])
+    outs = list(int8.net.iter_exits(x))
+    assert [o.layer for o in outs] == [1, 2, 3] and all(o.heatmaps.dtype == torch.float32 for o in outs)
+    with torch.no_grad():
+        ref = list(fp32.net.iter_exits(x))
+    for o, r in zip(outs, ref):                                  # quantized, yet the same maps roughly
+        assert 0 < (o.tags - r.tags).abs().max() <= 0.1 * r.tags.abs().max()
+    pred = int8.predict(random_image(100, 130, seed=8))
+    assert pred.exit in (1, 2, 3)
+    with pytest.raises(PrecisionError, match="needs --calibration-images"):
+        Predictor(tiny_net(), cfg, precision="int8")
+
+
+def test_quantized_model_has_int8_per_channel_weights_and_float_heads(tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
+    pytest.importorskip("onnxscript")
+    import onnx
+    from onnx import numpy_helper
+
+    from threempose.export import export_segments
+    from threempose.inference.quantize import quantize_export
+
+    net = tiny_net()
+    src = export_segments(net, tmp_path / "fp32", formats=["onnx"])
+    out = quantize_export(src, tmp_path / "int8", calibration_inputs([random_image(96, 96)], 96))
+    meta = json.loads((out / "threempose.json").read_text())
+    assert meta["precision"] == "int8" and meta["formats"] == ["onnx"]
+    model = onnx.load(str(out / "exit1.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    quantized = [c for c in convs if c.input[1] in producer and producer[c.input[1]].op_type == "DequantizeLinear"]
+    assert len(quantized) >= len(convs) - 1                      # all but the head's conv
+    for c in quantized:
+        dq = producer[c.input[1]]
+        w, scale = inits[dq.input[0]], inits[dq.input[1]]
+        assert w.dtype == np.int8 and scale.shape == (w.shape[0],)          # per output channel
+        act = producer[c.input[0]]
+        assert act.op_type == "DequantizeLinear" and inits[act.input[1]].size == 1   # per tensor
+        assert inits[act.input[0]].dtype == np.uint8 if act.input[0] in inits else True
+    head = [c for c in convs if c not in quantized]
+    assert len(head) == 1 and head[0].input[1] in inits and inits[head[0].input[1]].dtype == np.float32

@@ -234,6 +234,12 @@ class Predictor:
             (:func:`threempose.deploy.optimize_for_inference`: BatchNorm folded, channels-last,
             oneDNN fusion on the CPU; the same people up to float rounding). ``self.net`` is the
             network that runs; ``net`` itself is left as it is.
+        precision: ``"fp32"``; ``"bf16"`` (the optimized copy in bfloat16, exits' maps in
+            float32); ``"int8"`` (``net`` exported and quantized to int8 onnxruntime segments,
+            :mod:`threempose.inference.quantize`, calibrated on ``calibration_images``). For
+            exported segments it must be the export's own precision.
+        calibration_images: int8 only: RGB uint8 ``[H, W, 3]`` arrays
+            (:func:`~threempose.inference.quantize.calibration_images` reads a folder).
 
     Raises ConfigError when ``cfg.exit`` is not an exit of the network, or (dynamic) when
     ``cfg.eels`` does not configure exactly the network's EELs.
@@ -241,19 +247,34 @@ class Predictor:
 
     def __init__(self, net: DerivedNet | ExportedSegments, cfg: InferConfig | None = None,
                  device: torch.device | str = "cpu",
-                 flip_index: Optional[Sequence[int]] = None, optimize: bool = True) -> None:
+                 flip_index: Optional[Sequence[int]] = None, optimize: bool = True,
+                 precision: str = "fp32", calibration_images: Optional[Sequence[np.ndarray]] = None) -> None:
+        from threempose.inference.quantize import check_precision, quantize_network
+
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
         self.cfg = cfg if cfg is not None else InferConfig()
         side = self.cfg.short_side
         if isinstance(net, nn.Module):
-            self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device) if optimize
-                        else net.to(self.device).eval())
+            check_precision(precision, calibration_images if precision == "int8" else None, str(self.device))
+        self.precision = precision
+        if isinstance(net, nn.Module) and precision == "int8":
+            self.net = quantize_network(net, dataclasses.asdict(self.cfg), calibration_images, side)
+        elif isinstance(net, nn.Module):
+            if precision == "bf16" and not optimize:
+                raise ValueError("precision bf16 runs the optimized network; leave optimize on")
+            dtype = torch.bfloat16 if precision == "bf16" else None
+            self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device, dtype=dtype)
+                        if optimize else net.to(self.device).eval())
         elif self.device.type != "cpu":
             raise ValueError(f"exported segments run on the CPU (onnxruntime's CPU provider), not {device!r}; "
                              "use --device cpu")
         else:
+            exported = net.meta.get("precision", "fp32")
+            if precision != exported:
+                raise ValueError(f"the export holds {exported} segments, not {precision}; export with "
+                                 f"--precision {precision}")
             self.net = net
         self.exit_layers = list(net.genotype.exit_layers)
         self.eel_layers = self.exit_layers[:-1]
@@ -269,18 +290,21 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                         config: str | os.PathLike | None = None, optimize: bool = True,
+                        precision: str = "fp32", calibration_images: Optional[Sequence[np.ndarray]] = None,
                         **infer_overrides: Any) -> "Predictor":
         """A predictor for a ``model.pt`` written by ``threempose.train``.
 
         Settings: the model file's ``infer`` section, replaced by ``config``'s (a JSON config
         such as ``threempose.calibrate`` writes) when given, then ``infer_overrides`` (e.g.
-        ``exit="dynamic"``, ``flip_test=False``); ``optimize`` as in :class:`Predictor`. Raises CheckpointError for a file that is not
+        ``exit="dynamic"``, ``flip_test=False``); ``optimize``, ``precision`` and
+        ``calibration_images`` as in :class:`Predictor`. Raises CheckpointError for a file that is not
         a threempose model or whose weights do not fit its genotype, ConfigError for bad settings.
         """
         from threempose.model_file import load_model_file
 
         net, infer = load_model_file(path, "cpu")
-        return cls(net, infer_settings(infer, config, **infer_overrides), device, optimize=optimize)
+        return cls(net, infer_settings(infer, config, **infer_overrides), device, optimize=optimize,
+                   precision=precision, calibration_images=calibration_images)
 
     @classmethod
     def from_export(cls, path: str | os.PathLike, runtime: str = "onnxruntime",
@@ -292,7 +316,8 @@ class Predictor:
         from threempose.runtime import load_segments
 
         segments = load_segments(path, runtime, threads)
-        return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu")
+        return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu",
+                   precision=segments.meta.get("precision", "fp32"))
 
     @property
     def passes(self) -> int:

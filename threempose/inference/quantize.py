@@ -47,11 +47,44 @@ from threempose.data.image_io import ImageReadError, read_image
 
 PRECISIONS = ("fp32", "bf16", "int8")
 MAX_CALIBRATION_IMAGES = 32          # more adds time and memory, hardly accuracy (MinMax ranges)
-ORT_QUANT_MISSING = "int8 quantization needs the optional packages onnx and onnxruntime: pip install 'threempose[onnx]'"
+ORT_QUANT_MISSING = ("--precision int8 needs the optional packages onnx, onnxscript and onnxruntime: "
+                     "pip install 'threempose[onnx]'")
 
 
 class QuantizeInputError(UserError, ValueError):
     """Quantization cannot run as asked (no calibration images, none readable, missing packages)."""
+
+
+class PrecisionError(UserError, ValueError):
+    """A precision this machine cannot run, or one asked for without what it needs."""
+
+
+def check_precision(precision: str, calibration: Optional[str | os.PathLike] = None,
+                    device: str = "cpu") -> None:
+    """Raise :class:`PrecisionError` (one line naming what is missing) unless ``precision``
+    (one of :data:`PRECISIONS`) can run here on ``device``: bf16 needs CUDA or a CPU with
+    native bf16 (:func:`threempose.deploy.cpu_bf16_missing`); int8 needs calibration images, the
+    CPU and onnxruntime's quantization tools."""
+    from threempose.deploy import cpu_bf16_missing
+
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and str(device).startswith("cpu"):
+        missing = cpu_bf16_missing()
+        if missing is not None:
+            raise PrecisionError(f"--precision bf16 cannot run on this machine: it needs {missing}")
+    if precision == "int8":
+        if not str(device).startswith("cpu"):
+            raise PrecisionError(f"--precision int8 runs on the CPU (onnxruntime), not {device}")
+        if calibration is None:
+            raise PrecisionError("--precision int8 needs --calibration-images DIR (real images to calibrate "
+                                 "the activation ranges on)")
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime.quantization  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise PrecisionError(ORT_QUANT_MISSING) from None
 
 
 def calibration_images(folder: str | os.PathLike, limit: int = MAX_CALIBRATION_IMAGES) -> list[np.ndarray]:
@@ -174,3 +207,18 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def quantize_network(net, infer: dict, images: Sequence[np.ndarray], short_side: int,
+                     threads: Optional[int] = None):
+    """``net`` (a :class:`~threempose.nas.derived.DerivedNet`) as int8 onnxruntime segments
+    (:class:`~threempose.runtime.ExportedSegments`): exported to ONNX and quantized
+    (:func:`quantize_export`) in a temporary directory, calibrated on ``images`` prepared at
+    ``short_side``, loaded, and the files removed."""
+    from threempose.export import export_segments
+    from threempose.runtime import load_segments
+
+    with tempfile.TemporaryDirectory(prefix="threempose-int8-") as tmp:
+        fp32 = export_segments(net, Path(tmp) / "fp32", infer, formats=["onnx"])
+        int8 = quantize_export(fp32, Path(tmp) / "int8", calibration_inputs(images, short_side))
+        return load_segments(int8, "onnxruntime", threads)
