@@ -1,7 +1,7 @@
-"""Build script for the optional C++ extensions ``threempose._grouping`` and ``threempose._nms``.
+"""Build script for the optional C++ extensions ``threempose._grouping`` and ``threempose._heatmap_nms``.
 
 Everything else about the package lives in ``pyproject.toml``. ``pip install``
-(regular or ``-e``) compiles ``csrc/grouping.cpp`` and ``csrc/nms.cpp`` with pybind11 (listed in
+(regular or ``-e``) compiles ``csrc/grouping.cpp`` and ``csrc/heatmap_nms.cpp`` with pybind11 (listed in
 ``[build-system] requires``). If the compiler or pybind11 is missing, or the
 compilation fails, the install still succeeds with a warning, and
 ``threempose.decode.grouping`` and ``threempose.decode.heatmap_nms`` fall back
@@ -44,6 +44,6 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension("threempose._grouping", ["csrc/grouping.cpp"], language="c++", optional=True),
-                 Extension("threempose._nms", ["csrc/nms.cpp"], language="c++", optional=True)],
+                 Extension("threempose._heatmap_nms", ["csrc/heatmap_nms.cpp"], language="c++", optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -22,7 +22,7 @@ import torch
 from threempose.config import EELConfig, InferConfig
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
-from threempose.predictor import Predictor, image_passes, with_flips
+from threempose.inference.predictor import Predictor, image_passes, with_flips
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

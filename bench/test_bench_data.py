@@ -25,7 +25,7 @@ import torch
 from threempose.config import DataConfig
 from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints
-from threempose.data.loader import EpochSampler
+from threempose.data.sampler import EpochSampler
 from threempose.data.synthetic import generate
 
 IMAGES = 32

@@ -6,7 +6,7 @@
 Networks (random weights; speed does not depend on them): the thesis' Table A.1 network
 (``configs/genotypes/3m-pose-thesis.json``, all three exits computed, as ``net(images)`` does)
 and HigherHRNet-W32, each eager (``net.eval()`` under ``torch.no_grad()``) and optimized
-(:func:`threempose.deploy.optimize_for_inference` with its defaults for the device; on CUDA
+(:func:`threempose.inference.deploy.optimize_for_inference` with its defaults for the device; on CUDA
 also in float16). Batch 1 and batch 8, on the CPU and, where present, on CUDA.
 
 One benchmark per (device, batch) runs the networks **interleaved** (each round runs every
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from threempose.deploy import optimize_for_inference, output_tensors
+from threempose.inference.deploy import optimize_for_inference, output_tensors
 from threempose.models.higherhrnet import higherhrnet_w32
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype

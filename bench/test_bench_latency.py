@@ -4,10 +4,10 @@
 
 On this machine's CPU with one thread and the CPU-time timer (:mod:`threempose.latency`;
 tables made on a busy shared machine still predict the idle latency that way), blocks and
-networks in the form inference runs (``"deploy"``, :func:`~threempose.latency.inference_form`):
+networks in the form inference runs (``"deploy"``, :func:`~threempose.measure.latency.inference_form`):
 
 * builds the latency table and times 20 random genotypes
-  (:func:`~threempose.latency.random_genotypes`, preference 1, so they span cheap to costly
+  (:func:`~threempose.measure.latency.random_genotypes`, preference 1, so they span cheap to costly
   networks) whole in the same interleaved rounds (``benchmark`` times both together), and
   checks predicted vs measured: Spearman >= 0.9, mean absolute error <= 15%; GFLOPs' own
   Spearman against the measured latency is reported beside it;
@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from threempose.config import ModelConfig
-from threempose.latency import build_table_and_time, network_ms, prediction_accuracy, random_genotypes
+from threempose.measure.latency import build_table_and_time, network_ms, prediction_accuracy, random_genotypes
 from threempose.nas.derived import DerivedNet
 
 SIZE = (512, 512)

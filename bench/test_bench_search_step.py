@@ -36,9 +36,9 @@ from threempose.config import LossConfig, ModelConfig
 from threempose.data.targets import make_targets
 from threempose.kernels import backend as kernels_backend
 from threempose.kernels import use_backend
-from threempose.losses import PoseLoss
+from threempose.training.losses import PoseLoss
 from threempose.models.higherhrnet import HigherHRNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")

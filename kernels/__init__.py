@@ -15,7 +15,7 @@ Each ``*_reference`` function is the plain PyTorch implementation with the same 
 from .backend import get_backend, set_backend, use_backend
 from .gumbel_topk import gumbel_noise, gumbel_noise_reference, gumbel_topk, gumbel_topk_reference
 from .mixed_op_sum import mixed_op_sum, mixed_op_sum_reference
-from .moments import heatmap_moments, heatmap_moments_reference
+from .heatmap_moments import heatmap_moments, heatmap_moments_reference
 from .rdm_pearson import rdm_pearson, rdm_pearson_reference
 
 __all__ = [

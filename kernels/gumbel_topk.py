@@ -62,17 +62,24 @@ def _gumbel_noise_tile(seed, rows, cols):
     return (-tl.log(-tl.log(u))).to(tl.float32)
 
 
+@triton.jit
+def _row_tile(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's ``BLOCK_N`` rows of an ``[N, K]`` matrix: the row indices ``[BLOCK_N]``, the
+    row and column index of every element ``[BLOCK_N, BLOCK_K]`` and the in-bounds mask."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    rows2 = rows[:, None] + cols[None, :] * 0
+    cols2 = cols[None, :] + rows[:, None] * 0
+    return rows, rows2, cols2, (rows2 < N) & (cols2 < K)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _gumbel_noise_kernel(
     g_ptr,               # [N, K] float32 out
     N, K, seed,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    rows2 = rows[:, None] + cols[None, :] * 0
-    cols2 = cols[None, :] + rows[:, None] * 0
-    m2 = (rows2 < N) & (cols2 < K)
+    rows, rows2, cols2, m2 = _row_tile(N, K, BLOCK_N, BLOCK_K)
     g = _gumbel_noise_tile(seed, rows2, cols2)
     tl.store(g_ptr + rows2.to(tl.int64) * K + cols2, g, mask=m2)
 
@@ -86,11 +93,7 @@ def _gumbel_topk_fwd_kernel(
     N, K, tau, seed,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    rows2 = rows[:, None] + cols[None, :] * 0
-    cols2 = cols[None, :] + rows[:, None] * 0
-    m2 = (rows2 < N) & (cols2 < K)
+    rows, rows2, cols2, m2 = _row_tile(N, K, BLOCK_N, BLOCK_K)
     offs = rows2.to(tl.int64) * K + cols2
     z = tl.load(logits_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     g = _gumbel_noise_tile(seed, rows2, cols2)
@@ -122,10 +125,8 @@ def _gumbel_topk_bwd_kernel(
     N, K, tau,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    m2 = (rows[:, None] < N) & (cols[None, :] < K)
-    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+    _, rows2, cols2, m2 = _row_tile(N, K, BLOCK_N, BLOCK_K)
+    offs = rows2.to(tl.int64) * K + cols2
     y = tl.load(soft_ptr + offs, mask=m2, other=0.0)
     gy = tl.load(gy_ptr + offs, mask=m2, other=0.0)
     dot = tl.sum(y * gy, axis=1)[:, None]

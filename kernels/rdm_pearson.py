@@ -56,6 +56,30 @@ if HAS_TRITON:
 # Triton kernels
 # --------------------------------------------------------------------------- #
 @triton.jit
+def _work_item(w, addr_ptr, feat_ptr, work_t_ptr, work_c_ptr, CHUNK, DTYPE: tl.constexpr):
+    """Work item ``w``: tensor ``t``, its feature range ``[start, end)`` of ``F``, its data pointer."""
+    t = tl.load(work_t_ptr + w)
+    start = tl.load(work_c_ptr + w) * CHUNK
+    F = tl.load(feat_ptr + t)
+    end = tl.minimum(start + CHUNK, F)
+    base = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    return t, start, end, F, base
+
+
+@triton.jit
+def _shifted_tile(base, rows, rmask, f0, end, F, BLOCK_F: tl.constexpr):
+    """The ``[BLOCK_B, BLOCK_F]`` tile of ``X`` at features ``f0..`` with sample 0 subtracted from
+    every row (``X' = X - 1 x_0^T``: pairwise distances unchanged, Gram entries kept small);
+    returns its offsets, its mask and the shifted float32 values."""
+    cols = f0 + tl.arange(0, BLOCK_F)
+    m = rmask[:, None] & (cols < end)[None, :]
+    offs = rows[:, None] * F + cols[None, :]
+    x = tl.load(base + offs, mask=m, other=0.0).to(tl.float32)
+    x0 = tl.sum(tl.where((rows == 0)[:, None], x, 0.0), axis=0)
+    return offs, m, tl.where(m, x - x0[None, :], 0.0)
+
+
+@triton.jit
 def _gram_fwd_kernel(
     addr_ptr,            # [T] int64 data pointers, each to a contiguous [B, F_t] tensor
     feat_ptr,            # [T] int64 F_t
@@ -66,21 +90,12 @@ def _gram_fwd_kernel(
     DTYPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     w = tl.program_id(0)
-    t = tl.load(work_t_ptr + w)
-    start = tl.load(work_c_ptr + w) * CHUNK
-    F = tl.load(feat_ptr + t)
-    end = tl.minimum(start + CHUNK, F)
-    base = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    t, start, end, F, base = _work_item(w, addr_ptr, feat_ptr, work_t_ptr, work_c_ptr, CHUNK, DTYPE)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
-    is_row0 = (rows == 0)[:, None]
     acc = tl.zeros([BLOCK_B, BLOCK_B], dtype=tl.float32)
     for f0 in range(start, end, BLOCK_F):
-        cols = f0 + tl.arange(0, BLOCK_F)
-        m = rmask[:, None] & (cols < end)[None, :]
-        x = tl.load(base + rows[:, None] * F + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        x0 = tl.sum(tl.where(is_row0, x, 0.0), axis=0)
-        xs = tl.where(m, x - x0[None, :], 0.0)
+        _, m, xs = _shifted_tile(base, rows, rmask, f0, end, F, BLOCK_F)
         if IEEE:
             acc += tl.dot(xs, tl.trans(xs), input_precision="ieee")
         else:
@@ -100,31 +115,21 @@ def _gram_bwd_kernel(
     DTYPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     w = tl.program_id(0)
-    t = tl.load(work_t_ptr + w)
-    start = tl.load(work_c_ptr + w) * CHUNK
-    F = tl.load(feat_ptr + t)
-    end = tl.minimum(start + CHUNK, F)
-    base = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    t, start, end, F, base = _work_item(w, addr_ptr, feat_ptr, work_t_ptr, work_c_ptr, CHUNK, DTYPE)
     gbase = tl.load(gaddr_ptr + t).to(tl.pointer_type(DTYPE))
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
-    is_row0 = (rows == 0)[:, None]
     bm = rmask[:, None] & rmask[None, :]
     S = tl.load(sym_ptr + t.to(tl.int64) * B * B + rows[:, None] * B + rows[None, :], mask=bm,
                 other=0.0)
     for f0 in range(start, end, BLOCK_F):
-        cols = f0 + tl.arange(0, BLOCK_F)
-        m = rmask[:, None] & (cols < end)[None, :]
-        offs = rows[:, None] * F + cols[None, :]
-        x = tl.load(base + offs, mask=m, other=0.0).to(tl.float32)
-        x0 = tl.sum(tl.where(is_row0, x, 0.0), axis=0)
-        xs = tl.where(m, x - x0[None, :], 0.0)
+        offs, m, xs = _shifted_tile(base, rows, rmask, f0, end, F, BLOCK_F)
         if IEEE:
             dxs = tl.dot(S, xs, input_precision="ieee")
         else:
             dxs = tl.dot(S, xs, input_precision="tf32")
         # X' = X - 1 x_0^T  =>  dL/dX = dL/dX' - e_0 (column sums of dL/dX')
-        dx = dxs - tl.where(is_row0, tl.sum(dxs, axis=0)[None, :], 0.0)
+        dx = dxs - tl.where((rows == 0)[:, None], tl.sum(dxs, axis=0)[None, :], 0.0)
         tl.store(gbase + offs, dx.to(DTYPE), mask=m)
 
 

@@ -8,10 +8,10 @@ from test_search import tiny_config
 from threempose.config import ConfigError, load_config
 from threempose.engine.distributed import DistContext
 from threempose.engine.weights import WeightOptimizer
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 from threempose.pnfs.jobs import PnfsSearchJob
-from threempose.search import SearchJob
-from threempose.train import TrainJob
+from threempose.training.search_job import SearchJob
+from threempose.training.train_job import TrainJob
 
 TWO_STEPS = {"epochs": 1, "max_steps_per_epoch": 2}
 

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from threempose.atomic import atomic_open, atomic_torch_save, atomic_write_json, remove_stale_temporaries
+from threempose.util.files import atomic_open, atomic_torch_save, atomic_write_json, remove_stale_temporaries
 
 
 def test_atomic_write_json_round_trip(tmp_path):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from threempose.calibrate import (ImageRecord, SettingEvaluator, candidate_thresholds, main,
-                                  search_thresholds, val_split)
+from threempose.inference.calibration import (ImageRecord, SettingEvaluator, candidate_thresholds, search_thresholds, val_split)
+from threempose.calibrate import main
 from threempose.config import load_config
-from threempose.dynamic_exit import NEVER, ExitScore
-from threempose.evaluate import evaluate_keypoints
-from threempose.model_file import save_model_file
-from threempose.predictor import Predictor
+from threempose.inference.dynamic_exit import NEVER, ExitScore
+from threempose.data.coco_eval import evaluate_keypoints
+from threempose.nas.model_file import save_model_file
+from threempose.inference.predictor import Predictor
 
 from test_predictor import tiny_infer, tiny_net
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from threempose import evaluate, export, infer, profile, search, train
-from threempose.cli import OutputPathError, check_output_dir, check_output_file, entry_point
+from threempose.util.errors import OutputPathError
+from threempose.util.cli import check_output_dir, check_output_file, entry_point
 from threempose.config import load_config
 from threempose.engine.run_dir import RunDir
 

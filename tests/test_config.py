@@ -94,8 +94,8 @@ def test_the_readme_small_model_has_dynamic_rules_for_its_early_exits():
     """``infer --dynamic`` on a train-small model of a search-small genotype finds a rule per EEL."""
     from pathlib import Path
 
-    from threempose.dynamic_exit import resolve_rules
-    from threempose.nas.fabric import Supernet
+    from threempose.inference.dynamic_exit import resolve_rules
+    from threempose.nas.supernet import Supernet
 
     root = Path(__file__).resolve().parents[1] / "configs"
     genotype = Supernet(load_config(root / "search-small.json").model).derive()

@@ -11,7 +11,8 @@ import torch
 from threempose.config import DataConfig, SyntheticConfig
 from threempose.data.augment import center_affine
 from threempose.data.coco import AnnotationError, CocoKeypoints
-from threempose.data.loader import EpochSampler, PoseDataLoader, build_loaders, collate_samples
+from threempose.data.sampler import EpochSampler
+from threempose.data.loader import PoseDataLoader, build_loaders, collate_samples
 from threempose.data.synthetic import generate
 
 CFG = DataConfig(input_size=64, heatmap_stride=4, sigma=1.5, max_people=6, batch_size=3, num_workers=0)

@@ -17,7 +17,8 @@ from threempose.data.augment import IMAGENET_STD, params_affine, transform_keypo
 from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints
 from threempose.data.keypoints import JOINT_NAMES
-from threempose.data.loader import EpochSampler, build_loaders, collate_samples
+from threempose.data.sampler import EpochSampler
+from threempose.data.loader import build_loaders, collate_samples
 from threempose.data.synthetic import generate
 
 from threempose.data.dali_pipeline import DaliLoader, decode, import_dali

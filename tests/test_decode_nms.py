@@ -101,7 +101,7 @@ def test_candidates_carry_their_tags_and_locations():
     np.testing.assert_array_equal(c.tags[..., 1], -(x * 100 + y))
 
 
-@pytest.mark.skipif(not heatmap_nms.native_nms_available(), reason="threempose._nms not built")
+@pytest.mark.skipif(not heatmap_nms.native_nms_available(), reason="threempose._heatmap_nms not built")
 def test_native_top_k_peaks_equal_the_reference():
     rng = np.random.default_rng(5)
     cases = [rng.normal(0, 1, (3, 17, 23)),                      # continuous, negatives

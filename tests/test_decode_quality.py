@@ -12,7 +12,7 @@ from threempose.data.keypoints import JOINT_NAMES
 from threempose.decode.decoder import DecodeParams, coco_results, decode
 from threempose.decode.ideal import render_ideal_outputs
 from threempose.decode.resize import plan_resize
-from threempose.evaluate import evaluate_keypoints
+from threempose.data.coco_eval import evaluate_keypoints
 
 # Original 256 x 192 -> short side 384: scale 2, input 512 x 384, maps at stride 4: 128 x 96.
 ORIGINAL, SHORT, STRIDE, SCALE = (256, 192), 384, 4, 2.0

@@ -26,8 +26,8 @@ import torch.multiprocessing as mp
 
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import read_metrics
-from threempose.engine.search_optim import ArchDivergenceError, SearchOptimizers
-from threempose.search import ARCH_NAMES
+from threempose.training.search_optim import ArchDivergenceError, SearchOptimizers
+from threempose.training.search_job import ARCH_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

@@ -17,18 +17,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from threempose import predictor as predictor_module
+from threempose.inference import predictor as predictor_module
 from threempose.config import ModelConfig
-from threempose import deploy
-from threempose.deploy import (PackedConv2d, PrecisionWarning, cpu_bf16_missing, fold_batchnorm,
-                               optimize_for_inference, output_tensors)
+from threempose.inference import deploy
+from threempose.inference.deploy import (PackedConv2d, PrecisionWarning, cpu_bf16_missing, fold_batchnorm,
+                                         optimize_for_inference, output_tensors)
 from threempose.infer import main as infer_main
-from threempose.model_file import save_model_file
+from threempose.nas.model_file import save_model_file
 from threempose.models.higherhrnet import HigherHRNet
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 from threempose.nas.genotype import Genotype
-from threempose.predictor import Predictor
+from threempose.inference.predictor import Predictor
 
 from test_predictor import loud_heads, random_image, tiny_infer, tiny_net
 

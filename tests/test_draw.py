@@ -4,8 +4,7 @@ import pytest
 from PIL import Image
 
 from threempose.data.keypoints import JOINT_NAMES, SKELETON
-from threempose.draw import (JOINT_COLORS, LIMB_COLORS, LIMB_SIDES, draw_people,
-                             save_drawing)
+from threempose.inference.draw import JOINT_COLORS, LIMB_COLORS, LIMB_SIDES, draw_people, save_drawing
 
 BACKGROUND = (20, 20, 20)
 # A standing person (x, y in units of its height), joints far enough apart that

@@ -8,11 +8,9 @@ import scipy.stats
 import torch
 
 from threempose.config import ConfigError, EELConfig
-from threempose.dynamic_exit import (NEVER, ExitRule, ExitScore, choose_exit, confidence_floor,
-                                     eq34_confidence, resolve_exit, resolve_rules, score_exit,
-                                     should_exit)
-from threempose.predictor import Predictor, decode_image, image_passes, with_flips
-from threempose.profile import profile_network
+from threempose.inference.dynamic_exit import (NEVER, ExitScore, choose_exit, confidence_floor, eq34_confidence, resolve_exit, resolve_rules, score_exit, should_exit)
+from threempose.inference.predictor import Predictor, decode_image, image_passes, with_flips
+from threempose.measure.profile import profile_network
 
 from test_predictor import random_image, same_people, tiny_infer, tiny_net
 
@@ -46,7 +44,7 @@ def test_confidence_matches_a_hand_computation_with_scipy(c):
     maps[3] *= 0.1                                   # some joints below the detection threshold
     maps[9] *= 0.05
     n, expected = hand_confidence(maps.double().numpy(), 0.2, *c)
-    score = score_exit(maps, ExitRule(1, *c), detection_threshold=0.2)
+    score = score_exit(maps, EELConfig(1, *c), detection_threshold=0.2)
     assert 0 < n < 17 and score.detected == n
     assert -0.49 < expected < 0.49                   # unsaturated: the test can see a wrong formula
     assert score.confidence == pytest.approx(expected, abs=2e-6)
@@ -54,7 +52,7 @@ def test_confidence_matches_a_hand_computation_with_scipy(c):
 
 def test_nothing_detected_gives_no_confidence():
     maps = smooth_maps(17, 16, 16, seed=2) * 0.01
-    assert score_exit(maps, ExitRule(1), detection_threshold=0.1) == ExitScore(0, None)
+    assert score_exit(maps, EELConfig(1), detection_threshold=0.1) == ExitScore(0, None)
     assert should_exit(ExitScore(0, None), NEVER)
 
 
@@ -64,7 +62,7 @@ def test_the_thesis_thresholds_can_never_be_met():
     confidence_floor."""
     extreme = eq34_confidence(torch.tensor([1e6, -1e6, 0.0]), torch.tensor([1e9, 1.0, 0.0]), 2.0, 1.0, 1.0)
     assert extreme.tolist() == [0.5, -0.5, 0.0]
-    rule4, rule7 = ExitRule(4, 1, 1, 1, threshold=1.0), ExitRule(7, 2, 1, 1, threshold=0.6)
+    rule4, rule7 = EELConfig(4, 1, 1, 1, threshold=1.0), EELConfig(7, 2, 1, 1, threshold=0.6)
     for seed in range(5):
         maps = smooth_maps(17, 16, 20, seed) ** (1 + 2 * seed)      # from smooth to very peaked
         for rule in (rule4, rule7):

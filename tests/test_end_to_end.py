@@ -15,10 +15,10 @@ import torch
 from threempose.config import load_config
 from threempose.data.synthetic import ensure_synthetic
 from threempose.engine.distributed import DistContext
-from threempose.evaluate import evaluate_keypoints
-from threempose.predictor import Predictor
-from threempose.search import SearchJob
-from threempose.train import TrainJob
+from threempose.data.coco_eval import evaluate_keypoints
+from threempose.inference.predictor import Predictor
+from threempose.training.search_job import SearchJob
+from threempose.training.train_job import TrainJob
 from threempose.nas.genotype import Genotype
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from threempose.evaluate import METRIC_NAMES, EvaluationInputError, evaluate_keypoints, main
+from threempose.data.coco_eval import METRIC_NAMES, EvaluationInputError, evaluate_keypoints
+from threempose.evaluate import main
 
 ANNOTATIONS = Path(__file__).parent / "data" / "tiny_person_keypoints.json"
 

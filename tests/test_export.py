@@ -14,13 +14,14 @@ from PIL import Image
 
 from threempose.config import EELConfig, ModelConfig
 from threempose.data.synthetic import generate
-from threempose.export import META_FILE, ONNX_OPSET, ExportError, export_segments, main
+from threempose.inference.segments import META_FILE, ONNX_OPSET, ExportError, export_segments
+from threempose.export import main
 from threempose.infer import main as infer_main
-from threempose.model_file import save_model_file
+from threempose.nas.model_file import save_model_file
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 from threempose.nas.ops import OP_NAMES
-from threempose.predictor import Predictor
+from threempose.inference.predictor import Predictor
 
 from test_predictor import TINY_MODEL, loud_heads, tiny_infer
 
@@ -28,7 +29,7 @@ pytest.importorskip("onnx", reason="ONNX export needs the optional extra: pip in
 pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra: pip install 'threempose[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnxruntime runtime needs: pip install 'threempose[onnx]'")
 
-from threempose.runtime import load_segments  # noqa: E402
+from threempose.inference.segments import load_segments
 
 SIZES = [(2, 96, 128), (1, 160, 96)]         # (batch, H, W): two sizes, neither the traced example's
 

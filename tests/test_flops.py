@@ -2,7 +2,7 @@
 from torch import nn
 
 from threempose.data.keypoints import FLIP_PAIRS, JOINT_NAMES, flip_index
-from threempose.flops import count_params, model_gflops
+from threempose.util.flops import count_params, model_gflops
 
 
 def test_conv_multiply_adds_match_closed_form():

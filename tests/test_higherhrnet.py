@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from threempose.config import TeacherConfig
-from threempose.flops import count_params, model_gflops
+from threempose.util.flops import count_params, model_gflops
 from threempose.models.higherhrnet import (
     CheckpointError,
     HigherHRNet,

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from threempose.data.image_io import ImageReadError, read_image, to_rgb
-from threempose.predictor import Predictor
+from threempose.inference.predictor import Predictor
 
 from test_predictor import random_image, same_people, tiny_infer, tiny_net
 

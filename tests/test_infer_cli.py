@@ -12,9 +12,10 @@ from PIL import Image
 
 from threempose.data.synthetic import generate
 from threempose.engine.checkpoint import load_checkpoint, save_checkpoint
-from threempose.evaluate import evaluate_keypoints
-from threempose.infer import main, name_image_id
-from threempose.model_file import save_model_file
+from threempose.data.coco_eval import evaluate_keypoints
+from threempose.infer import main
+from threempose.inference.folder_run import name_image_id
+from threempose.nas.model_file import save_model_file
 
 from test_predictor import tiny_infer, tiny_net
 
@@ -179,8 +180,8 @@ def test_module_entry_point(model, data, tmp_path):
 
 def test_background_loader_hands_errors_over_and_stops(model, data):
     """An unexpected error while reading ahead is raised in the caller, and the thread ends."""
-    from threempose.infer import BackgroundLoader
-    from threempose.predictor import Predictor
+    from threempose.inference.folder_run import BackgroundLoader
+    from threempose.inference.predictor import Predictor
 
     class Failing(Predictor):
         def prepare(self, image):

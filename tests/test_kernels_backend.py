@@ -16,7 +16,7 @@ from threempose.kernels import backend
 # the package exports functions named like their modules: reach the modules by their full name
 gumbel_mod = importlib.import_module("threempose.kernels.gumbel_topk")
 mixed_mod = importlib.import_module("threempose.kernels.mixed_op_sum")
-moments_mod = importlib.import_module("threempose.kernels.moments")
+moments_mod = importlib.import_module("threempose.kernels.heatmap_moments")
 rdm_mod = importlib.import_module("threempose.kernels.rdm_pearson")
 
 HAS_CUDA = torch.cuda.is_available()

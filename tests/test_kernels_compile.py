@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(r'''
     from triton.backends.compiler import GPUTarget
 
     mods = {n: importlib.import_module("threempose.kernels." + n)
-            for n in ("mixed_op_sum", "gumbel_topk", "moments", "rdm_pearson")}
+            for n in ("mixed_op_sum", "gumbel_topk", "heatmap_moments", "rdm_pearson")}
     TARGET = GPUTarget("cuda", 90, 32)
 
     def compile_like_jit(fn, args, num_warps):
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(r'''
         triton.compile(ASTSource(fn, sig, const), target=TARGET,
                        options={"num_warps": num_warps})
 
-    m, g, mo, r = (mods[n] for n in ("mixed_op_sum", "gumbel_topk", "moments", "rdm_pearson"))
+    m, g, mo, r = (mods[n] for n in ("mixed_op_sum", "gumbel_topk", "heatmap_moments", "rdm_pearson"))
     cases = []
     for K, dt in ((1, "fp32"), (9, "bf16")):
         ptrs = ("*" + dt,) * K

@@ -16,7 +16,7 @@ from devices import DEV, gpu
 
 from threempose.kernels import backend, heatmap_moments, heatmap_moments_reference, use_backend
 
-mmod = importlib.import_module("threempose.kernels.moments")
+mmod = importlib.import_module("threempose.kernels.heatmap_moments")
 
 
 @pytest.fixture(params=[2048, 64], ids=["one-segment", "many-segments"])

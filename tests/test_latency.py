@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from threempose.config import ConfigError, LossConfig, ModelConfig, config_from_dict
-from threempose.latency import fabric_blocks, main as latency_main
-from threempose.losses import PoseLoss, flops_loss
+from threempose.measure.latency import fabric_blocks
+from threempose.latency import main as latency_main
+from threempose.training.losses import PoseLoss, flops_loss
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 from threempose.nas.genotype import FabricLayout
 from threempose.nas.latency_table import (LatencyTable, LatencyTableError, add_key, block_key, device_name,
                                           op_key, output_key, path_key)
@@ -199,7 +200,7 @@ def test_loss_constrains_the_configured_metric():
 
 def test_a_search_with_a_stale_table_fails_before_it_starts(net, tmp_path):
     from threempose.engine.distributed import DistContext
-    from threempose.search import SearchJob
+    from threempose.training.search_job import SearchJob
 
     random_table(net).save(tmp_path / "t.json")        # measured at 32x32
     cfg = config_from_dict({"model": TINY, "data": {"input_size": 64},
@@ -244,8 +245,8 @@ def test_blocks_and_networks_are_timed_in_the_form_inference_runs():
     """The default form is deploy.optimize_for_inference's (as Predictor runs): a block is
     optimized on its own channels-last inputs (BatchNorm folded, convs packed, same outputs,
     channels-last out for the next block), a whole network as from images; eager keeps BN."""
-    from threempose.deploy import PackedConv2d
-    from threempose.latency import FORM, feature_layout, inference_form
+    from threempose.inference.deploy import PackedConv2d
+    from threempose.measure.latency import FORM, feature_layout, inference_form
 
     assert FORM == "deploy"
     net = tiny_supernet().eval()
@@ -271,7 +272,7 @@ def test_blocks_and_networks_are_timed_in_the_form_inference_runs():
 
 def test_profile_measures_in_the_tables_form(net, tmp_path, monkeypatch):
     import threempose.latency
-    from threempose.profile import measure_latency
+    from threempose.measure.profile import measure_latency
 
     forms = []
     monkeypatch.setattr(threempose.latency, "network_ms",
@@ -295,7 +296,7 @@ SMALL = dict(rows=3, layers=4, channels=16, eels=[2], stem_blocks=0)
 @pytest.fixture(scope="module")
 def small_table(tmp_path_factory) -> Path:
     """A CPU-time table of the SMALL fabric at 64x64, measured here (one thread)."""
-    from threempose.latency import build_table
+    from threempose.measure.latency import build_table
 
     path = tmp_path_factory.mktemp("lut") / "small.json"
     build_table(ModelConfig(**SMALL), (64, 64), reps=30, timer="cpu").save(path)
@@ -312,9 +313,9 @@ def test_searches_with_two_latency_targets_end_ordered_and_within_bound(tmp_path
     from threempose.config import load_config
     from threempose.engine.distributed import DistContext
     from threempose.engine.metrics import read_metrics
-    from threempose.latency import network_ms, random_genotypes
+    from threempose.measure.latency import network_ms, random_genotypes
     from threempose.nas.genotype import CellGene, Genotype
-    from threempose.search import SearchJob
+    from threempose.training.search_job import SearchJob
 
     table = LatencyTable.load(small_table)
     model = ModelConfig(**SMALL)
@@ -359,7 +360,7 @@ def test_searches_with_two_latency_targets_end_ordered_and_within_bound(tmp_path
 
 
 def test_prediction_accuracy_against_hand_computed_values():
-    from threempose.latency import prediction_accuracy
+    from threempose.measure.latency import prediction_accuracy
 
     acc = prediction_accuracy([1.0, 2.0, 4.0, 3.0], [1.0, 2.0, 3.0, 4.0])
     assert acc["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))          # d^2 = 0 + 0 + 1 + 1
@@ -374,7 +375,7 @@ def test_predicted_latency_ranks_and_matches_measured_latency():
     """20 random genotypes of a small fabric at 64x64, one thread, CPU time, timed in the same
     interleaved rounds as the table's blocks (see :mod:`threempose.latency`): the bench's check
     at a size CI affords."""
-    from threempose.latency import build_table_and_time, prediction_accuracy, random_genotypes
+    from threempose.measure.latency import build_table_and_time, prediction_accuracy, random_genotypes
 
     model = ModelConfig(**SMALL)
     genotypes = random_genotypes(model, 20, seed=1, preference=1.0)
@@ -387,7 +388,7 @@ def test_predicted_latency_ranks_and_matches_measured_latency():
 
 
 def test_profile_prints_predicted_and_measured_latency_per_exit(tmp_path, capsys):
-    from threempose.latency import build_table
+    from threempose.measure.latency import build_table
     from threempose.profile import main as profile_main
 
     lut, genotype_path = tmp_path / "lut.json", tmp_path / "g.json"

@@ -10,8 +10,7 @@ import torch
 from scipy.spatial.distance import pdist
 
 from threempose.config import LossConfig
-from threempose.losses import (NonFiniteLossError, PoseLoss, ae_loss, flops_loss,
-                               flops_loss_scale, heatmap_loss, teacher_loss)
+from threempose.training.losses import (NonFiniteLossError, PoseLoss, ae_loss, flops_loss, flops_loss_scale, heatmap_loss, teacher_loss)
 
 
 # --------------------------------------------------------------------------- #

@@ -11,7 +11,8 @@ from threempose.config import ModelConfig
 from threempose.nas import cell as cell_module
 from threempose.nas import ops as ops_module
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Carry, Supernet
+from threempose.nas.fabric import Carry
+from threempose.nas.supernet import Supernet
 from threempose.nas.fuse_split import FuseSplit
 from threempose.nas.genotype import Genotype
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from threempose.config import CellOptions
-from threempose.flops import measure_gflops
+from threempose.util.flops import measure_gflops
 from threempose.nas.cell import AbovePath, BelowPath, Cell, CellChoice, ParallelPath
 from threempose.nas.genotype import OP_LABELS
 from threempose.nas.ops import OP_NAMES, make_op

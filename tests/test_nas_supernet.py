@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from threempose.config import CellOptions, ModelConfig
-from threempose.flops import measure_gflops
+from threempose.util.flops import measure_gflops
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
+from threempose.nas.supernet import Supernet
 from threempose.nas.genotype import INPUT_NAMES
 from threempose.nas.ops import SqueezeExcite
 

@@ -13,12 +13,12 @@ from threempose.config import load_config
 from threempose.data.synthetic import ensure_synthetic
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import read_metrics
-from threempose.evaluate import evaluate_keypoints
+from threempose.data.coco_eval import evaluate_keypoints
 from threempose.pnfs import infer as infer_cli
 from threempose.pnfs import profile as profile_cli
 from threempose.pnfs import search as search_cli
 from threempose.pnfs import train as train_cli
-from threempose.engine.search_optim import RANDOM_ARCH_STREAM
+from threempose.training.search_optim import RANDOM_ARCH_STREAM
 from threempose.pnfs.jobs import PnfsSearchJob
 from threempose.pnfs.model import PnfsArchitecture, PnfsNet, load_pnfs_model
 from threempose.pnfs.topdown_data import (

@@ -11,8 +11,8 @@ import torch
 
 from threempose.config import ConfigError, config_from_dict, load_config
 from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, save_checkpoint
-from threempose.engine.search_optim import multistep
-from threempose.flops import measure_gflops
+from threempose.training.search_optim import multistep
+from threempose.util.flops import measure_gflops
 from threempose.models.higherhrnet import HigherHRNet
 from threempose.pnfs.backbone import HRNetBackbone, MobileNetV2Backbone
 from threempose.pnfs.dispatch import pnfs_main, pnfs_requested

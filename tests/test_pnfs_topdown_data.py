@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from threempose.data.keypoints import flip_index
-from threempose.evaluate import evaluate_keypoints
+from threempose.data.coco_eval import evaluate_keypoints
 from threempose.pnfs.topdown_data import (
     TopDownCocoDataset, TopDownConfig, TopDownDataError, box_to_center_size, crop_matrix, crop_to_heatmap,
     heatmap_targets, heatmap_to_crop, invert_matrix, transform_points, warp_crop,

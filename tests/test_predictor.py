@@ -13,11 +13,10 @@ from PIL import Image
 from threempose.config import ConfigError, EELConfig, InferConfig, ModelConfig
 from threempose.decode.decoder import merge_flip
 from threempose.decode.resize import plan_resize
-from threempose.model_file import save_model_file
+from threempose.nas.model_file import save_model_file
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
-from threempose.predictor import (ImageReadError, Predictor, image_region, infer_settings, load_image,
-                                  merged_heatmaps, predict_people)
+from threempose.nas.supernet import Supernet
+from threempose.inference.predictor import (ImageReadError, Predictor, image_region, infer_settings, load_image, merged_heatmaps, predict_people)
 
 TINY_MODEL = dict(rows=2, layers=3, channels=4, eels=[1, 2], stem_blocks=0)   # exits at layers 1, 2, 3
 

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from threempose.config import ModelConfig
-from threempose.flops import count_params, measure_gflops
+from threempose.util.flops import count_params, measure_gflops
 from threempose.nas.derived import DerivedNet
-from threempose.nas.fabric import Supernet
-from threempose.profile import main, parse_input_size
+from threempose.nas.supernet import Supernet
+from threempose.profile import main
+from threempose.util.cli import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 THESIS = ROOT / "configs" / "genotypes" / "3m-pose-thesis.json"
@@ -36,11 +37,11 @@ def run_main(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_input_size_is_n_or_width_x_height():
-    assert parse_input_size("512") == (512, 512)
-    assert parse_input_size("640x480") == (480, 640)
+    assert parse_size("512") == (512, 512)
+    assert parse_size("640x480") == (480, 640)
     for bad in ("", "0", "640x", "a", "1x2x3"):
         with pytest.raises(argparse.ArgumentTypeError):
-            parse_input_size(bad)
+            parse_size(bad)
 
 
 def test_genotype_json_reports_params_and_static_gflops_per_exit(capsys, tiny_genotype):

@@ -11,10 +11,13 @@ import torch
 
 from threempose.data.keypoints import OKS_SIGMAS
 from threempose.decode.decoder import Person
+from threempose.inference import deploy
 from threempose.inference.agreement import agreement, match_people, oks
-from threempose.inference.quantize import QuantizeInputError, calibration_images, calibration_inputs
+from threempose.inference.predictor import Predictor
+from threempose.inference.quantize import (PrecisionError, QuantizeInputError, calibration_images,
+                                           calibration_inputs, check_precision)
 
-from test_predictor import random_image
+from test_predictor import random_image, tiny_infer, tiny_net
 
 
 # --------------------------------------------------------------------------- #
@@ -79,7 +82,7 @@ def test_calibration_folder_errors_are_one_line(tmp_path):
 def test_calibration_inputs_are_the_predictors_network_inputs(tmp_path):
     from PIL import Image
 
-    from threempose.predictor import prepare_image
+    from threempose.inference.predictor import prepare_image
 
     for i, (h, w) in enumerate([(100, 140), (120, 90)]):
         Image.fromarray(random_image(h, w, seed=i)).save(tmp_path / f"{i}.png")
@@ -94,11 +97,6 @@ def test_calibration_inputs_are_the_predictors_network_inputs(tmp_path):
 # --------------------------------------------------------------------------- #
 # Predictor precisions (tiny network; agreement at full size: bench/test_bench_precision.py)
 # --------------------------------------------------------------------------- #
-from threempose import deploy  # noqa: E402
-from threempose.inference.quantize import PrecisionError, check_precision  # noqa: E402
-from threempose.predictor import Predictor  # noqa: E402
-
-from test_predictor import tiny_infer, tiny_net  # noqa: E402
 
 
 def test_precision_errors_are_one_line_and_name_what_is_missing(monkeypatch):
@@ -142,7 +140,7 @@ def test_quantized_model_has_int8_per_channel_weights_and_float_heads(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from threempose.export import export_segments
+    from threempose.inference.segments import export_segments
     from threempose.inference.quantize import quantize_export
 
     net = tiny_net()

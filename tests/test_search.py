@@ -14,11 +14,12 @@ from threempose.config import load_config
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import MetricsLogger, read_metrics
 from threempose.engine.run_dir import RunDir
-from threempose.model_file import load_model_file
-from threempose.nas.fabric import Supernet
+from threempose.nas.model_file import load_model_file
+from threempose.nas.supernet import Supernet
 from threempose.nas.genotype import Genotype
-from threempose.search import SearchJob, step_seed
-from threempose.train import TrainJob
+from threempose.training.search_job import SearchJob
+from threempose.nas.dyn_egs import step_seed
+from threempose.training.train_job import TrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
 

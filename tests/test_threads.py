@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from threempose.engine.threads import (cgroup_cpu_limit, plan_threads, ranks_per_machine,
-                                       single_threaded_worker, usable_cores)
+from threempose.util.threads import (cgroup_cpu_limit, plan_threads, ranks_per_machine, single_threaded_worker, usable_cores)
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):

@@ -29,11 +29,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from threempose.cli import UserError
 from threempose.config import DataConfig
 from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.targets import supervision_mask
+from threempose.util.errors import UserError
 
 SampleKey = Union[int, tuple[int, int]]
 T = TypeVar("T")

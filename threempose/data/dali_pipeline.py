@@ -28,7 +28,7 @@ matrix agrees to float32 (~1e-5), keypoints to ~1e-4 px (so a joint within that 
 heatmap-cell boundary may land in the neighbouring cell), images by < 1 grey level
 away from the border, masks on all but a few cells where the warped mask is 1/2.
 
-The order of a pass is :class:`~threempose.data.loader.EpochSampler`'s, so
+The order of a pass is :class:`~threempose.data.sampler.EpochSampler`'s, so
 ``set_epoch(epoch, skip_batches)`` resumes a killed run with the same batches (the loader,
 not DALI, holds the state, so DALI's own checkpointing is not needed). Images Pillow cannot
 open are skipped before DALI sees them; one whose data fails in DALI's decoder (a JPEG cut
@@ -51,9 +51,9 @@ from threempose.config import ConfigError, DataConfig
 from threempose.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams
 from threempose.data.coco import CocoKeypoints, split_key
 from threempose.data.keypoints import flip_index
-from threempose.data.loader import warn_skipped
+from threempose.data.sampler import warn_skipped
 from threempose.data.targets import make_targets, supervision_mask
-from threempose.engine.threads import usable_cores
+from threempose.util.threads import usable_cores
 
 AHEAD = 1             # batches scheduled beyond the one being consumed (DALI works on it meanwhile)
 _INPUTS = ("encoded", "mask", "to_origin", "zoom", "angle", "to_crop", "points")
@@ -167,7 +167,7 @@ class _Sample(NamedTuple):
 
 class DaliLoader:
     """What :class:`~threempose.data.loader.PoseDataLoader` is for the torch backend, on DALI:
-    batches of an :class:`~threempose.data.loader.EpochSampler`'s keys, ready on ``device``
+    batches of an :class:`~threempose.data.sampler.EpochSampler`'s keys, ready on ``device``
     (:meth:`~threempose.data.loader.DataLoaders.prepare`'s move to the device is a no-op).
 
     Args:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from threempose.cli import UserError
+from threempose.util.errors import UserError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")

@@ -21,66 +21,26 @@ torch path on ``device``, normally a GPU; dali: nvJPEG decode and the GPU warp),
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from threempose.config import DataConfig
 from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints, coco_split_paths
+from threempose.data.sampler import EpochSampler, held_out_split, warn_skipped
 from threempose.data.synthetic import ensure_synthetic
-from threempose.engine.threads import single_threaded_worker
+from threempose.util.threads import single_threaded_worker
 
 if TYPE_CHECKING:
     from threempose.data.dali_pipeline import DaliLoader
 
 
 _ARCH_SPLIT_STREAM = 2**31   # numpy seed-sequence entry of the train/arch split (epochs use [seed, epoch])
-
-
-class EpochSampler(Sampler):
-    """Yields sample keys ``(index, epoch)`` in an order fixed by ``(seed, epoch)``.
-
-    Args:
-        indices: data set indices to draw from.
-        seed: order seed.
-        shuffle: permute each epoch (else keep ``indices`` order).
-        rank, world_size: this process's share (every ``world_size``-th key from
-            ``rank``, the list padded by wrapping so all ranks get the same count).
-    """
-
-    def __init__(self, indices: Sequence[int], seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.indices = list(indices)
-        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Use ``epoch``'s order, leaving out its first ``skip`` keys of this rank
-        (to resume part-way through an epoch)."""
-        self.epoch, self.skip = epoch, skip
-
-    def _per_rank(self) -> int:
-        return -(-len(self.indices) // self.world_size)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.indices
-        if self.shuffle:
-            order = [order[k] for k in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
-        if order:
-            order = (order * self.world_size)[: self._per_rank() * self.world_size]
-        mine = order[self.rank::self.world_size][self.skip:]
-        return iter([(i, self.epoch) for i in mine])
-
-    def __len__(self) -> int:
-        return max(0, self._per_rank() - self.skip)
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -112,13 +72,6 @@ class PoseDataLoader(DataLoader):
             if skipped:
                 self.skipped_files += skipped
                 warn_skipped(skipped)
-
-
-def warn_skipped(skipped: list[str]) -> None:
-    """One warning for a pass's images that failed to decode (and were replaced), by name."""
-    names = ", ".join(sorted(set(skipped)))
-    warnings.warn(f"{len(skipped)} image reads failed to decode and were replaced by other images: {names}",
-                  RuntimeWarning, stacklevel=3)
 
 
 Loader = Union[PoseDataLoader, "DaliLoader"]
@@ -154,16 +107,6 @@ class DataLoaders:
         if self.gpu_augment:
             return augment_batch(batch, self.cfg, self.device)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-
-def held_out_split(n: int, fraction: float, seed: int, stream: int) -> tuple[list[int], list[int]]:
-    """``(kept, held_out)``: sorted indices of ``range(n)`` with ``fraction`` of them (at least one)
-    held out, in a split fixed by ``(seed, stream)`` (the architecture split of a bilevel search)."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"arch_fraction must be in (0, 1), got {fraction}")
-    perm = np.random.default_rng([seed, stream]).permutation(n).tolist()
-    cut = n - max(1, round(fraction * n))
-    return sorted(perm[:cut]), sorted(perm[cut:])
 
 
 def split_paths(cfg: DataConfig, progress: bool) -> tuple[Path, Path, Path, Path]:

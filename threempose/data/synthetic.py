@@ -47,10 +47,10 @@ from pycocotools import mask as mask_utils
 from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
-from threempose.atomic import atomic_open, atomic_write_json, default_mode
-from threempose.cli import entry_point
 from threempose.config import SyntheticConfig
 from threempose.data.keypoints import COCO_PERSON_CATEGORY, NUM_JOINTS
+from threempose.util.cli import entry_point
+from threempose.util.files import atomic_open, atomic_write_json, default_mode
 
 GENERATOR_VERSION = 2          # bump when the drawing changes, so caches are rebuilt
 JPEG_QUALITY = 95

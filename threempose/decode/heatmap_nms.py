@@ -13,7 +13,7 @@ Non-positive survivors are left alone (they can never pass the detection
 threshold, which is >= 0). Unlike ``torch.topk``, ties in the top-k are broken
 deterministically too: equal values are taken in increasing row-major pixel index.
 
-:func:`top_k_candidates` runs the C++ extension ``threempose._nms``
+:func:`top_k_candidates` runs the C++ extension ``threempose._heatmap_nms``
 (``csrc/nms.cpp``, one pass per joint map, no full-size temporaries) when it was
 built, and this module's NumPy code (the reference) otherwise; both give the same
 candidates.
@@ -29,7 +29,7 @@ import torch
 from threempose.decode.projection import ProjectedTags
 
 try:  # built by `pip install` from csrc/nms.cpp (optional: see setup.py)
-    from threempose import _nms as _NATIVE  # type: ignore[attr-defined]
+    from threempose import _heatmap_nms as _NATIVE
 except ImportError:  # pragma: no cover - depends on the install
     _NATIVE = None
 
@@ -162,7 +162,7 @@ def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def native_nms_available() -> bool:
-    """True when the C++ extension ``threempose._nms`` was built and imports."""
+    """True when the C++ extension ``threempose._heatmap_nms`` was built and imports."""
     return _NATIVE is not None
 
 
@@ -183,7 +183,7 @@ def top_k_peaks(heatmaps: np.ndarray, k: int, nms_kernel: int,
     if det.ndim != 3:
         raise ValueError(f"heatmaps must be [J, h, w], got shape {det.shape}")
     if backend == "native" and _NATIVE is None:
-        raise ImportError("the native NMS extension threempose._nms is not built; reinstall with a "
+        raise ImportError("the native NMS extension threempose._heatmap_nms is not built; reinstall with a "
                           "C++17 compiler available: pip install -e .")
     if backend != "reference" and _NATIVE is not None:
         return _NATIVE.top_k_peaks(det, nms_kernel, k)

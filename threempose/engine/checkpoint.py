@@ -1,7 +1,7 @@
 """Atomic, tagged checkpoints.
 
 A checkpoint is a dict saved with ``torch.save`` through a temporary file and a
-rename (:func:`threempose.atomic.atomic_torch_save`), so an interrupted save
+rename (:func:`threempose.util.files.atomic_torch_save`), so an interrupted save
 leaves the previous file intact. It carries a format tag checked on load.
 
 What a resumable run puts in ``state`` (the caller's choice of keys; these are
@@ -26,8 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from threempose.atomic import atomic_torch_save
-from threempose.cli import UserError
+from threempose.util.errors import UserError
+from threempose.util.files import atomic_torch_save
 
 FORMAT = "threempose-checkpoint"
 VERSION = 1

@@ -3,7 +3,7 @@
 :class:`EpochJob` owns what every run does the same way: the run directory
 (created by rank 0 and shared with the other ranks), resuming from its last
 checkpoint, the progress bar, metrics every ``run.log_every`` steps, a NaN
-guard (the loss raises :class:`~threempose.losses.NonFiniteLossError`), and a
+guard (the loss raises :class:`~threempose.training.losses.NonFiniteLossError`), and a
 checkpoint at the end of every epoch. A job (``SearchJob``, ``TrainJob``)
 provides the model-specific parts:
 
@@ -25,7 +25,7 @@ import abc
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,19 @@ class EpochJob(abc.ABC):
             dist.broadcast_object_list(box, src=0)
             path = box[0]
         return RunDir(path)
+
+    def pin_input(self, run_dir: RunDir, name: str, given: Any, load: Callable[[Path], Any], option: str) -> None:
+        """Keep a training run's fixed input (a genotype, a PNFS architecture) as the artifact
+        ``name`` of ``run_dir``; a ``--resume`` with a different one is a :class:`RunDirError`
+        naming the saved file for ``option``. ``given`` and ``load(path)`` have ``to_dict``
+        and ``save(path)``. Rank 0 only (it alone writes the run directory)."""
+        if not self.ctx.is_main:
+            return
+        saved = run_dir.artifact(name)
+        if saved.is_file() and load(saved).to_dict() != given.to_dict():
+            raise RunDirError(f"{run_dir.path} trained a different {name.split('.')[0]} than the one given; "
+                              f"pass {option} {saved}")
+        given.save(saved)
 
     def warn_thread_change(self, run_dir: RunDir) -> None:
         """Say so when this continuation of ``run_dir`` runs with another intra-op thread count

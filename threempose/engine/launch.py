@@ -9,11 +9,11 @@ import argparse
 import sys
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from threempose.cli import check_output_dir
 from threempose.config import Config, check_config_command, load_config
 from threempose.engine.distributed import DistContext, init_distributed
 from threempose.engine.job import EpochJob
-from threempose.engine.threads import apply_threads
+from threempose.util.cli import check_output_dir
+from threempose.util.threads import apply_threads
 
 
 def job_arguments(prog: str, description: str) -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from threempose.atomic import atomic_open
 from threempose.engine.run_dir import RunDir
+from threempose.util.files import atomic_open
 
 
 class MetricsLogger:

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from threempose.atomic import atomic_open, atomic_write_json, remove_stale_temporaries
-from threempose.cli import UserError
 from threempose.config import Config, config_to_dict
 from threempose.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from threempose.util.errors import UserError
+from threempose.util.files import atomic_open, atomic_write_json, remove_stale_temporaries
 
 # Config keys that may change between a run and its resumption (dotted paths). The loader's
 # worker count does not change results; a different run.threads does (EpochJob warns).

@@ -150,3 +150,12 @@ class WeightOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def train_optimizer(net: nn.Module, cfg: Config, ctx: DistContext) -> tuple[WeightOptimizer, Any]:
+    """The optimizer and schedule of a training run (thesis §4.1 "Training"; PNFS' training):
+    Adam at ``train.lr`` over every weight of ``net``, clipped at ``train.grad_clip``, decayed by
+    ``train.lr_gamma`` at ``train.lr_milestones`` (epochs). Returns ``(weights, scheduler)``."""
+    t = cfg.train
+    weights = WeightOptimizer(net, [{"params": list(net.parameters()), "lr": t.lr}], cfg, ctx, grad_clip=t.grad_clip)
+    return weights, torch.optim.lr_scheduler.MultiStepLR(weights.optimizer, t.lr_milestones, t.lr_gamma)

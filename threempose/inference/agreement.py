@@ -73,7 +73,7 @@ class Agreement:
 
 def agreement(reference: Sequence, other: Sequence, min_score: float = 0.0,
               min_match_oks: float = MIN_MATCH_OKS) -> Agreement:
-    """Compare two lists of :class:`~threempose.predictor.Prediction` (same images, same
+    """Compare two lists of :class:`~threempose.inference.predictor.Prediction` (same images, same
     order): module docstring."""
     if len(reference) != len(other) or not reference:
         raise ValueError(f"agreement needs predictions of the same images, got {len(reference)} and {len(other)}")

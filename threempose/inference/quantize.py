@@ -20,8 +20,8 @@ written as a QDQ model by ``onnxruntime.quantization.quantize_static``:
   decoding read float32 maps (a per-tensor uint8 heatmap would keep only ~255 levels between
   the tag extremes).
 
-The output directory is an export like :func:`threempose.export.export_segments`' (the same
-metadata with ``"precision": "int8"`` and ``"formats": ["onnx"]``, the ``exitN.onnx`` files
+The output directory is an export like :func:`~threempose.inference.segments.export_segments`'
+(the same metadata with ``"precision": "int8"`` and ``"formats": ["onnx"]``, the ``exitN.onnx`` files
 quantized), written to a temporary directory beside it and renamed, so it appears complete or
 not at all.
 
@@ -42,8 +42,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from threempose.cli import UserError
 from threempose.data.image_io import ImageReadError, read_image
+from threempose.util.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "int8")
 MAX_CALIBRATION_IMAGES = 32          # more adds time and memory, hardly accuracy (MinMax ranges)
@@ -63,9 +63,9 @@ def check_precision(precision: str, calibration: Optional[str | os.PathLike] = N
                     device: str = "cpu") -> None:
     """Raise :class:`PrecisionError` (one line naming what is missing) unless ``precision``
     (one of :data:`PRECISIONS`) can run here on ``device``: bf16 needs CUDA or a CPU with
-    native bf16 (:func:`threempose.deploy.cpu_bf16_missing`); int8 needs calibration images, the
+    native bf16 (:func:`threempose.inference.deploy.cpu_bf16_missing`); int8 needs calibration images, the
     CPU and onnxruntime's quantization tools."""
-    from threempose.deploy import cpu_bf16_missing
+    from threempose.inference.deploy import cpu_bf16_missing
 
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -109,10 +109,10 @@ def calibration_images(folder: str | os.PathLike, limit: int = MAX_CALIBRATION_I
 
 
 def calibration_inputs(images: Sequence[np.ndarray], short_side: int) -> list[np.ndarray]:
-    """The network inputs of ``images`` as :class:`~threempose.predictor.Predictor` prepares
+    """The network inputs of ``images`` as :class:`~threempose.inference.predictor.Predictor` prepares
     them (short side ``short_side``, padded to a multiple of 32, normalised): float32
     ``[1, 3, H, W]`` each."""
-    from threempose.predictor import prepare_image
+    from threempose.inference.predictor import prepare_image
 
     return [prepare_image(image, short_side, "cpu")[0].numpy() for image in images]
 
@@ -174,7 +174,7 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
         import onnxruntime.quantization  # noqa: F401
     except ImportError:
         raise QuantizeInputError(ORT_QUANT_MISSING) from None
-    from threempose.export import META_FILE, _replace_dir, _umask, read_metadata, segment_specs
+    from threempose.inference.segments import META_FILE, _replace_dir, _umask, read_metadata, segment_specs
 
     src, out = Path(src), Path(out)
     meta = read_metadata(src)
@@ -212,11 +212,10 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
 def quantize_network(net, infer: dict, images: Sequence[np.ndarray], short_side: int,
                      threads: Optional[int] = None):
     """``net`` (a :class:`~threempose.nas.derived.DerivedNet`) as int8 onnxruntime segments
-    (:class:`~threempose.runtime.ExportedSegments`): exported to ONNX and quantized
+    (:class:`~threempose.inference.segments.ExportedSegments`): exported to ONNX and quantized
     (:func:`quantize_export`) in a temporary directory, calibrated on ``images`` prepared at
     ``short_side``, loaded, and the files removed."""
-    from threempose.export import export_segments
-    from threempose.runtime import load_segments
+    from threempose.inference.segments import export_segments, load_segments
 
     with tempfile.TemporaryDirectory(prefix="threempose-int8-") as tmp:
         fp32 = export_segments(net, Path(tmp) / "fp32", infer, formats=["onnx"])

@@ -42,7 +42,6 @@ from torch import Tensor, nn
 
 from threempose.config import TeacherConfig
 from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, check_state_dict
-from threempose.flops import count_params, model_gflops
 from threempose.models.hrnet_blocks import (
     BN_MOMENTUM,
     BasicBlock,
@@ -52,6 +51,7 @@ from threempose.models.hrnet_blocks import (
     make_res_layer,
     make_transition,
 )
+from threempose.util.flops import count_params, model_gflops
 
 __all__ = [
     "HigherHRNet", "higherhrnet_w32", "load_weights", "unwrap_state_dict",
@@ -368,7 +368,7 @@ def load_teacher(cfg: TeacherConfig, device: str | torch.device | None = None) -
 
 
 def profile_higherhrnet(input_hw: int | tuple[int, int] = 512) -> dict[str, float]:
-    """Parameters (millions) and GFLOPs (multiply-adds, :mod:`threempose.flops`) of
+    """Parameters (millions) and GFLOPs (multiply-adds, :mod:`threempose.util.flops`) of
     HigherHRNet-W32 on one [1,3,H,W] image. At 512x512: 28.65 M, 46.2 G."""
     h, w = (input_hw, input_hw) if isinstance(input_hw, int) else input_hw
     model = higherhrnet_w32()

@@ -1,7 +1,7 @@
 """What a network costs: analytic multiply-adds of its blocks, and the expected
 GFLOPs (thesis §3.4, the FLOPs constraint) or expected latency of a sampled architecture.
 
-Convention (see :mod:`threempose.flops`): one multiply-add is ONE FLOP, and only
+Convention (see :mod:`threempose.util.flops`): one multiply-add is ONE FLOP, and only
 what ``torch.utils.flop_counter.FlopCounterMode`` counts is counted, i.e.
 convolutions and matrix products. Pooling, BatchNorm, activations, element-wise
 products and bilinear resampling cost 0. Every block of the search space has a

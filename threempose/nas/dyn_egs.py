@@ -153,3 +153,12 @@ def _topk_straight_through(logits: Tensor, k: int, tau: float) -> Tensor:
     hard = (rank < k).to(logits.dtype)
     soft = (logits / tau).softmax(dim=1)
     return hard + (soft - soft.detach())
+
+
+ARCH_SEED_STRIDE = 1_000_003
+
+
+def step_seed(run_seed: int, global_step: int, phase: int) -> int:
+    """The Gumbel seed of one forward: a function of (run seed, step, phase) only, so every
+    rank (and a resumed run) draws the same architecture. ``phase`` 0 = weights, 1 = arch."""
+    return (run_seed * ARCH_SEED_STRIDE + 2 * global_step + phase) % MAX_SEED

@@ -48,11 +48,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from threempose.atomic import atomic_open
-from threempose.cli import UserError
 from threempose.config import CellOptions
-from threempose.json_file import read_json_file
 from threempose.nas.ops import OP_NAMES
+from threempose.util.errors import UserError
+from threempose.util.files import atomic_open, read_json_file
 
 GENOTYPE_FORMAT = "threempose.genotype/1"
 INPUT_NAMES: tuple[str, ...] = ("above", "parallel", "below")

@@ -2,7 +2,7 @@
 search, as FBNet / ProxylessNAS do for classification).
 
 A :class:`LatencyTable` is a :class:`~threempose.nas.cost.BlockCosts` in ms: the supernet's
-:meth:`~threempose.nas.fabric.Supernet.cost_table` and a network's
+:meth:`~threempose.nas.supernet.Supernet.cost_table` and a network's
 :meth:`~threempose.nas.fabric.FabricNet.exit_costs` price blocks with it exactly as they do
 with multiply-adds, so the predicted latency of a network is the sum of its blocks' medians
 (plus the element-wise sums of its cells, see :mod:`threempose.nas.cost`).
@@ -20,7 +20,7 @@ threempose.latency`` and records how and where it was measured::
      "calibration": 1.04}
 
 A prediction is ``calibration * sum of the blocks' entries``: ``calibration`` is measured
-on whole reference networks when the table is built (:func:`threempose.latency.build_table`).
+on whole reference networks when the table is built (:func:`threempose.measure.latency.build_table`).
 
 A table only prices the fabric, ops and input size it was measured for: the checks
 (:meth:`LatencyTable.check_fabric`, :meth:`~LatencyTable.check_input_size`,
@@ -37,11 +37,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from threempose.atomic import atomic_write_json
-from threempose.cli import UserError
-from threempose.json_file import read_json_file
 from threempose.nas.cost import BlockCosts
 from threempose.nas.fuse_split import Fuse, Head, Split
+from threempose.nas.stem import Stem
+from threempose.util.errors import UserError
+from threempose.util.files import atomic_write_json, read_json_file
 
 FORMAT = 1
 FABRIC_KEYS = ("rows", "layers", "channels", "hidden", "eels", "fuse_split", "stem_blocks", "num_joints")
@@ -80,8 +80,6 @@ def add_key(channels: int, hw: tuple[int, int]) -> str:
 
 def block_key(module: nn.Module, hw: tuple[int, int]) -> str:
     """The stem (``hw``: the image), a Fuse, a Split or a head (``hw``: row 0's size)."""
-    from threempose.nas.fabric import Stem
-
     if isinstance(module, Stem):
         return f"stem:blocks{len(module.blocks)}:C{module.proj[0].out_channels}:{_hw(hw)}"
     if isinstance(module, Fuse):

@@ -5,7 +5,7 @@ Building blocks:
 * :mod:`~threempose.pnfs.parts` — Table I body-part groupings (P = 1, 3, 5, 8) and the
   merge of shared keypoints;
 * :mod:`~threempose.pnfs.vector_head` — vector in pixel: head, squash and its inverse, Eq. 6 loss;
-* :mod:`~threempose.pnfs.settings` — ``TopDownConfig`` (the config's ``pnfs.topdown`` section);
+* :mod:`~threempose.config` — ``TopDownConfig`` (the config's ``pnfs.topdown`` section);
 * :mod:`~threempose.pnfs.topdown_data` — person crops, augmentation, targets;
 * :mod:`~threempose.pnfs.topdown_decode` — decoding, flip test, OKS-NMS, COCO results;
 * :mod:`~threempose.pnfs.pckh` — PCKh@0.5 / @0.1 for MPII-style annotations (also a CLI).
@@ -18,12 +18,12 @@ Networks (on :mod:`threempose.nas`' cells, ops, architecture parameters and samp
 * :mod:`~threempose.pnfs.model` — ``PnfsNet`` (backbone + P part CNFs + heads), architecture
   files, model files, params / GFLOPs per crop.
 
-Runs: :mod:`~threempose.pnfs.jobs` (search and train jobs), :mod:`~threempose.pnfs.inference`
+Runs: :mod:`~threempose.pnfs.jobs` (search and train jobs), :mod:`~threempose.pnfs.topdown_predict`
 (loaders, flip-test prediction, validation AP), and the commands ``python -m threempose.pnfs.search``,
 ``.train``, ``.infer``, ``.profile`` (:mod:`~threempose.pnfs.dispatch` lets the main commands run them).
 
 The names below are imported on first use, so that ``python -m threempose.pnfs.pckh``
-(and :mod:`threempose.config`, which imports ``settings``) does not load torch.
+does not load torch.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ _EXPORTS = {
     "parts": ("merge_part_outputs", "part_groups", "part_names", "parts_per_joint"),
     "vector_head": ("VectorInPixelHead", "expected_length", "part_scores", "pnfs_loss", "squash",
                     "squash_length", "unsquash"),
-    "settings": ("TopDownConfig",),
     "topdown_data": ("TopDownCocoDataset", "TopDownDataError"),
     "topdown_decode": ("coco_results", "decode_crops", "flip_back", "oks_nms"),
     "pckh": ("evaluate_pckh",),

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from threempose.engine.checkpoint import CheckpointError, check_state_dict
 from threempose.models.higherhrnet import HigherHRNet, unwrap_state_dict
 from threempose.models.hrnet_blocks import apply_transition
-from threempose.nas.fabric import Stem
+from threempose.nas.stem import Stem
 from threempose.pnfs.cnf import FixedFabric, SearchableFabric
 
 

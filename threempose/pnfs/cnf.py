@@ -40,10 +40,16 @@ from threempose.config import CellOptions
 from threempose.nas.cell import Cell, CellChoice
 from threempose.nas.dyn_egs import MAX_SEED, SAMPLING_MODES, ArchParameters, ArchSample, SamplingMode
 from threempose.nas.genotype import (
-    INPUT_NAMES, ROW_STEP, CellGene, FabricLayout, Genotype, GenotypeError, edge_endpoints,
+    INPUT_NAMES,
+    ROW_STEP,
+    CellGene,
+    FabricLayout,
+    Genotype,
+    GenotypeError,
+    edge_endpoints,
 )
-from threempose.nas.fabric import sample_weights
 from threempose.nas.ops import OP_NAMES
+from threempose.nas.supernet import sample_weights
 
 
 # --------------------------------------------------------------------------- #

@@ -8,7 +8,7 @@
 Every person box (the annotated ones, or ``--detections``' person boxes scoring at least the
 model's ``topdown.detection_threshold``) is cropped as in training (``pnfs.topdown``), run with
 flip test (unless ``--no-flip``), decoded (longest vector, quarter offset), rescored and
-OKS-NMS'd per image (:func:`threempose.pnfs.inference.predict_results`). The results file is
+OKS-NMS'd per image (:func:`threempose.pnfs.topdown_predict.predict_results`). The results file is
 what ``python -m threempose.evaluate`` scores; ``--evaluate`` prints that table too (the
 annotation file is the ground truth). ``python -m threempose.infer`` runs this when the
 checkpoint is a PNFS model.
@@ -29,13 +29,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from threempose.atomic import atomic_open
-from threempose.cli import check_output_file, entry_point
-from threempose.evaluate import evaluate_keypoints, format_table
-from threempose.pnfs.inference import predict_results
+from threempose.config import TopDownConfig
+from threempose.data.coco_eval import evaluate_keypoints, format_table
 from threempose.pnfs.model import PnfsNet, load_pnfs_model
-from threempose.pnfs.settings import TopDownConfig
 from threempose.pnfs.topdown_data import TopDownCocoDataset
+from threempose.pnfs.topdown_predict import predict_results
+from threempose.util.cli import check_output_file, entry_point
+from threempose.util.files import atomic_open
 
 
 def predict_file(net: PnfsNet, cfg: TopDownConfig, annotations: Union[str, Path], images: Union[str, Path],

@@ -43,18 +43,23 @@ from threempose.config import Config
 from threempose.engine.distributed import DistContext
 from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
-from threempose.engine.run_dir import RunDir, RunDirError
-from threempose.engine.search_optim import SearchOptimizers, multistep
-from threempose.engine.weights import WeightOptimizer
+from threempose.engine.run_dir import RunDir
+from threempose.engine.weights import train_optimizer
 from threempose.kernels import set_backend
-from threempose.losses import NonFiniteLossError
-from threempose.nas.dyn_egs import gumbel_tau
-from threempose.pnfs.inference import TopDownLoaders, build_topdown_loaders, validation_ap
+from threempose.nas.dyn_egs import gumbel_tau, step_seed
 from threempose.pnfs.model import (
-    PnfsArchitecture, PnfsNet, check_pnfs_config, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
+    PnfsArchitecture,
+    PnfsNet,
+    check_pnfs_config,
+    load_pnfs_model,
+    profile_pnfs,
+    pruned_network,
+    save_pnfs_model,
 )
+from threempose.pnfs.topdown_predict import TopDownLoaders, build_topdown_loaders, validation_ap
 from threempose.pnfs.vector_head import pnfs_loss
-from threempose.search import step_seed
+from threempose.training.losses import NonFiniteLossError
+from threempose.training.search_optim import SearchOptimizers, multistep
 
 ARCHITECTURE_FILE = "architecture.json"
 
@@ -206,7 +211,6 @@ class PnfsTrainJob(_TopDownJob):
 
     def __init__(self, cfg: Config, ctx: DistContext, architecture: PnfsArchitecture, init: Optional[str] = None):
         super().__init__(cfg, ctx, cfg.train.epochs)
-        t = cfg.train
         self.architecture = architecture
         torch.manual_seed(cfg.run.seed)
         self.net = PnfsNet(cfg, architecture).to(self.device)
@@ -217,18 +221,11 @@ class PnfsTrainJob(_TopDownJob):
                                  f"{ARCHITECTURE_FILE} of the run that wrote it")
             self.net.load_state_dict(start.state_dict())
         self.ctx.broadcast_([p.data for p in self.net.parameters()])      # before DeepSpeed copies them
-        self.weights = WeightOptimizer(self.net, [{"params": list(self.net.parameters()), "lr": t.lr}], cfg, ctx,
-                                       grad_clip=t.grad_clip)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.weights.optimizer, t.lr_milestones, t.lr_gamma)
+        self.weights, self.scheduler = train_optimizer(self.net, cfg, ctx)
 
     def open_run_dir(self, resume: Optional[str]) -> RunDir:
         run_dir = super().open_run_dir(resume)
-        saved = run_dir.artifact(ARCHITECTURE_FILE)
-        if self.ctx.is_main:
-            if resume and saved.is_file() and PnfsArchitecture.load(saved).to_dict() != self.architecture.to_dict():
-                raise RunDirError(f"{run_dir.path} trained a different architecture than the one given; "
-                                  f"pass --architecture {saved}")
-            self.architecture.save(saved)
+        self.pin_input(run_dir, ARCHITECTURE_FILE, self.architecture, PnfsArchitecture.load, "--architecture")
         return run_dir
 
     def epoch_batches(self, epoch: int) -> tuple[Iterable[Any], int]:

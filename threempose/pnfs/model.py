@@ -25,12 +25,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from threempose.atomic import atomic_open
 from threempose.config import Config, ConfigError, config_from_dict, config_to_dict
 from threempose.data.keypoints import NUM_JOINTS
 from threempose.engine.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
-from threempose.flops import measure_gflops
-from threempose.json_file import read_json_file
 from threempose.nas.dyn_egs import MAX_SEED
 from threempose.nas.genotype import GenotypeError
 from threempose.nas.ops import conv_bn
@@ -38,6 +35,8 @@ from threempose.pnfs.backbone import FabricBackbone, HRNetBackbone, MobileNetV2B
 from threempose.pnfs.cnf import FabricArchitecture, FixedFabric, PyramidGenotype, SearchableFabric, input_rows
 from threempose.pnfs.parts import part_groups, part_names
 from threempose.pnfs.vector_head import VectorInPixelHead, part_scores
+from threempose.util.files import atomic_open, read_json_file
+from threempose.util.flops import measure_gflops
 
 ARCHITECTURE_FORMAT = "threempose.pnfs-architecture/1"
 MODEL_KIND = "pnfs-model"
@@ -329,7 +328,7 @@ def is_pnfs_model_file(path: Union[str, Path]) -> bool:
 
 
 def profile_pnfs(net: PnfsNet, input_hw: tuple[int, int]) -> dict[str, Any]:
-    """Parameters and GFLOPs (multiply-adds, :mod:`threempose.flops`) of one ``H x W`` crop.
+    """Parameters and GFLOPs (multiply-adds, :mod:`threempose.util.flops`) of one ``H x W`` crop.
 
     Architecture parameters are not counted. A searchable network is measured as it runs
     (``dense``: every op and input of every live cell). Returns ``{"params_m", "gflops",

@@ -40,7 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from threempose.cli import UserError, entry_point
+from threempose.util.cli import entry_point
+from threempose.util.errors import UserError
 
 MPII_JOINT_NAMES = (
     "right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle",

@@ -5,7 +5,7 @@
     python -m threempose.pnfs.profile --checkpoint runs/.../model.pt --json      # a trained model
     python -m threempose.pnfs.profile --config C.json --input-size 192x256       # another crop (WxH)
 
-GFLOPs are multiply-adds for one crop (:mod:`threempose.flops`: FlopCounterMode / 2), at the
+GFLOPs are multiply-adds for one crop (:mod:`threempose.util.flops`: FlopCounterMode / 2), at the
 config's crop size unless ``--input-size`` is given; the detector's cost is not included (as in
 PNFS). The search space is measured as it runs in ``dense`` mode: every op and input of every
 cell that reaches an output. Architecture parameters are not counted. ``python -m
@@ -18,21 +18,9 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
-from threempose.cli import entry_point
 from threempose.config import load_config
 from threempose.pnfs.model import PnfsArchitecture, PnfsNet, load_pnfs_model, profile_pnfs
-
-
-def parse_crop_size(text: str) -> tuple[int, int]:
-    """``"288x384"`` (width x height) -> ``(384, 288)`` as ``(H, W)``."""
-    parts = text.lower().split("x")
-    try:
-        w, h = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"crop size must be WxH (e.g. 288x384), got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"crop size must be positive, got {text!r}")
-    return h, w
+from threempose.util.cli import entry_point, parse_size
 
 
 def format_profile(title: str, report: dict[str, Any]) -> str:
@@ -55,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     what.add_argument("--config", help="a PNFS config (pnfs.enabled): profile its search space")
     what.add_argument("--checkpoint", help="a PNFS model.pt: profile the trained network")
     parser.add_argument("--architecture", help="with --config: profile this searched architecture instead")
-    parser.add_argument("--input-size", type=parse_crop_size, help="crop WxH (default: the config's pnfs.topdown)")
+    parser.add_argument("--input-size", type=parse_size, help="crop WxH (default: the config's pnfs.topdown)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.architecture and not args.config:

@@ -22,9 +22,9 @@ if __name__ == "__main__" and not __package__:
 import sys
 from typing import Optional
 
-from threempose.cli import entry_point
 from threempose.engine.launch import job_arguments, run_job
 from threempose.pnfs.jobs import PnfsSearchJob
+from threempose.util.cli import entry_point
 
 
 @entry_point

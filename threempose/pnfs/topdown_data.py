@@ -40,12 +40,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from threempose.cli import UserError
+from threempose.config import TopDownConfig
 from threempose.data.augment import normalize
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.keypoints import NUM_JOINTS, flip_index
 from threempose.data.targets import render_heatmaps, target_cells
-from threempose.pnfs.settings import TopDownConfig
+from threempose.util.errors import UserError
 
 
 class TopDownDataError(UserError, ValueError):
@@ -351,7 +351,7 @@ class TopDownCocoDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Sample ``key``: an index (augmented as in the epoch of :meth:`set_epoch`) or an
-        ``(index, epoch)`` pair, as :class:`threempose.data.loader.EpochSampler` yields."""
+        ``(index, epoch)`` pair, as :class:`threempose.data.sampler.EpochSampler` yields."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         cfg, sample = self.cfg, self.samples[index]
         scale, rotation, flip = self._augmentation(index, epoch)

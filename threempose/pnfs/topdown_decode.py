@@ -11,7 +11,7 @@
 * :func:`coco_results` rescores each person (box score x mean score of its joints
   above ``keypoint_threshold``, as HRNet does), runs OKS-NMS per image
   (:func:`oks_nms`, G-RMI/HRNet) and writes COCO keypoint results entries that
-  :func:`threempose.evaluate.evaluate_keypoints` scores.
+  :func:`threempose.data.coco_eval.evaluate_keypoints` scores.
 """
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ if __name__ == "__main__" and not __package__:
 import sys
 from typing import Optional
 
-from threempose.cli import entry_point
 from threempose.engine.launch import job_arguments, run_job
 from threempose.pnfs.jobs import PnfsTrainJob
 from threempose.pnfs.model import PnfsArchitecture
+from threempose.util.cli import entry_point
 
 
 @entry_point

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from threempose.atomic import atomic_open
 from threempose.data.keypoints import JOINT_NAMES, NUM_JOINTS, SKELETON
+from threempose.util.files import atomic_open
 
 # Hue bands (degrees) per body side; limbs of a side are spread evenly over its band.
 _HUE_BANDS = {"left": (0.0, 55.0), "right": (190.0, 255.0), "centre": (95.0, 150.0)}

@@ -55,7 +55,7 @@ def build_teacher(cfg: LossConfig, device: torch.device) -> Optional[Teacher]:
                                 "set loss.teacher_weight to 0")
     if t.model == "higherhrnet-w32":
         return Teacher(load_teacher(t, device), list(t.layers))
-    from threempose.model_file import load_model_file
+    from threempose.nas.model_file import load_model_file
 
     net, _ = load_model_file(t.checkpoint, device)
     for p in net.parameters():

@@ -21,10 +21,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from threempose.atomic import atomic_torch_save
 from threempose.config import Config
 from threempose.engine.distributed import DistContext
 from threempose.engine.weights import WeightOptimizer, amp_grad_scaler
+from threempose.util.files import atomic_torch_save
 
 RANDOM_ARCH_STREAM = 12345        # seed offset of the random strategy's architecture draw
 

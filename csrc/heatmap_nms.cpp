@@ -125,7 +125,7 @@ py::tuple py_top_k_peaks(py::array_t<float, py::array::c_style | py::array::forc
 
 }  // namespace
 
-PYBIND11_MODULE(_nms, m) {
+PYBIND11_MODULE(_heatmap_nms, m) {
   m.doc() = "Native heatmap NMS and top-k (see threempose/decode/heatmap_nms.py).";
   m.def("top_k_peaks", &py_top_k_peaks, py::arg("det"), py::arg("kernel"), py::arg("k"),
         "NMS (one pixel per plateau) and the k best pixels per joint: f32[J,h,w] -> (f32[J,K], i64[J,K]).");

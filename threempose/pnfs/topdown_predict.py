@@ -8,7 +8,7 @@
 * :func:`predict_results` — those keypoints rescored, OKS-NMS'd and written as COCO results
   (:func:`threempose.pnfs.topdown_decode.coco_results`).
 * :func:`validation_ap` — COCO OKS AP/AR of a network on the crops of the first ``n`` val
-  images, through :func:`threempose.evaluate.evaluate_keypoints`.
+  images, through :func:`threempose.data.coco_eval.evaluate_keypoints`.
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from threempose.config import Config
-from threempose.data.loader import EpochSampler, held_out_split, split_paths
-from threempose.engine.threads import single_threaded_worker
-from threempose.evaluate import evaluate_keypoints
-from threempose.pnfs.settings import TopDownConfig
+from threempose.config import Config, TopDownConfig
+from threempose.data.coco_eval import evaluate_keypoints
+from threempose.data.loader import split_paths
+from threempose.data.sampler import EpochSampler, held_out_split
 from threempose.pnfs.topdown_data import TopDownCocoDataset
 from threempose.pnfs.topdown_decode import coco_results, decode_crops, flip_back
+from threempose.util.threads import single_threaded_worker
 
 # images [N, 3, H, W] -> merged scores [N, 17, H/4, W/4]
 ScoreFn = Callable[[Tensor], Tensor]

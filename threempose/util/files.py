@@ -1,10 +1,15 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename.
+"""Files the project writes and reads: atomic writes, and the one JSON reader.
+
+Atomic file writes: write to a temporary file beside the target, then rename.
 
 A crash or an exception mid-write never leaves a half-written output file. The file gets the
 permissions a plain ``open(path, "w")`` would give it (an existing target's mode, else
 ``0o666`` minus the umask), not the temporary file's private ``0o600``. A process killed
 mid-write leaves its temporary file (``.<name>.<random>.tmp``, see :data:`TEMP_GLOB`);
 :func:`remove_stale_temporaries` deletes those.
+
+:func:`read_json_file` reads a JSON file a user names (a genotype, an architecture, a latency
+table), with one clear error for a missing file or invalid JSON.
 """
 from __future__ import annotations
 
@@ -13,8 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, IO
-
+from typing import IO, Any, Iterator
 
 TEMP_GLOB = ".*.tmp"      # names of atomic_open's temporary files (and of staged folders)
 
@@ -86,3 +90,15 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def read_json_file(path: str | Path, error: type[Exception], what: str, hint: str = "") -> Any:
+    """The parsed content of ``path``; ``error`` when it is missing (``"<what> not found:
+    <path>"`` plus ``hint``) or is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON: {e}") from None

@@ -12,51 +12,29 @@ Each ``main`` of ``search``, ``train``, ``infer``, ``evaluate``, ``profile``, ``
 * any other exception keeps its traceback (it is a bug to report).
 
 A command that imports torch also gets its thread pool sized by
-:mod:`threempose.engine.threads` before it starts (``search`` and ``train`` size it again from
+:mod:`threempose.util.threads` before it starts (``search`` and ``train`` size it again from
 their config's ``run.threads``).
 
 Under a distributed launcher every rank exits 2, only rank 0 prints, and the process group
 is torn down first (without a barrier: the other ranks may be inside another collective).
 
 :func:`check_output_file` and :func:`check_output_dir` let a command refuse an output path
-it could not write before it starts any work.
+it could not write before it starts any work; :func:`parse_size` reads ``--input-size``.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-EXIT_USER_ERROR = 2
+from threempose.util.errors import EXIT_USER_ERROR, OutputPathError, user_error_message
+from threempose.util.threads import apply_threads
+
 DEBUG_ENV = "THREEMPOSE_DEBUG"
 DEBUG_FLAG = "--debug"
-
-# OS errors that name a path the user gave (not a failing disk or a bug).
-_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-
-
-class UserError(Exception):
-    """An error the user can fix from its message alone: commands print it as one line and
-    exit 2. The project's input errors subclass it (``ConfigError``, ``GenotypeError``,
-    ``CheckpointError``, ``RunDirError``, ``AnnotationError``, ``ImageReadError`` ...)."""
-
-
-class OutputPathError(UserError):
-    """An output path that cannot be written (a directory, a parent that is a file ...)."""
-
-
-def user_error_message(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> Optional[str]:
-    """The one-line report of ``exc`` when it is a user's error (or one of the types ``also``),
-    else None."""
-    if isinstance(exc, (UserError, *also)):
-        return str(exc)
-    if isinstance(exc, _PATH_ERRORS):
-        if exc.filename is not None and exc.strerror:
-            return f"{exc.filename}: {exc.strerror}"
-        return str(exc)
-    return None
 
 
 def debug_requested() -> bool:
@@ -95,8 +73,6 @@ def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException
         torch = sys.modules.get("torch")      # a command that computes: size torch's thread pool
         threads = torch.get_num_threads() if torch is not None else None
         if torch is not None:
-            from threempose.engine.threads import apply_threads
-
             apply_threads()
         try:
             status = main(args)
@@ -151,3 +127,16 @@ def _check_parent(path: Path, option: str) -> None:
         raise OutputPathError(f"{option} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{option} {path}: cannot write into {parent} (permission denied)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """An image or crop size argument: ``"512"`` -> ``(512, 512)``; ``"640x480"`` (width x height)
+    -> ``(480, 640)`` as ``(H, W)``. Anything else is an ``argparse.ArgumentTypeError``."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"size must be N or WxH (e.g. 512 or 640x480), got {text!r}")
+    return (values[0], values[0]) if len(values) == 1 else (values[1], values[0])

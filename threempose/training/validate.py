@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 
 from threempose.config import InferConfig
+from threempose.data.coco_eval import evaluate_keypoints
 from threempose.data.image_io import read_image
 from threempose.data.loader import DataLoaders
-from threempose.evaluate import evaluate_keypoints
-from threempose.predictor import ExitFn, predict_people
+from threempose.inference.predictor import ExitFn, predict_people
 
 
 def val_image_subset(data: DataLoaders, count: int) -> list[int]:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -116,3 +117,17 @@ def single_threaded_worker(_: int = 0) -> None:
     torch.set_num_threads(1)
     for name in THREAD_ENV:
         os.environ[name] = "1"
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

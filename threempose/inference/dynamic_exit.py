@@ -2,7 +2,7 @@
 
 At each EEL the predicted heatmaps are scored and the network either stops there or goes on::
 
-    rules = resolve_rules(cfg.eels, net.genotype.eels)          # {layer: ExitRule}
+    rules = resolve_rules(cfg.eels, net.genotype.eels)          # {layer: EELConfig}
     score = score_exit(merged_heatmaps, rules[layer], cfg.detection_threshold)
     if should_exit(score, rules[layer].threshold): ...           # stop: decode this exit
 
@@ -71,21 +71,6 @@ NEVER = 1.0
 
 
 @dataclass(frozen=True)
-class ExitRule:
-    """Eq. 3.4's constants and the exit threshold of one EEL."""
-
-    layer: int
-    c0: float = 1.0
-    c1: float = 1.0
-    c2: float = 1.0
-    threshold: float = 1.0
-
-    @classmethod
-    def from_config(cls, eel: EELConfig) -> "ExitRule":
-        return cls(eel.layer, eel.c0, eel.c1, eel.c2, eel.threshold)
-
-
-@dataclass(frozen=True)
 class ExitScore:
     """What the rule looks at for one image at one EEL.
 
@@ -108,7 +93,7 @@ def eq34_confidence(skew: Tensor, kurt: Tensor, c0: float, c1: float, c2: float)
     return torch.sigmoid(arg) - 0.5
 
 
-def score_exit(heatmaps: Tensor, rule: ExitRule, detection_threshold: float) -> ExitScore:
+def score_exit(heatmaps: Tensor, rule: EELConfig, detection_threshold: float) -> ExitScore:
     """Score one image's exit.
 
     Args:
@@ -164,8 +149,8 @@ def resolve_exit(exit: str, exit_layers: Sequence[int]) -> int | str:
                       f"{', '.join(str(x) for x in exit_layers)}, 'final' or 'dynamic'")
 
 
-def resolve_rules(eels: Sequence[EELConfig], eel_layers: Sequence[int]) -> dict[int, ExitRule]:
-    """``{layer: ExitRule}`` for every EEL of the network, from ``infer.eels``.
+def resolve_rules(eels: Sequence[EELConfig], eel_layers: Sequence[int]) -> dict[int, EELConfig]:
+    """``{layer: EELConfig}`` for every EEL of the network, from ``infer.eels``.
 
     Raises ConfigError unless ``infer.eels`` configures exactly the network's EEL layers
     (a config written for another fabric, e.g. the thesis' layers 4 and 7 for a network whose
@@ -176,7 +161,7 @@ def resolve_rules(eels: Sequence[EELConfig], eel_layers: Sequence[int]) -> dict[
         raise ConfigError(f"infer.eels configures layers {configured}, but the network's EELs are at "
                           f"{list(eel_layers)}; give one entry (layer, c0, c1, c2, threshold) per EEL, "
                           "or run python -m threempose.calibrate to write them")
-    return {e.layer: ExitRule.from_config(e) for e in eels}
+    return {e.layer: e for e in eels}
 
 
 def confidence_floor(c0: float, c1: float = 1.0, c2: float = 1.0) -> float:
