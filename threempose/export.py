@@ -1,6 +1,11 @@
 """Export a trained network as exit segments: ``torch.export`` programs and ONNX models.
 
     python -m threempose.export --checkpoint model.pt --out DIR [--format pt2,onnx]
+    python -m threempose.export --checkpoint model.pt --out DIR --precision int8 --calibration-images DIR
+    python -m threempose.export --checkpoint model.pt --out DIR --precision bf16 --format pt2
+
+Precisions: fp32; bf16 (``.pt2`` programs in bfloat16); int8 (onnxruntime QDQ ONNX segments
+calibrated on real images: :mod:`threempose.inference.quantize`).
 
 The directory's format and the ONNX / torch.export details: :mod:`threempose.inference.segments`.
 """
@@ -10,6 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from threempose.inference.quantize import PRECISIONS, calibration_images, check_precision, export_int8
 from threempose.inference.segments import FORMATS, SIZE_MULTIPLE, check_export_dir, export_segments
 from threempose.util.cli import entry_point
 
@@ -21,12 +27,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="directory to write (segments and threempose.json)")
     p.add_argument("--format", default=",".join(FORMATS),
                    help=f"comma-separated subset of {','.join(FORMATS)} (default: both)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default), bf16 (.pt2 only) or int8 (ONNX, needs --calibration-images)")
+    p.add_argument("--calibration-images", metavar="DIR", help="int8: a folder of real images to calibrate on")
     args = p.parse_args(argv)
     from threempose.nas.model_file import load_model_file
 
+    check_precision(args.precision, args.calibration_images)
     check_export_dir(args.out)
+    images = calibration_images(args.calibration_images) if args.precision == "int8" else None
     net, infer = load_model_file(args.checkpoint)
-    out = export_segments(net, args.out, infer, [f.strip() for f in args.format.split(",") if f.strip()])
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if args.precision == "int8":
+        out = export_int8(net, args.out, infer, images, int(infer.get("short_side", 512)))
+        args.format = "onnx, int8"
+    else:
+        out = export_segments(net, args.out, infer, formats, precision=args.precision)
     layers = net.genotype.exit_layers
     print(f"exported {args.checkpoint} -> {out}: {len(layers)} segments ending at exits {layers} "
           f"({args.format}); input [B, 3, H, W], H and W multiples of {SIZE_MULTIPLE}")

@@ -52,6 +52,7 @@ from typing import Optional, Sequence
 from threempose.inference.dynamic_exit import DYNAMIC
 from threempose.inference.folder_run import InferInputError, image_ids, list_images, run
 from threempose.inference.predictor import Predictor
+from threempose.inference.quantize import PRECISIONS, calibration_images, check_precision
 from threempose.pnfs.dispatch import pnfs_main
 from threempose.util.cli import check_output_dir, check_output_file, entry_point
 from threempose.util.files import atomic_write_json
@@ -78,6 +79,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-optimize", action="store_true",
                    help="run the network as trained: no BatchNorm folding, channels-last or oneDNN "
                         "fusion (threempose.inference.deploy; on by default, same people up to float rounding)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 (default for --checkpoint), bf16 or int8 (needs --calibration-images); with "
+                        "--onnx the export's own precision (default)")
+    p.add_argument("--calibration-images", metavar="DIR", help="--precision int8: real images to calibrate on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--benchmark", action="store_true",
                    help="print images/s and the time split: image loading, network, exit scoring, decoding")
@@ -106,10 +111,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ids, skipped = image_ids(files, args.annotations)
     overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
     if args.runtime == "onnxruntime":
-        predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, **overrides)
+        predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, precision=args.precision,
+                                          **overrides)
     else:
+        precision = args.precision or "fp32"
+        check_precision(precision, args.calibration_images, args.device)
+        calib = calibration_images(args.calibration_images) if precision == "int8" else None
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
-                                              optimize=not args.no_optimize, **overrides)
+                                              optimize=not args.no_optimize, precision=precision,
+                                              calibration_images=calib, **overrides)
     summary = run(predictor, files, ids, args.batch, draw_dir, progress=not args.no_progress)
     summary.skipped = skipped + summary.skipped
     if not summary.records:

@@ -309,15 +309,16 @@ class Predictor:
     @classmethod
     def from_export(cls, path: str | os.PathLike, runtime: str = "onnxruntime",
                     config: str | os.PathLike | None = None, threads: Optional[int] = None,
-                    **infer_overrides: Any) -> "Predictor":
+                    precision: Optional[str] = None, **infer_overrides: Any) -> "Predictor":
         """A predictor running an export directory (``python -m threempose.export``) in
         ``runtime`` (``"onnxruntime"`` or ``"torch.export"``), on the CPU; settings as in
-        :meth:`from_checkpoint`, from the export's copy of the model's ``infer`` section."""
+        :meth:`from_checkpoint`, from the export's copy of the model's ``infer`` section.
+        ``precision``: None (the export's own), else checked against it."""
         from threempose.inference.segments import load_segments
 
         segments = load_segments(path, runtime, threads)
         return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu",
-                   precision=segments.meta.get("precision", "fp32"))
+                   precision=precision or segments.meta.get("precision", "fp32"))
 
     @property
     def passes(self) -> int:

@@ -209,6 +209,19 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
     return out
 
 
+def export_int8(net, out: str | os.PathLike, infer: dict, images: Sequence[np.ndarray], short_side: int) -> Path:
+    """Export ``net`` as int8 onnxruntime segments into ``out``: a float32 ONNX export in a
+    temporary directory, quantized (:func:`quantize_export`) on ``images`` prepared at
+    ``short_side``."""
+    from threempose.inference.segments import check_export_dir, export_segments
+
+    out = check_export_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as tmp:
+        fp32 = export_segments(net, Path(tmp) / "fp32", infer, formats=["onnx"])
+        return quantize_export(fp32, out, calibration_inputs(images, short_side))
+
+
 def quantize_network(net, infer: dict, images: Sequence[np.ndarray], short_side: int,
                      threads: Optional[int] = None):
     """``net`` (a :class:`~threempose.nas.derived.DerivedNet`) as int8 onnxruntime segments

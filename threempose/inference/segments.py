@@ -184,9 +184,15 @@ def check_export_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional[dict[str, Any]] = None,
-                    formats: Sequence[str] = FORMATS) -> Path:
+                    formats: Sequence[str] = FORMATS, precision: str = "fp32") -> Path:
     """Export ``net`` (eval mode, CPU, float32) as exit segments into ``out_dir`` (see the module
     docstring); ``infer`` (the model's infer settings) goes into the metadata.
+
+    ``precision`` ``"bf16"``: ``.pt2`` programs only (onnxruntime's CPU provider has no bf16
+    convolutions) of the BatchNorm-folded network in bfloat16
+    (:func:`~threempose.inference.deploy.optimize_for_inference` without oneDNN packing): images
+    in float32 (cast inside), heatmaps and tags out in float32, the carried features in bfloat16.
+    int8 is made from a float32 export: :func:`threempose.inference.quantize.export_int8`.
 
     The directory appears complete or not at all: everything is written to a temporary
     directory beside it and renamed. An existing ``out_dir`` is replaced only if it is empty or
@@ -199,8 +205,18 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
         raise ExportError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     if "onnx" in formats and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         raise ExportError(ONNX_MISSING)
+    if precision not in ("fp32", "bf16"):
+        raise ExportError(f"export_segments writes fp32 or bf16 segments, not {precision!r}")
+    if precision == "bf16" and formats != ["pt2"]:
+        raise ExportError("bf16 exports hold .pt2 programs only (onnxruntime's CPU provider has no bf16 "
+                          "convolutions); use --format pt2")
     out_dir = check_export_dir(out_dir)
     net = net.cpu().eval()
+    if precision == "bf16":
+        from threempose.inference.deploy import optimize_for_inference
+
+        net = optimize_for_inference(net, (EXAMPLE_HW[0], EXAMPLE_HW[1]), fuse=False, channels_last=False,
+                                     dtype=torch.bfloat16)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -215,7 +231,7 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
             if "onnx" in formats:
                 _save_onnx(program, inputs, spec, tmp / f"{spec.name}.onnx")
             specs.append(spec)
-        meta = {"format": FORMAT, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
+        meta = {"format": FORMAT, "precision": precision, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
                 "exit_layers": list(net.genotype.exit_layers), "num_joints": net.num_joints,
                 "stem_blocks": net.stem_blocks, "size_multiple": SIZE_MULTIPLE,
                 "min_size": SIZE_MULTIPLE * MIN_SIZE_UNITS, "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS, "segments": [s.to_dict() for s in specs],
@@ -306,6 +322,8 @@ class ExportedSegments:
         self.size_multiple = int(meta["size_multiple"])
         self.size_range = (int(meta["min_size"]), int(meta["max_size"]))
         self.infer: dict[str, Any] = meta.get("infer", {})
+        # the features carried between segments: bfloat16 in a bf16 export, else float32
+        self.carry_dtype = torch.bfloat16 if meta.get("precision") == "bf16" else torch.float32
         self._index = {spec.start: i for i, spec in enumerate(self.specs)}
         with torch.device("meta"):               # shapes only: for exit_gflops
             self._shape_net = DerivedNet(self.genotype, self.num_joints, int(meta["stem_blocks"]))
@@ -327,7 +345,8 @@ class ExportedSegments:
         spec = self.specs[self._index[key]]
         if len(inputs) != len(spec.inputs):
             raise ValueError(f"segment {spec.name} takes {spec.inputs}, got {len(inputs)} tensors")
-        outputs = self.runs[self._index[key]]([x.float().contiguous() for x in inputs])
+        dtype = torch.float32 if key == 0 else self.carry_dtype
+        outputs = self.runs[self._index[key]]([x.to(dtype).contiguous() for x in inputs])
         out = ExitOutput(spec.layer, outputs[0], outputs[1])
         rows = spec.carry_rows
         return out, (Carry.from_tensors(spec.layer, rows, outputs[2:]) if len(outputs) > 2 else None)
