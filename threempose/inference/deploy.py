@@ -358,7 +358,7 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
     if example_inputs is None:
         trace = trace_network(net, torch.randn(1, 3, *input_size))
     else:
-        trace = trace_network(net, *_map_tensors(example_inputs, lambda t: t.cpu()))
+        trace = trace_network(net, *_map_tensors(example_inputs, lambda t: t.cpu().float()))
     for conv, bn in trace.pairs:
         fold_batchnorm(conv, bn)
     folded = {bn for _, bn in trace.pairs}
@@ -466,7 +466,7 @@ def check_same_outputs(reference: nn.Module, optimized: nn.Module, device: torch
     was_training = reference.training
     reference.eval()
     try:
-        expected = output_tensors(reference(*_map_tensors(inputs, lambda t: t.to(reference_device))))
+        expected = output_tensors(reference(*_map_tensors(inputs, lambda t: t.to(reference_device, torch.float32))))
     finally:
         reference.train(was_training)
     got = output_tensors(optimized(*_map_tensors(inputs, lambda t: t.to(device, cast))))
