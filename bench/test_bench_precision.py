@@ -59,11 +59,12 @@ def random_bn_(net: torch.nn.Module) -> torch.nn.Module:
 def calibration_batch() -> list[np.ndarray]:
     """4 synthetic 512 px people images, normalised as the Predictor does."""
     from threempose.data.synthetic import generate
-    from threempose.inference.quantize import calibration_images, calibration_inputs
+    from threempose.inference.predictor import network_inputs
+    from threempose.inference.quantize import calibration_images
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(tmp, 4, seed=0, min_size=SIZE, max_size=SIZE)
-        return calibration_inputs(calibration_images(Path(tmp) / "images"), SIZE)
+        return network_inputs(calibration_images(Path(tmp) / "images"), SIZE)
 
 
 def int8_thesis(net: DerivedNet, tmp: Path):

@@ -21,9 +21,8 @@ from threempose.data.keypoints import OKS_SIGMAS
 from threempose.decode.decoder import Person
 from threempose.inference import deploy
 from threempose.inference.agreement import agreement, match_people, oks
-from threempose.inference.predictor import Predictor
-from threempose.inference.quantize import (PrecisionError, QuantizeInputError, calibration_images,
-                                           calibration_inputs, check_precision)
+from threempose.inference.predictor import Predictor, network_inputs
+from threempose.inference.quantize import PrecisionError, QuantizeInputError, calibration_images, check_precision
 
 from test_predictor import random_image, tiny_infer, tiny_net
 
@@ -93,7 +92,7 @@ def test_calibration_folder_errors_are_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_calibration_inputs_are_the_predictors_network_inputs(tmp_path):
+def test_calibration_images_become_the_predictors_network_inputs(tmp_path):
     from PIL import Image
 
     from threempose.inference.predictor import prepare_image
@@ -103,7 +102,7 @@ def test_calibration_inputs_are_the_predictors_network_inputs(tmp_path):
     (tmp_path / "z.txt").write_text("skipped")
     images = calibration_images(tmp_path)
     assert [im.shape for im in images] == [(100, 140, 3), (120, 90, 3)]
-    inputs = calibration_inputs(images, 96)
+    inputs = network_inputs(images, 96)
     assert [x.shape for x in inputs] == [(1, 3, 96, 160), (1, 3, 128, 96)]
     np.testing.assert_array_equal(inputs[1], prepare_image(images[1], 96, "cpu")[0].numpy())
 
@@ -188,7 +187,7 @@ def test_bf16_and_int8_find_the_float32_people_on_unseen_images(small):
         forms["bf16"] = Predictor.from_checkpoint(model, exit="dynamic", precision="bf16")
     reference = [fp32.predict(f) for f in files]
     assert sum(len(p.people) for p in reference) >= len(files)        # the model finds people
-    x = torch.from_numpy(calibration_inputs(calibration_images(files[0].parent, 1), 128)[0])
+    x = torch.from_numpy(network_inputs(calibration_images(files[0].parent, 1), 128)[0])
     for name, predictor in forms.items():
         assert all(o.heatmaps.dtype == torch.float32 for o in predictor.net.iter_exits(x)), name
         report = agreement(reference, [predictor.predict(f) for f in files], min_score=0.1)
@@ -240,7 +239,7 @@ def test_bf16_export_runs_in_the_torch_export_runtime(small, tmp_path):
                         "--format", "pt2"]) == 0
     segments = load_segments(tmp_path / "bf16", "torch.export")
     fp32 = Predictor.from_checkpoint(model)
-    x = torch.from_numpy(calibration_inputs(calibration_images(files[0].parent, 1), 128)[0])
+    x = torch.from_numpy(network_inputs(calibration_images(files[0].parent, 1), 128)[0])
     with torch.no_grad():
         for got, ref in zip(segments.iter_exits(x), fp32.net.iter_exits(x)):
             assert got.heatmaps.dtype == torch.float32

@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from threempose.inference.predictor import network_inputs
 from threempose.inference.quantize import PRECISIONS, calibration_images, check_precision, export_int8
 from threempose.inference.segments import FORMATS, SIZE_MULTIPLE, check_export_dir, export_segments
 from threempose.util.cli import entry_point
@@ -39,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     net, infer = load_model_file(args.checkpoint)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if args.precision == "int8":
-        out = export_int8(net, args.out, infer, images, int(infer.get("short_side", 512)))
+        out = export_int8(net, args.out, infer, network_inputs(images, int(infer.get("short_side", 512))))
         args.format = "onnx, int8"
     else:
         out = export_segments(net, args.out, infer, formats, precision=args.precision)

@@ -102,6 +102,12 @@ def prepare_image(image: np.ndarray, short_side: int, device: torch.device | str
     return normalize(x), info
 
 
+def network_inputs(images: Sequence[np.ndarray], short_side: int) -> list[np.ndarray]:
+    """RGB uint8 ``[H, W, 3]`` images -> their network inputs as :func:`prepare_image` makes them
+    (float32 ``[1, 3, H', W']`` arrays, CPU); e.g. int8 calibration inputs."""
+    return [prepare_image(image, short_side, "cpu")[0].numpy() for image in images]
+
+
 def with_flips(x: Tensor, flip_test: bool) -> Tensor:
     """``[B, 3, H, W]`` -> ``[2B, 3, H, W]`` (the images, then their horizontal mirrors) with flip
     test, else ``x``. Image ``i``'s passes are rows ``i`` and ``B + i`` of the outputs."""
@@ -260,7 +266,7 @@ class Predictor:
             check_precision(precision, calibration_images if precision == "int8" else None, str(self.device))
         self.precision = precision
         if isinstance(net, nn.Module) and precision == "int8":
-            self.net = quantize_network(net, dataclasses.asdict(self.cfg), calibration_images, side)
+            self.net = quantize_network(net, dataclasses.asdict(self.cfg), network_inputs(calibration_images, side))
         elif isinstance(net, nn.Module):
             if precision == "bf16" and not optimize:
                 raise ValueError("precision bf16 runs the optimized network; leave optimize on")

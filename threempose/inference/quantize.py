@@ -1,7 +1,7 @@
 """Static int8 post-training quantization of exported exit segments (onnxruntime, QDQ).
 
     images = calibration_images("calib/")                        # RGB uint8 arrays, >= 1 readable
-    inputs = calibration_inputs(images, short_side=512)          # normalised [1, 3, H, W] each
+    inputs = network_inputs(images, short_side=512)              # predictor's: normalised [1, 3, H, W]
     quantize_export("export-fp32/", "export-int8/", inputs)      # same layout, int8 ONNX segments
     segments = load_segments("export-int8/", runtime="onnxruntime")
 
@@ -108,15 +108,6 @@ def calibration_images(folder: str | os.PathLike, limit: int = MAX_CALIBRATION_I
     return images
 
 
-def calibration_inputs(images: Sequence[np.ndarray], short_side: int) -> list[np.ndarray]:
-    """The network inputs of ``images`` as :class:`~threempose.inference.predictor.Predictor` prepares
-    them (short side ``short_side``, padded to a multiple of 32, normalised): float32
-    ``[1, 3, H, W]`` each."""
-    from threempose.inference.predictor import prepare_image
-
-    return [prepare_image(image, short_side, "cpu")[0].numpy() for image in images]
-
-
 class _Feeds:
     """``onnxruntime.quantization.CalibrationDataReader`` over prepared feed dicts."""
 
@@ -166,7 +157,7 @@ def quantize_segment(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str,
 def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequence[np.ndarray]) -> Path:
     """Write an int8 copy of the float32 export ``src`` (with ONNX segments) to ``out``,
     calibrated on ``inputs`` (float32 ``[1, 3, H, W]`` network inputs,
-    :func:`calibration_inputs`). Returns ``out``; ``src`` is unchanged.
+    :func:`threempose.inference.predictor.network_inputs`). Returns ``out``; ``src`` is unchanged.
 
     Raises :class:`QuantizeInputError` without inputs, ONNX segments or the packages."""
     try:
@@ -209,17 +200,17 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
     return out
 
 
-def export_int8(net, out: str | os.PathLike, infer: dict, images: Sequence[np.ndarray], short_side: int) -> Path:
+def export_int8(net, out: str | os.PathLike, infer: dict, inputs: Sequence[np.ndarray]) -> Path:
     """Export ``net`` as int8 onnxruntime segments into ``out``: a float32 ONNX export in a
-    temporary directory, quantized (:func:`quantize_export`) on ``images`` prepared at
-    ``short_side``."""
+    temporary directory, quantized (:func:`quantize_export`) on ``inputs`` (network inputs,
+    :func:`threempose.inference.predictor.network_inputs`)."""
     from threempose.inference.segments import check_export_dir, export_segments
 
     out = check_export_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as tmp:
         fp32 = export_segments(net, Path(tmp) / "fp32", infer, formats=["onnx"])
-        return quantize_export(fp32, out, calibration_inputs(images, short_side))
+        return quantize_export(fp32, out, inputs)
 
 
 def quantize_network(net, infer: dict, images: Sequence[np.ndarray], short_side: int,
@@ -232,5 +223,5 @@ def quantize_network(net, infer: dict, images: Sequence[np.ndarray], short_side:
 
     with tempfile.TemporaryDirectory(prefix="threempose-int8-") as tmp:
         fp32 = export_segments(net, Path(tmp) / "fp32", infer, formats=["onnx"])
-        int8 = quantize_export(fp32, Path(tmp) / "int8", calibration_inputs(images, short_side))
+        int8 = quantize_export(fp32, Path(tmp) / "int8", inputs)
         return load_segments(int8, "onnxruntime", threads)
