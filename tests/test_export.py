@@ -103,7 +103,9 @@ def test_metadata_names_every_segment_and_file(exported):
     assert all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))      # batch, h, w symbolic
 
 
-@pytest.mark.parametrize("runtime, atol", [("torch.export", 1e-5), ("onnxruntime", 1e-3)])
+# Measured (torch 2.13, onnxruntime, CPU): torch.export programs give the eager outputs bit for bit;
+# onnxruntime differs by at most 1.3e-6 on heatmaps (values up to ~0.5) and 3e-8 relative on tags.
+@pytest.mark.parametrize("runtime, atol", [("torch.export", 1e-6), ("onnxruntime", 1e-4)])
 def test_exported_segments_equal_the_eager_network_at_two_sizes(net, exported, runtime, atol):
     segments = load_segments(exported, runtime)
     for batch, h, w in SIZES:
@@ -124,7 +126,7 @@ def test_exported_segments_equal_the_eager_network_at_two_sizes(net, exported, r
 
 
 def test_onnxruntime_infer_writes_the_torch_runtimes_results(net, model, exported, tmp_path):
-    """Same people (keypoints within 1e-2 px) and the same dynamic exits from both runtimes.
+    """Same people (keypoints within 5e-5 px) and the same dynamic exits from both runtimes.
 
     A random network's maps have near-flat plateaus (in the constant padding of a network input
     and along the borders) a little above the default detection threshold, where NMS peaks move
@@ -155,8 +157,8 @@ def test_onnxruntime_infer_writes_the_torch_runtimes_results(net, model, exporte
     unmatched = list(ort_results)                 # people of equal score may come in either order
     for a in torch_results:
         match = next(b for b in unmatched if b["image_id"] == a["image_id"]
-                     and np.abs(np.array(a["keypoints"]) - np.array(b["keypoints"])).max() <= 1e-2)
-        assert match["score"] == pytest.approx(a["score"], abs=1e-4)
+                     and np.abs(np.array(a["keypoints"]) - np.array(b["keypoints"])).max() <= 5e-5)
+        assert match["score"] == pytest.approx(a["score"], abs=5e-6)    # measured 6.5e-8; keypoints 4.8e-7 px
         unmatched.remove(match)
 
 

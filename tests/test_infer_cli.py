@@ -105,7 +105,7 @@ def test_batches_give_the_same_results(model, data, tmp_path, exit):
     assert len(outs[0]) == len(outs[1])
     for a, b in zip(outs[0], outs[1]):
         assert a["image_id"] == b["image_id"]
-        assert a["keypoints"] == pytest.approx(b["keypoints"], abs=1e-3)
+        assert a["keypoints"] == pytest.approx(b["keypoints"], abs=1e-5)    # measured: identical
 
 
 def test_one_file_and_name_based_ids(model, data, tmp_path):

@@ -124,3 +124,68 @@ def test_gumbel_tau_is_linear_and_clamped():
     assert gumbel_tau(0.5) == pytest.approx((10.0 + 0.001) / 2)
     assert gumbel_tau(2.0) == pytest.approx(0.001) and gumbel_tau(-1.0) == 10.0
     assert gumbel_tau(0.25, start=4.0, end=2.0) == pytest.approx(3.5)
+
+
+def _ensemble_case(seed: int, tau: float):
+    """One cell (only a parallel input), one edge, K = 3 ops, m_alpha forced to state 1 (two draws)."""
+    arch = ArchParameters([[1, 1, 1]], 1, 3, 2, 1, dyn_egs_sampling="ensemble")
+    with torch.no_grad():
+        arch.alpha.copy_(torch.tensor([[[0.3, -0.2, 0.1]]]))
+        arch.m_alpha.copy_(torch.tensor([[[0.0, 60.0]]]))
+    return arch
+
+
+@pytest.mark.parametrize("seed", [0, 3, 11, 2024])
+def test_ensemble_sampling_ors_i_plus_1_one_hot_draws_forward_and_gradient(seed):
+    """Hand-computed from the kernel's noise: the logits rows are [alpha row, beta row] (R = 2),
+    stacked twice; draw k of the alpha row reads noise row 2k. The forward keeps the union of the
+    two draws' argmaxes (once each); the gradient w.r.t. alpha of sum(w * op_weights) is the sum
+    over the two draws of softmax's VJP, (1/tau) p_k * (w - <p_k, w>), p_k = softmax((alpha + g_k) / tau)."""
+    tau = 0.7
+    arch = _ensemble_case(seed, tau)
+    sample = arch.sample("dyn_egs", tau=tau, seed=seed)
+    g = gumbel_noise(4, 3, 2 * seed + 1)
+    alpha = arch.alpha.detach()[0, 0]
+    draws = [int(torch.argmax(alpha + g[2 * k])) for k in range(2)]
+    assert sample.ops == [[sorted(set(draws))]]
+    assert sample.op_weights.detach()[0, 0].tolist() == [float(j in draws) for j in range(3)]
+    w = torch.tensor([1.0, -2.0, 0.5])
+    (sample.op_weights[0, 0] * w).sum().backward()
+    expected = torch.zeros(3)
+    for k in range(2):
+        p = ((alpha + g[2 * k]) / tau).softmax(0)
+        expected += p * (w - (p * w).sum()) / tau
+    torch.testing.assert_close(arch.alpha.grad[0, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_draw_0_is_topk_top_1_and_duplicates_keep_one_op():
+    """State 0 of both readings is the same one-hot draw; where the ensemble's two draws agree it
+    keeps one op while topk keeps two (found by scanning seeds)."""
+    arch = make_arch(5)
+    with torch.no_grad():
+        arch.m_alpha.copy_(torch.tensor([60.0, 0.0]))       # state 0 everywhere
+        arch.m_beta.copy_(torch.tensor([60.0, 0.0, 0.0]))
+    topk = arch.sample("dyn_egs", tau=1.0, seed=9)
+    arch.dyn_egs_sampling = "ensemble"
+    assert arch.sample("dyn_egs", tau=1.0, seed=9).ops == topk.ops
+    case = _ensemble_case(0, 1.0)
+    counts = {len(case.sample("dyn_egs", tau=1.0, seed=s).ops[0][0]) for s in range(40)}
+    assert counts == {1, 2}
+    case.dyn_egs_sampling = "topk"
+    assert {len(case.sample("dyn_egs", tau=1.0, seed=s).ops[0][0]) for s in range(40)} == {2}
+    with pytest.raises(ValueError, match="dyn_egs_sampling"):
+        ArchParameters([[1, 1, 1]], 1, 3, 2, 1, dyn_egs_sampling="sum")
+
+
+def test_model_dyn_egs_sampling_setting_reaches_the_supernet_and_pnfs_fabrics():
+    from threempose.config import ModelConfig, load_config
+    from threempose.nas.supernet import Supernet
+    from threempose.pnfs.model import PnfsNet
+    from pathlib import Path
+    small = ModelConfig(rows=2, layers=2, channels=4, hidden=1, eels=[], fuse_split=False, stem_blocks=0,
+                        ops=["identity", "conv"], dyn_egs_sampling="ensemble")
+    assert Supernet(small).arch.dyn_egs_sampling == "ensemble"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pnfs-small.json",
+                      overrides={"model": {"dyn_egs_sampling": "ensemble", "sampling": "dyn_egs"}})
+    assert {f.arch.dyn_egs_sampling for f in PnfsNet(cfg).searchable_fabrics()} == {"ensemble"}
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "search.json").model.dyn_egs_sampling == "topk"

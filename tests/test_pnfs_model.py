@@ -14,25 +14,48 @@ from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError
 from threempose.training.search_optim import multistep
 from threempose.util.flops import measure_gflops
 from threempose.models.higherhrnet import HigherHRNet
-from threempose.pnfs.backbone import HRNetBackbone, MobileNetV2Backbone
+from threempose.pnfs.backbone import HRNetBackbone, MobileNetV2Backbone, ResNet50Backbone
 from threempose.pnfs.dispatch import pnfs_main, pnfs_requested
 from threempose.pnfs.model import (
     PnfsNet, check_pnfs_config, is_pnfs_model_file, load_pnfs_model, profile_pnfs, pruned_network, save_pnfs_model,
 )
 from threempose.pnfs.parts import part_groups, parts_per_joint
 
+from test_nas_supernet import random_weights_
 from test_pnfs_cnf import tiny_cfg
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def assert_is_the_composition(net: PnfsNet, x: torch.Tensor) -> None:
+    """``net(x)`` is its backbone, then each part on the backbone's pyramid, then the scores of
+    PNFS Eq. 5 and 6 written out here: joint j's score sums ``|v|^2 / (1 + |v|^2)`` over the
+    parts p holding it (``v = parts[p][:, part_groups(P)[p].index(j)]``). Measured: bit-identical
+    parts and scores; bound 1e-6."""
+    with torch.no_grad():
+        out = net(x)
+        pyramid = net.backbone(x)
+        parts = [part(pyramid) for part in net.parts]
+    for got, want in zip(out.parts, parts):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    expected = torch.zeros_like(out.scores)
+    for p, joints in enumerate(part_groups(net.num_parts)):
+        squared = (parts[p] ** 2).sum(dim=2)                                 # [B, J_p, h, w]
+        for i, j in enumerate(joints):
+            expected[:, j] += squared[:, i] / (1 + squared[:, i])
+    assert expected.max() > 0.05                                             # not all-zero maps
+    torch.testing.assert_close(out.scores, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_parts", [1, 3, 5, 8])
-def test_part_outputs_and_merged_scores_have_the_paper_shapes(num_parts):
+def test_part_outputs_and_merged_scores_have_the_paper_shapes_and_values(num_parts):
     torch.manual_seed(0)
     net = PnfsNet(tiny_cfg(num_parts=num_parts, topdown={"input_width": 48, "input_height": 64, "vector_dim": 4}))
-    out = net(torch.randn(2, 3, 64, 48))
+    x = torch.randn(2, 3, 64, 48)
+    out = net(x)
     assert [tuple(p.shape) for p in out.parts] == [(2, len(g), 4, 16, 12) for g in part_groups(num_parts)]
     assert out.scores.shape == (2, 17, 16, 12)
+    assert_is_the_composition(random_weights_(net).eval(), x)
     # Each joint's score sums the squashed lengths (each in [0, 1)) of the parts that hold it.
     bound = torch.tensor(parts_per_joint(num_parts), dtype=torch.float32)[None, :, None, None]
     assert ((out.scores >= 0) & (out.scores < bound)).all()
@@ -121,6 +144,7 @@ def test_mobilenet_v2_backbone_network_end_to_end(tmp_path):
     net = PnfsNet(tiny_cfg(backbone="mobilenet_v2"))
     assert len(net.searchable_fabrics()) == 3 and net.backbone.widths == [24, 32, 96, 160]
     assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)
+    assert_is_the_composition(random_weights_(net).eval(), torch.randn(2, 3, 64, 48))
     torch.save(MobileNetV2Backbone().state_dict(), tmp_path / "imagenet.pth")
     loaded = PnfsNet(tiny_cfg(backbone="mobilenet_v2", backbone_checkpoint=str(tmp_path / "imagenet.pth")))
     saved = torch.load(tmp_path / "imagenet.pth")
@@ -132,6 +156,7 @@ def test_hrnet_backbone_network_end_to_end():
     net = PnfsNet(tiny_cfg(backbone="hrnet", backbone_channels=8))
     assert len(net.searchable_fabrics()) == 3 and net.backbone.widths == [8, 16, 32, 64]
     assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)
+    assert_is_the_composition(random_weights_(net).eval(), torch.randn(2, 3, 64, 48))
 
 
 def test_model_file_round_trip_and_profile(tmp_path):
@@ -204,3 +229,52 @@ def test_main_commands_dispatch_pnfs_configs_and_model_files(tmp_path):
     assert not pnfs_requested("infer", ["--checkpoint", str(tmp_path / "missing.pt")])
     with pytest.raises(ValueError, match="unknown command"):
         pnfs_requested("evaluate", [])
+
+
+def test_resnet50_backbone_is_torchvisions_stem_to_layer4():
+    """torchvision's resnet50 has 25,557,032 parameters in 161 tensors; without ``fc`` (2048 x 1000
+    + 1000) that is 23,508,032 in 159, PNFS Table VII's "ResNet-50 (23.5M)". v1.5 layout: the
+    stride sits on each first block's 3x3 conv; torchvision's key names."""
+    backbone = ResNet50Backbone()
+    params = dict(backbone.named_parameters())
+    assert len(params) == 159 and sum(t.numel() for t in params.values()) == 25_557_032 - 2048 * 1000 - 1000
+    shapes = {"conv1.weight": (64, 3, 7, 7), "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+              "layer2.0.conv2.weight": (128, 128, 3, 3), "layer3.5.bn3.bias": (1024,),
+              "layer4.2.conv3.weight": (2048, 512, 1, 1)}
+    assert {k: tuple(params[k].shape) for k in shapes} == shapes
+    assert backbone.layer2[0].conv2.stride == (2, 2) and backbone.layer2[0].conv1.stride == (1, 1)
+    rows = backbone.eval()(torch.randn(1, 3, 64, 48))
+    assert [tuple(r.shape) for r in rows] == [(1, 256, 16, 12), (1, 512, 8, 6), (1, 1024, 4, 3), (1, 2048, 2, 2)]
+
+
+def test_resnet50_backbone_loads_a_torchvision_state_dict_and_is_selectable(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in ResNet50Backbone().state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)   # ignored
+    torch.save(state, tmp_path / "resnet50.pth")
+    net = PnfsNet(tiny_cfg(backbone="resnet50", backbone_checkpoint=str(tmp_path / "resnet50.pth")))
+    assert isinstance(net.backbone, ResNet50Backbone) and net.backbone.widths == [256, 512, 1024, 2048]
+    assert all(torch.equal(v, state[k]) for k, v in net.backbone.state_dict().items())
+    assert net(torch.randn(1, 3, 64, 48)).scores.shape == (1, 17, 16, 12)
+    del state["layer4.2.bn3.weight"]
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(StateDictMismatchError, match="layer4.2.bn3.weight"):
+        net.backbone.load_pretrained(tmp_path / "cut.pth")
+
+
+def test_a_derived_part_that_reads_no_row_0_input_runs():
+    """A dyn_egs derivation may leave every layer-1 cell of a part without a row-0 input; the
+    part then has no row-0 adapter and still runs at row 0's size."""
+    from dataclasses import replace
+    from threempose.pnfs.cnf import FabricArchitecture
+    from threempose.pnfs.model import PnfsArchitecture
+    cfg = tiny_cfg()
+    derived = [FabricArchitecture(a.genotype) for a in PnfsNet(cfg).architecture().parts]
+    g = derived[0].genotype
+    inputs = {0: ["below"], 1: ["parallel", "below"], 2: ["parallel", "below"], 3: ["parallel"]}
+    cells = [replace(c, inputs=inputs[c.row]) if c.layer == 1 and not c.pruned else c for c in g.cells]
+    derived[0] = FabricArchitecture(replace(g, cells=cells).prune())
+    net = PnfsNet(cfg, PnfsArchitecture(3, PnfsNet(cfg).architecture().backbone, derived)).eval()
+    assert "0" not in net.parts[0].adapters
+    assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)

@@ -35,7 +35,8 @@ class ConfigError(UserError, ValueError):
 # --------------------------------------------------------------------------- #
 @dataclass
 class SyntheticConfig:
-    """The embedded synthetic COCO-format data set (generated on demand)."""
+    """The embedded synthetic COCO-format data set (generated on demand; ``format: "mpii"`` adds
+    the MPII JSON form of the same people, for PNFS mode)."""
 
     train_images: int = 64          # images in the train split
     val_images: int = 16            # images in the val split
@@ -44,6 +45,7 @@ class SyntheticConfig:
     max_size: int = 640
     max_people: int = 4             # 0..max_people stick figures per image
     cache_dir: str = "~/.cache/threempose/synthetic"
+    format: Literal["coco", "mpii"] = "coco"   # mpii: also MPII-form JSON (16 joints; PNFS mode)
 
 
 @dataclass
@@ -62,8 +64,9 @@ class AugmentConfig:
 class DataConfig:
     """Where images and annotations come from and how targets are made."""
 
-    dataset: Literal["synthetic", "coco"] = "synthetic"
-    root: str = "data/coco"         # COCO root: annotations/ and {split}/ image folders
+    dataset: Literal["synthetic", "coco", "mpii"] = "synthetic"   # mpii: PNFS mode only
+    root: str = "data/coco"         # COCO root: annotations/ and {split}/ image folders; MPII root:
+                                    # annot/{split}.json (HRNet's MPII JSON) and images/
     train_split: str = "train2017"
     val_split: str = "val2017"
     input_size: int = 512           # square training crop
@@ -106,6 +109,8 @@ class ModelConfig:
     r_alpha: int = 2                # Dyn-EGS states for ops per edge (1..r_alpha ops)
     r_beta: int = 3                 # Dyn-EGS states for inputs per cell (1..r_beta inputs)
     sampling: Literal["dyn_egs", "argmax", "dense"] = "dyn_egs"
+    dyn_egs_sampling: Literal["topk", "ensemble"] = "topk"   # §3.3's sum of i+1 draws: one Gumbel draw's
+                                    # top-(i+1) (topk) or i+1 one-hot Gumbel-softmax draws OR-ed (ensemble)
     stem_blocks: int = 4            # residual (bottleneck) units in the HRNet stem
     cell_options: CellOptions = field(default_factory=CellOptions)
 
@@ -166,6 +171,8 @@ class SearchConfig:
     arch_lr_milestones: list[int] = field(default_factory=lambda: [20, 25])
     arch_lr_gamma: float = 0.5
     arch_val_fraction: float = 0.5    # part of the train split held out for alpha/beta/m
+    arch_weight_decay: float = 0.0    # bilevel: the arch Adam's L2 weight decay (PNFS' first-order
+                                      # baseline: 0.001, §IV-B; the thesis gives none)
     tau_start: float = 10.0
     tau_end: float = 0.001
     grad_clip: Optional[float] = 5.0
@@ -284,14 +291,15 @@ class PnfsConfig:
 
     enabled: bool = False
     num_parts: int = 3                # P: a body-part mode of PNFS Table I (1, 3, 5 or 8)
-    backbone: Literal["fabric", "hrnet", "mobilenet_v2"] = "fabric"
+    backbone: Literal["fabric", "hrnet", "mobilenet_v2", "resnet50"] = "fabric"
     backbone_channels: int = 40       # fabric: its row-0 width; hrnet: the HRNet width (32 = W32); not mobilenet_v2
     backbone_layers: int = 3          # fabric: the first m layers of a fabric (Table VIII "layers reserved")
     backbone_hidden: int = 2          # fabric: H of its cells
-    backbone_ops: list[str] = field(default_factory=lambda: [
-        "identity", "sep_conv", "zoom_conv", "avg_pool", "max_pool"])
+    backbone_ops: list[str] = field(default_factory=lambda: [     # PNFS §III-B's six ops
+        "zero", "identity", "sep_conv", "dil_conv", "avg_pool", "max_pool"])
     backbone_checkpoint: Optional[str] = None   # hrnet: HRNet / HigherHRNet weights for stem..stage 3;
-                                                # mobilenet_v2: a torchvision mobilenet_v2 state_dict
+                                                # mobilenet_v2 / resnet50: a torchvision mobilenet_v2 /
+                                                # resnet50 state_dict
                                                 # (ImageNet); None: random initialisation
     share_alpha: bool = True          # one alpha per fabric (PNFS §III-F), else one per cell
     prune_threshold: float = 1e-3     # dense search: ops and inputs weighted below it are pruned
@@ -516,6 +524,13 @@ def _check_semantics(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
     if not 0.0 < cfg.search.arch_val_fraction < 1.0:
         raise ConfigError(f"{src}: search.arch_val_fraction must be in (0, 1)")
+    if cfg.search.arch_weight_decay < 0:
+        raise ConfigError(f"{src}: search.arch_weight_decay must be >= 0, got {cfg.search.arch_weight_decay}")
+    if cfg.data.dataset == "mpii" and not cfg.pnfs.enabled:
+        raise ConfigError(f'{src}: data.dataset "mpii" is for PNFS mode (pnfs.enabled); the bottom-up '
+                          'commands train on COCO-format data')
+    if cfg.data.synthetic.format == "mpii" and cfg.data.dataset == "synthetic" and not cfg.pnfs.enabled:
+        raise ConfigError(f'{src}: data.synthetic.format "mpii" is for PNFS mode (pnfs.enabled)')
     if cfg.pnfs.enabled and cfg.data.backend == "dali":
         raise ConfigError(f'{src}: data.backend "dali" feeds the bottom-up pipeline; PNFS mode\'s top-down '
                           'crops (pnfs.enabled) use the torch backend')

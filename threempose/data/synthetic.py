@@ -8,7 +8,9 @@ Usage::
     splits = ensure_synthetic(cfg.data.synthetic)   # cached train + val splits
 
 ``DIR/images/000001.jpg ...`` and ``DIR/annotations.json`` (COCO keys; one
-category, :data:`~threempose.data.keypoints.COCO_PERSON_CATEGORY`). Each image
+category, :data:`~threempose.data.keypoints.COCO_PERSON_CATEGORY`); with ``--format mpii``
+(``data.synthetic.format: "mpii"``) also ``DIR/mpii.json``, the same people in the common JSON
+form of the MPII annotations (:func:`mpii_people`: 16 joints, MPII release order). Each image
 has a random size in ``[min_size, max_size]`` per side and a textured, washed-out
 background with grey distractor shapes. On it, 0..max_people front-facing stick
 figures (the person's left on the image's right) of random size, position, lean
@@ -55,6 +57,7 @@ from threempose.util.files import atomic_open, atomic_write_json, default_mode
 GENERATOR_VERSION = 2          # bump when the drawing changes, so caches are rebuilt
 JPEG_QUALITY = 95
 ANNOTATION_FILE = "annotations.json"
+MPII_ANNOTATION_FILE = "mpii.json"
 IMAGE_DIR = "images"
 
 # One saturated colour per COCO joint (RGB); left and right of a pair differ.
@@ -84,6 +87,10 @@ class SyntheticSplits:
     train_annotations: Path
     val_images: Path
     val_annotations: Path
+
+    def mpii_annotations(self, split: str) -> Path:
+        """``<split>/mpii.json``: the MPII-form file of ``split`` (``format: "mpii"`` sets only)."""
+        return self.root / split / MPII_ANNOTATION_FILE
 
 
 @dataclass
@@ -330,13 +337,67 @@ def _draw_image(rng: np.random.Generator, image_id: int, min_size: int, max_size
 
 
 # --------------------------------------------------------------------------- #
+# MPII form
+# --------------------------------------------------------------------------- #
+# MPII joints (release order: r-ankle, r-knee, r-hip, l-hip, l-knee, l-ankle, pelvis, thorax,
+# upper neck, head top, r-wrist, r-elbow, r-shoulder, l-shoulder, l-elbow, l-wrist) that are a
+# COCO joint; the other four (6-9) are built from COCO joints in :func:`mpii_people`.
+_MPII_FROM_COCO = {0: _R_ANKLE, 1: _R_KNEE, 2: _R_HIP, 3: _L_HIP, 4: _L_KNEE, 5: _L_ANKLE, 10: _R_WRIST,
+                   11: _R_ELBOW, 12: _R_SHOULDER, 13: _L_SHOULDER, 14: _L_ELBOW, 15: _L_WRIST}
+
+
+def mpii_people(images: Sequence[dict], annotations: Sequence[dict]) -> list[dict]:
+    """The keypoint-labelled people of a COCO-form synthetic split in the MPII JSON form.
+
+    One entry per non-crowd person with its two ears, shoulders and hips labelled::
+
+        {"image": file name, "joints": [[x, y] x 16], "joints_vis": [0/1 x 16],
+         "center": [x, y], "scale": s, "headbox": [[x1, y1], [x2, y2]]}
+
+    The twelve limb joints are the COCO ones; pelvis and thorax are the midpoints of the hips
+    and shoulders; the head is the disc whose centre is the ears' midpoint and whose radius
+    is half their distance: head top and upper neck are its points farthest from and nearest
+    to the thorax, the head box its bounding square. ``center`` is the person box's centre and
+    ``scale`` its larger side / 200 (MPII's person scale is a height in units of 200 px). An
+    unlabelled joint is ``[0, 0]`` with ``joints_vis`` 0.
+    """
+    names = {im["id"]: im["file_name"] for im in images}
+    people = []
+    for ann in annotations:
+        if ann.get("iscrowd", 0) or not ann.get("num_keypoints"):
+            continue
+        k = np.asarray(ann["keypoints"], np.float64).reshape(NUM_JOINTS, 3)
+        needed = (_L_EAR, _R_EAR, _L_SHOULDER, _R_SHOULDER, _L_HIP, _R_HIP)
+        if (k[list(needed), 2] == 0).any():
+            continue
+        joints, vis = np.zeros((16, 2)), np.zeros(16, np.int64)
+        for m, c in _MPII_FROM_COCO.items():
+            if k[c, 2] > 0:
+                joints[m], vis[m] = k[c, :2], 1
+        centre = (k[_L_EAR, :2] + k[_R_EAR, :2]) / 2
+        radius = max(float(np.linalg.norm(k[_L_EAR, :2] - k[_R_EAR, :2])) / 2, 1.0)
+        thorax = (k[_L_SHOULDER, :2] + k[_R_SHOULDER, :2]) / 2
+        up = centre - thorax
+        up = up / max(float(np.linalg.norm(up)), 1e-6)
+        joints[6], joints[7] = (k[_L_HIP, :2] + k[_R_HIP, :2]) / 2, thorax
+        joints[8], joints[9] = centre - radius * up, centre + radius * up
+        vis[6:10] = 1
+        x, y, w, h = ann["bbox"]
+        people.append({"image": names[ann["image_id"]], "joints": np.round(joints, 2).tolist(),
+                       "joints_vis": vis.tolist(), "center": [x + w / 2, y + h / 2], "scale": max(w, h) / 200,
+                       "headbox": np.round([centre - radius, centre + radius], 2).tolist()})
+    return people
+
+
+# --------------------------------------------------------------------------- #
 # Writing
 # --------------------------------------------------------------------------- #
 def generate(out_dir: str | Path, num_images: int, seed: int, min_size: int = 256,
              max_size: int = 640, max_people: int = 4, progress: bool = False,
-             desc: str = "synthetic") -> Path:
+             desc: str = "synthetic", mpii: bool = False) -> Path:
     """Write ``num_images`` images to ``out_dir/images`` and ``out_dir/annotations.json``
-    (written last); returns the annotation file."""
+    (written last; ``mpii``: ``out_dir/mpii.json`` before it, :func:`mpii_people`); returns the
+    COCO annotation file."""
     if num_images < 0 or max_people < 0:
         raise ValueError(f"num_images ({num_images}) and max_people ({max_people}) must be >= 0")
     if not 16 <= min_size <= max_size:
@@ -355,6 +416,8 @@ def generate(out_dir: str | Path, num_images: int, seed: int, min_size: int = 25
             annotations.append({"id": len(annotations) + 1, **ann})
     info = {"description": "threempose synthetic stick figures", "version": GENERATOR_VERSION,
             "seed": seed, "min_size": min_size, "max_size": max_size, "max_people": max_people}
+    if mpii:
+        atomic_write_json(out_dir / MPII_ANNOTATION_FILE, mpii_people(images, annotations), indent=None)
     out = out_dir / ANNOTATION_FILE
     atomic_write_json(out, {"info": info, "licenses": [], "images": images, "annotations": annotations,
                             "categories": [COCO_PERSON_CATEGORY]}, indent=None)
@@ -382,7 +445,7 @@ def _split_seed(seed: int, split: str) -> int:
 
 def settings_hash(cfg: SyntheticConfig) -> str:
     """Cache key: hash of the generation settings and the generator version."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "cache_dir" and not (k == "format" and v == "coco")}
     settings["version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -400,7 +463,7 @@ def ensure_synthetic(cfg: SyntheticConfig, progress: bool = True) -> SyntheticSp
         with _staged_dir(root) as tmp:
             for split, count in (("train", cfg.train_images), ("val", cfg.val_images)):
                 generate(tmp / split, count, _split_seed(cfg.seed, split), cfg.min_size, cfg.max_size,
-                         cfg.max_people, progress=progress, desc=f"synthetic {split}")
+                         cfg.max_people, progress=progress, desc=f"synthetic {split}", mpii=cfg.format == "mpii")
     except OSError:
         if not root.is_dir():                # not another process that finished first
             raise
@@ -419,13 +482,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--min-size", type=int, default=d.min_size, help="smallest image side (pixels)")
     p.add_argument("--max-size", type=int, default=d.max_size, help="largest image side (pixels)")
     p.add_argument("--max-people", type=int, default=d.max_people, help="most people per image")
+    p.add_argument("--format", choices=("coco", "mpii"), default="coco",
+                   help="mpii: also write mpii.json (the MPII JSON form, 16 joints)")
     args = p.parse_args(argv)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         p.error(f"--out {args.out} exists and is not an empty folder; choose a new folder")
     if args.out.is_dir():
         args.out.rmdir()
     with _staged_dir(args.out) as tmp:
-        generate(tmp, args.images, args.seed, args.min_size, args.max_size, args.max_people, progress=True)
+        generate(tmp, args.images, args.seed, args.min_size, args.max_size, args.max_people, progress=True,
+                 mpii=args.format == "mpii")
     print(f"wrote {args.images} images to {args.out / IMAGE_DIR} and annotations to "
           f"{args.out / ANNOTATION_FILE}")
     return 0

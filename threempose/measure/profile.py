@@ -7,10 +7,14 @@ from typing import Any, Optional
 
 import torch
 
+from threempose.measure.latency import network_ms
+from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import FabricNet
 from threempose.nas.genotype import OP_LABELS, Genotype
 from threempose.nas.latency_table import LatencyTable, LatencyTableError
 from threempose.nas.supernet import Supernet
+from threempose.util.files import atomic_open
+from threempose.util.threads import torch_threads
 
 
 def profile_network(net: FabricNet, input_hw: tuple[int, int],
@@ -33,8 +37,6 @@ def profile_network(net: FabricNet, input_hw: tuple[int, int],
 def profile_genotype(genotype: Genotype, input_hw: tuple[int, int], num_joints: int = 17,
                      stem_blocks: int = 4, latency: Optional[LatencyTable] = None) -> dict[str, Any]:
     """:func:`profile_network` of the derived network of ``genotype``."""
-    from threempose.nas.derived import DerivedNet
-
     return profile_network(DerivedNet(genotype, num_joints, stem_blocks), input_hw, latency)
 
 
@@ -42,10 +44,6 @@ def measure_latency(genotype: Genotype, table: LatencyTable, reps: int = 30) -> 
     """Measured ms to each exit of ``genotype``'s network on this machine, as ``table`` was
     measured (its device, which must be this machine's, threads, batch, timer, form, input size):
     ``{layer: ms}``."""
-    from threempose.measure.latency import network_ms
-    from threempose.nas.derived import DerivedNet
-    from threempose.util.threads import torch_threads
-
     if table.device == "cuda" and not torch.cuda.is_available():
         raise LatencyTableError(f"{table.source} was measured on {table.device_name}; this machine has no GPU")
     table.check_device(table.device)
@@ -69,8 +67,6 @@ def draw_fabric(genotype: Genotype, path: str | Path) -> None:
     number and ops, lines for the chosen inputs, dashed Fuse-Split lines at the EELs; pruned
     cells are grey outlines."""
     from PIL import Image, ImageDraw
-
-    from threempose.util.files import atomic_open
 
     box_w, box_h, gap_x, gap_y, margin = 190, 78, 60, 34, 40
     cols = genotype.layers + 1

@@ -28,6 +28,19 @@ Sampling modes (:meth:`ArchParameters.sample`):
     ``N*E`` rows, cell-major, then beta's ``N`` rows padded with ``-inf`` to ``max(K, 3)``
     columns; seed ``2*seed + 1``), plus one call drawing every row's state (m_alpha's rows
     then m_beta's, padded to ``max(R_alpha, R_beta)``; seed ``2*seed``).
+    With ``dyn_egs_sampling="ensemble"`` the ``i + 1`` choices are instead ``i + 1`` independent
+    one-hot Gumbel-softmax draws, OR-ed (the other reading of §3.3's ``sum_{k=1}^{i+1} theta(alpha)^k``,
+    the ensemble of DARTS-EGS)::
+
+        mask = sum_i onehot_ST(m)_i * or_ST(onehot_ST(logits + g_0), .., onehot_ST(logits + g_i))
+
+    ``or_ST(d_0..d_i)`` is ``min(1, d_0 + .. + d_i)`` in the forward with the gradient of the
+    sum (as for copied input slots, below), so an op drawn twice is kept once and a state-``i``
+    row keeps 1 to ``i + 1`` ops. Draw ``k`` of every row uses rows ``k R .. (k+1) R - 1`` of
+    one kernel call over the logits stacked ``r`` times (seed ``2*seed + 1``): draw 0 is the
+    ``topk`` sampler's top-1, and the draws of state ``i`` are inside those of state ``i + 1``.
+    ``topk`` (the default) reads the sum as one draw's top ``i + 1``, which always keeps
+    exactly ``i + 1`` distinct ops (README "Thesis choices").
 ``argmax``   The same without noise: ``i = argmax m``, the top ``i + 1`` of ``alpha``/``beta``
     (ties to the lower index), straight-through to ``softmax(logits / tau)``. Deterministic;
     :meth:`Supernet.derive` uses it.
@@ -54,6 +67,7 @@ from threempose.kernels import gumbel_topk
 
 SamplingMode = Literal["dyn_egs", "argmax", "dense"]
 SAMPLING_MODES: tuple[str, ...] = ("dyn_egs", "argmax", "dense")
+DYN_EGS_SAMPLINGS: tuple[str, ...] = ("topk", "ensemble")
 MAX_SEED = 2 ** 62
 
 
@@ -94,13 +108,18 @@ class ArchParameters(nn.Module):
         slot_sources: ``[N, 3]`` for every cell and input slot (above, parallel, below), the
             index of the real neighbour the slot reads (itself, or the one it copies).
         num_edges: ``E``; ``num_ops``: ``K``; ``r_alpha``, ``r_beta``: Dyn-EGS states.
+        dyn_egs_sampling: ``"topk"`` (one draw's top ``i + 1``) or ``"ensemble"`` (``i + 1``
+            one-hot draws OR-ed); module docstring. Settable after construction.
 
     All four parameters start at zero (uniform: the Gumbel noise alone decides at first).
     """
 
     def __init__(self, slot_sources: list[list[int]], num_edges: int, num_ops: int,
-                 r_alpha: int, r_beta: int) -> None:
+                 r_alpha: int, r_beta: int, dyn_egs_sampling: str = "topk") -> None:
         super().__init__()
+        if dyn_egs_sampling not in DYN_EGS_SAMPLINGS:
+            raise ValueError(f"dyn_egs_sampling must be one of {DYN_EGS_SAMPLINGS}, got {dyn_egs_sampling!r}")
+        self.dyn_egs_sampling = dyn_egs_sampling
         n = len(slot_sources)
         self.alpha = nn.Parameter(torch.zeros(n, num_edges, num_ops))
         self.beta = nn.Parameter(torch.zeros(n, 3))
@@ -123,7 +142,10 @@ class ArchParameters(nn.Module):
                 if seed is None or not 0 <= seed < MAX_SEED:
                     raise ValueError(f"dyn_egs sampling needs an int seed in [0, 2**62), got {seed!r}")
                 state = gumbel_topk(m, 1, tau, 2 * seed)
-                masks = [gumbel_topk(logits, i + 1, tau, 2 * seed + 1) for i in range(r)]
+                if self.dyn_egs_sampling == "ensemble":
+                    masks = _ensemble_masks(logits, r, tau, 2 * seed + 1)
+                else:
+                    masks = [gumbel_topk(logits, i + 1, tau, 2 * seed + 1) for i in range(r)]
             else:
                 state = _topk_straight_through(m, 1, tau)
                 masks = [_topk_straight_through(logits, i + 1, tau) for i in range(r)]
@@ -139,6 +161,17 @@ class ArchParameters(nn.Module):
             op_weights=op_w, path_weights=path_w,
             ops=[[[j for j, on in enumerate(edge) if on] for edge in cell] for cell in op_on],
             paths=[[j for j, on in enumerate(cell) if on] for cell in path_on])
+
+
+def _ensemble_masks(logits: Tensor, states: int, tau: float, seed: int) -> list[Tensor]:
+    """``[or_ST(d_0 .. d_i) for i < states]``: ``d_k`` ``[R, W]`` is a one-hot straight-through
+    Gumbel-softmax draw of every row (draw ``k`` reads rows ``k R ..`` of the stacked logits, so
+    its noise differs from the other draws'); ``or_ST`` is ``min(1, sum)`` forward, the sum's
+    gradient backward."""
+    rows = logits.shape[0]
+    draws = gumbel_topk(logits.repeat(states, 1), 1, tau, seed).reshape(states, rows, -1)
+    summed = draws.cumsum(dim=0)
+    return [summed[i] + (summed[i].clamp(max=1.0) - summed[i]).detach() for i in range(states)]
 
 
 def _pad(x: Tensor, width: int) -> Tensor:

@@ -100,7 +100,7 @@ class Supernet(FabricNet):
         self.sampling: SamplingMode = cfg.sampling
         self.arch = ArchParameters(
             [[INPUT_NAMES.index(layout.resolve(c, p)) for p in INPUT_NAMES] for c in layout.cells],
-            n_edges, len(self.ops), cfg.r_alpha, cfg.r_beta)
+            n_edges, len(self.ops), cfg.r_alpha, cfg.r_beta, cfg.dyn_egs_sampling)
         self._costs: dict[tuple, tuple[BlockCosts, CostTable]] = {}
         self._mac_costs = MacCosts()
         self.latency_table: Optional[LatencyTable] = None

@@ -7,6 +7,7 @@ Building blocks:
 * :mod:`~threempose.pnfs.vector_head` — vector in pixel: head, squash and its inverse, Eq. 6 loss;
 * :mod:`~threempose.config` — ``TopDownConfig`` (the config's ``pnfs.topdown`` section);
 * :mod:`~threempose.pnfs.topdown_data` — person crops, augmentation, targets;
+* :mod:`~threempose.pnfs.mpii_data` — MPII person crops from the common MPII JSON (16 joints);
 * :mod:`~threempose.pnfs.topdown_decode` — decoding, flip test, OKS-NMS, COCO results;
 * :mod:`~threempose.pnfs.pckh` — PCKh@0.5 / @0.1 for MPII-style annotations (also a CLI).
 
@@ -14,12 +15,12 @@ Networks (on :mod:`threempose.nas`' cells, ops, architecture parameters and samp
 
 * :mod:`~threempose.pnfs.cnf` — fabric backbones and part subnetworks as cell fabrics,
   searchable (dense / dyn_egs / argmax) or fixed, and pruning (§III-F);
-* :mod:`~threempose.pnfs.backbone` — HRNet stem..stage 3, MobileNet-V2, or a fabric backbone;
+* :mod:`~threempose.pnfs.backbone` — HRNet stem..stage 3, MobileNet-V2, ResNet-50, or a fabric backbone;
 * :mod:`~threempose.pnfs.model` — ``PnfsNet`` (backbone + P part CNFs + heads), architecture
   files, model files, params / GFLOPs per crop.
 
 Runs: :mod:`~threempose.pnfs.jobs` (search and train jobs), :mod:`~threempose.pnfs.topdown_predict`
-(loaders, flip-test prediction, validation AP), and the commands ``python -m threempose.pnfs.search``,
+(loaders, flip-test prediction, validation AP or PCKh), and the commands ``python -m threempose.pnfs.search``,
 ``.train``, ``.infer``, ``.profile`` (:mod:`~threempose.pnfs.dispatch` lets the main commands run them).
 
 The names below are imported on first use, so that ``python -m threempose.pnfs.pckh``
@@ -35,10 +36,11 @@ _EXPORTS = {
     "vector_head": ("VectorInPixelHead", "expected_length", "part_scores", "pnfs_loss", "squash",
                     "squash_length", "unsquash"),
     "topdown_data": ("TopDownCocoDataset", "TopDownDataError"),
+    "mpii_data": ("MpiiDataError", "TopDownMpiiDataset", "read_mpii_annotations"),
     "topdown_decode": ("coco_results", "decode_crops", "flip_back", "oks_nms"),
     "pckh": ("evaluate_pckh",),
     "cnf": ("FabricArchitecture", "FixedFabric", "PyramidGenotype", "PyramidLayout", "SearchableFabric"),
-    "backbone": ("FabricBackbone", "HRNetBackbone", "MobileNetV2Backbone"),
+    "backbone": ("FabricBackbone", "HRNetBackbone", "MobileNetV2Backbone", "ResNet50Backbone"),
     "model": ("PnfsArchitecture", "PnfsNet", "load_pnfs_model", "profile_pnfs", "pruned_network",
               "save_pnfs_model"),
     "jobs": ("PnfsSearchJob", "PnfsTrainJob"),

@@ -12,6 +12,10 @@ for a ``[B, 3, H, W]`` crop (1/4 .. 1/32 of the crop for ``R = 4``):
   blocks (PNFS Tables II-V, VII: "MobileNet-V2 (1.3M)"; measured 1,337,792), with
   torchvision's ``mobilenet_v2`` key names, so an ImageNet ``mobilenet_v2`` state_dict loads
   into it (:meth:`MobileNetV2Backbone.load_pretrained`). Widths ``24, 32, 96, 160``.
+* :class:`ResNet50Backbone` — ResNet-50 (He et al. 2016) stem .. ``layer4`` (PNFS Table VII
+  "ours-2": "ResNet-50 (23.5M)"; measured 23,508,032), with torchvision's ``resnet50`` key
+  names, so an ImageNet ``resnet50`` state_dict loads into it (:meth:`ResNet50Backbone.load_pretrained`;
+  its ``fc`` is ignored). Widths ``256, 512, 1024, 2048`` (the outputs of ``layer1`` .. ``layer4``).
 * :class:`FabricBackbone` — a fabric backbone (PNFS §III-C, Fig. 5, Table VIII): the fabric
   stem (two stride-2 3x3 convs, optional bottlenecks, a 1x1 conv to ``C``) and the first ``m``
   layers of a cell fabric, searchable (its own architecture parameters) or fixed. Widths
@@ -163,6 +167,73 @@ class MobileNetV2Backbone(nn.Module):
         other entries (``features.17``, ``features.18``, ``classifier``) are ignored. Errors:
         :func:`load_backbone_weights`."""
         load_backbone_weights(self, path, "torchvision mobilenet_v2 features 0..16")
+
+
+class _Bottleneck(nn.Module):
+    """ResNet's bottleneck (torchvision v1.5 layout: the stride on the 3x3): 1x1 ``in -> w`` - BN -
+    ReLU - 3x3 ``w -> w`` (stride s) - BN - ReLU - 1x1 ``w -> 4w`` - BN, plus the input (through a
+    1x1 stride-s conv-BN ``downsample`` when the shape changes), ReLU."""
+
+    def __init__(self, in_ch: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_ch = 4 * width
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+                           if stride != 1 or in_ch != out_ch else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50Backbone(nn.Module):
+    """ResNet-50 stem (7x7 stride-2 conv - BN - ReLU - 3x3 stride-2 max pool) and ``layer1`` ..
+    ``layer4`` (3, 4, 6, 3 bottlenecks): ``[B, 3, H, W]`` -> 4 rows of widths ``256, 512, 1024,
+    2048`` at ``ceil``-ish ``H / 2**(r+2)`` (PyTorch's conv / pool arithmetic; exact for ``H``,
+    ``W`` multiples of 32). No ``avgpool`` / ``fc``: PNFS' 23.5 M is the stem-to-``layer4`` count.
+    """
+
+    BLOCKS = (3, 4, 6, 3)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_ch = 64
+        for i, blocks in enumerate(self.BLOCKS):
+            width = 64 * 2 ** i
+            layer = []
+            for b in range(blocks):
+                layer.append(_Bottleneck(in_ch, width, 2 if (b == 0 and i > 0) else 1))
+                in_ch = 4 * width
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+        self.widths = [256, 512, 1024, 2048]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"ResNet50Backbone needs crops [B, 3, H, W], got {list(x.shape)}")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        rows = []
+        for i in range(len(self.BLOCKS)):
+            x = getattr(self, f"layer{i + 1}")(x)
+            rows.append(x)
+        return rows
+
+    def load_pretrained(self, path: Union[str, Path]) -> None:
+        """Load ``conv1`` .. ``layer4`` from a torchvision ``resnet50`` state_dict (e.g. its ImageNet
+        weights, ``resnet50-19c8e357.pth`` / ``resnet50-0676ba61.pth``); ``fc`` is ignored. Errors:
+        :func:`load_backbone_weights`."""
+        load_backbone_weights(self, path, "torchvision resnet50 conv1..layer4")
 
 
 class FabricBackbone(nn.Module):

@@ -181,15 +181,15 @@ class FabricArch(ArchParameters):
 
     Args:
         layout: the fabric's layout (its cells and their input copies).
-        num_edges, num_ops, r_alpha, r_beta: as :class:`ArchParameters`.
+        num_edges, num_ops, r_alpha, r_beta, dyn_egs_sampling: as :class:`ArchParameters`.
         share_alpha: one ``[1, E, K]`` parameter (``shared_alpha``) serves every cell (PNFS
             §III-F); ``alpha`` is then its ``[N, E, K]`` expansion. Else ``alpha`` is ``[N, E, K]``.
     """
 
     def __init__(self, layout: FabricLayout, num_edges: int, num_ops: int, r_alpha: int,
-                 r_beta: int, share_alpha: bool) -> None:
+                 r_beta: int, share_alpha: bool, dyn_egs_sampling: str = "topk") -> None:
         slots = [[INPUT_NAMES.index(layout.resolve(c, p)) for p in INPUT_NAMES] for c in layout.cells]
-        super().__init__(slots, num_edges, num_ops, r_alpha, r_beta)
+        super().__init__(slots, num_edges, num_ops, r_alpha, r_beta, dyn_egs_sampling)
         self.share_alpha = share_alpha
         self.num_cells = len(slots)
         if share_alpha:
@@ -287,6 +287,7 @@ class SearchableFabric(nn.Module):
         share_alpha: one alpha per fabric (PNFS) or per cell.
         sampling: ``"dense"`` (PNFS), ``"dyn_egs"`` or ``"argmax"`` (3M-Pose).
         options: the cells' :class:`~threempose.config.CellOptions`.
+        dyn_egs_sampling: ``"topk"`` or ``"ensemble"`` (:mod:`threempose.nas.dyn_egs`).
 
     ``forward(feats, tau, seed)``: ``feats`` as :class:`CellFabric` -> the output rows. Module
     names (``fabric.cells.<index>...``) are those of :class:`FixedFabric`, so a fixed fabric's
@@ -295,7 +296,8 @@ class SearchableFabric(nn.Module):
 
     def __init__(self, kind: str, rows: int, layers: int, hidden: int, channels: int,
                  ops: Sequence[str], r_alpha: int = 2, r_beta: int = 3, share_alpha: bool = True,
-                 sampling: SamplingMode = "dense", options: CellOptions = CellOptions()) -> None:
+                 sampling: SamplingMode = "dense", options: CellOptions = CellOptions(),
+                 dyn_egs_sampling: str = "topk") -> None:
         super().__init__()
         if not 1 <= r_alpha <= len(ops):
             raise ValueError(f"r_alpha must be in 1..{len(ops)} (the number of ops), got {r_alpha}")
@@ -308,7 +310,7 @@ class SearchableFabric(nn.Module):
         self.sampling: SamplingMode = sampling
         g = self.fabric.genotype
         self.arch = FabricArch(g.layout, len(edge_endpoints(hidden)), len(self.ops), r_alpha, r_beta,
-                               share_alpha)
+                               share_alpha, dyn_egs_sampling)
 
     @property
     def genotype(self) -> Genotype:

@@ -1,17 +1,23 @@
-"""Top-down inference with a trained PNFS model: person boxes in, COCO keypoint results out.
+"""Top-down inference with a trained PNFS model: person boxes in, COCO keypoint results out
+(or, for an MPII model, MPII people in, PCKh predictions out).
 
     python -m threempose.pnfs.infer --checkpoint runs/.../model.pt \\
         --annotations person_keypoints_val2017.json --images val2017/ --out results.json
     python -m threempose.pnfs.infer --checkpoint M.pt --annotations A.json --images DIR \\
         --detections COCO_val2017_detections.json --out results.json --evaluate
+    python -m threempose.pnfs.infer --checkpoint mpii-model.pt --annotations valid.json \\
+        --images mpii/images --out preds.json --evaluate          # PCKh table
 
 Every person box (the annotated ones, or ``--detections``' person boxes scoring at least the
 model's ``topdown.detection_threshold``) is cropped as in training (``pnfs.topdown``), run with
 flip test (unless ``--no-flip``), decoded (longest vector, quarter offset), rescored and
 OKS-NMS'd per image (:func:`threempose.pnfs.topdown_predict.predict_results`). The results file is
 what ``python -m threempose.evaluate`` scores; ``--evaluate`` prints that table too (the
-annotation file is the ground truth). ``python -m threempose.infer`` runs this when the
-checkpoint is a PNFS model.
+annotation file is the ground truth). A model trained on MPII data reads ``--annotations`` as
+the MPII JSON (:mod:`threempose.pnfs.mpii_data`; crops from each person's centre and scale)
+and writes one 16 x ``[x, y, score]`` prediction per person, in file order, the predictions
+file of ``python -m threempose.pnfs.pckh``; ``--evaluate`` prints PNFS Table V's PCKh columns.
+``python -m threempose.infer`` runs this when the checkpoint is a PNFS model.
 
 Python API::
 
@@ -32,8 +38,11 @@ import torch
 from threempose.config import TopDownConfig
 from threempose.data.coco_eval import evaluate_keypoints, format_table
 from threempose.pnfs.model import PnfsNet, load_pnfs_model
+from threempose.pnfs.mpii_data import TopDownMpiiDataset
+from threempose.pnfs.pckh import evaluate_pckh
+from threempose.pnfs.pckh import format_table as format_pckh_table
 from threempose.pnfs.topdown_data import TopDownCocoDataset
-from threempose.pnfs.topdown_predict import predict_results
+from threempose.pnfs.topdown_predict import predict_mpii, predict_results
 from threempose.util.cli import check_output_file, entry_point
 from threempose.util.files import atomic_open
 
@@ -53,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m threempose.pnfs.infer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a PNFS model.pt (pnfs.search / pnfs.train)")
-    parser.add_argument("--annotations", required=True, help="COCO person-keypoints JSON of the images")
+    parser.add_argument("--annotations", required=True,
+                        help="COCO person-keypoints JSON of the images (MPII JSON for an MPII model)")
     parser.add_argument("--images", required=True, help="folder of the annotation file's images")
     parser.add_argument("--detections", help="COCO detection results JSON (default: the annotated boxes)")
     parser.add_argument("--out", required=True, help="where to write the COCO keypoint results JSON")
@@ -65,6 +75,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_output_file(args.out, "--out")
     net, cfg = load_pnfs_model(args.checkpoint, args.device)
     topdown = dataclasses.replace(cfg.pnfs.topdown, flip_test=cfg.pnfs.topdown.flip_test and not args.no_flip)
+    if net.dataset == "mpii":
+        if args.detections:
+            parser.error("--detections: an MPII model crops each annotated person from its centre and scale")
+        crops = TopDownMpiiDataset(args.annotations, args.images, topdown, train=False)
+        predictions = predict_mpii(lambda x: net(x).scores, crops, topdown, args.batch_size, args.device)
+        with atomic_open(args.out, "w") as f:
+            json.dump(predictions, f)
+        print(f"wrote {len(predictions)} people to {args.out}", file=sys.stderr)
+        if args.evaluate:
+            print(format_pckh_table(evaluate_pckh(args.annotations, args.out)))
+        return 0
     results = predict_file(net, topdown, args.annotations, args.images, args.detections, args.batch_size,
                            args.device)
     with atomic_open(args.out, "w") as f:

@@ -56,7 +56,7 @@ from threempose.pnfs.model import (
     pruned_network,
     save_pnfs_model,
 )
-from threempose.pnfs.topdown_predict import TopDownLoaders, build_topdown_loaders, validation_ap
+from threempose.pnfs.topdown_predict import TopDownLoaders, build_topdown_loaders, validation_ap, validation_pckh
 from threempose.pnfs.vector_head import pnfs_loss
 from threempose.training.losses import NonFiniteLossError
 from threempose.training.search_optim import SearchOptimizers, multistep
@@ -95,13 +95,18 @@ class _TopDownJob(EpochJob):
         return take(loader, n), n
 
     def validate(self, net: PnfsNet) -> dict[str, float]:
-        """OKS AP/AR of ``net`` on the first ``run.val_ap_images`` val images' crops (eval mode;
-        a ``dyn_egs`` network is scored with its argmax architecture)."""
+        """OKS AP/AR of ``net`` on the first ``run.val_ap_images`` val images' crops, or for MPII
+        data PCKh@0.5 / @0.1 on the first ``run.val_ap_images`` val people (eval mode; a
+        ``dyn_egs`` network is scored with its argmax architecture)."""
         mode, was_training = net.sampling, net.training
         net.eval()
         if mode == "dyn_egs":
             net.sampling = "argmax"
         try:
+            if net.dataset == "mpii":
+                stats = validation_pckh(lambda x: net(x).scores, self.data, self.cfg.pnfs.topdown,
+                                        self.cfg.run.val_ap_images, self.device)
+                return {k: stats[k] for k in ("PCKh@0.5", "PCKh@0.1", "crops")}
             stats = validation_ap(lambda x: net(x).scores, self.data, self.cfg.pnfs.topdown,
                                   self.cfg.run.val_ap_images, self.device)
         finally:

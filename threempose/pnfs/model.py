@@ -6,7 +6,8 @@
         -> part p: 1x1 conv-BN per pyramid row to the part fabric's widths (none when equal)
                    -> the part's CNF (its own cells and architecture parameters)
                    -> VectorInPixelHead on the last layer's row 0: [B, J_p, d, H/4, W/4]
-        -> scores [B, 17, H/4, W/4]: squashed lengths, joints shared by parts summed (Eq. 6)
+        -> scores [B, J, H/4, W/4]: squashed lengths, joints shared by parts summed (Eq. 6);
+           J = 17 (COCO) or 16 (MPII, release order; Table I's MPII column, footnote 3)
 
 :class:`PnfsNet` is either the search space (``architecture=None``: every op and input, each
 fabric with its own architecture parameters, sampled per forward) or one searched
@@ -26,14 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from threempose.config import Config, ConfigError, config_from_dict, config_to_dict
-from threempose.data.keypoints import NUM_JOINTS
 from threempose.engine.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from threempose.nas.dyn_egs import MAX_SEED
 from threempose.nas.genotype import GenotypeError
 from threempose.nas.ops import conv_bn
-from threempose.pnfs.backbone import FabricBackbone, HRNetBackbone, MobileNetV2Backbone
+from threempose.pnfs.backbone import FabricBackbone, HRNetBackbone, MobileNetV2Backbone, ResNet50Backbone
 from threempose.pnfs.cnf import FabricArchitecture, FixedFabric, PyramidGenotype, SearchableFabric, input_rows
-from threempose.pnfs.parts import part_groups, part_names
+from threempose.pnfs.parts import NUM_DATASET_JOINTS, part_groups, part_names
 from threempose.pnfs.vector_head import VectorInPixelHead, part_scores
 from threempose.util.files import atomic_open, read_json_file
 from threempose.util.flops import measure_gflops
@@ -41,6 +41,14 @@ from threempose.util.flops import measure_gflops
 ARCHITECTURE_FORMAT = "threempose.pnfs-architecture/1"
 MODEL_KIND = "pnfs-model"
 _SEEDS_PER_STEP = 16      # fabric k of a forward with seed s draws with seed 16 s + k (P + 1 <= 9 fabrics)
+
+
+def joint_set(cfg: Config) -> str:
+    """The joints a PNFS config predicts: ``"mpii"`` (16, MPII release order) for MPII data (the
+    MPII set or the synthetic set in its MPII format), else ``"coco"`` (17)."""
+    d = cfg.data
+    mpii = d.dataset == "mpii" or (d.dataset == "synthetic" and d.synthetic.format == "mpii")
+    return "mpii" if mpii else "coco"
 
 
 def check_pnfs_config(cfg: Config) -> None:
@@ -54,8 +62,10 @@ def check_pnfs_config(cfg: Config) -> None:
     if m.eels:
         raise ConfigError(f"{src}: model.eels must be [] in PNFS mode (a part fabric has one output, its "
                           f"last layer's row 0), got {m.eels}")
-    if m.num_joints != NUM_JOINTS:
-        raise ConfigError(f"{src}: model.num_joints must be {NUM_JOINTS} (PNFS' part tables are COCO's)")
+    joints = NUM_DATASET_JOINTS[joint_set(cfg)]
+    if m.num_joints != joints:
+        raise ConfigError(f"{src}: model.num_joints must be {joints} for {joint_set(cfg).upper()} data (PNFS "
+                          f"Table I), got {m.num_joints}")
     if p.backbone != "fabric" and m.rows != 4:
         raise ConfigError(f"{src}: the {p.backbone} backbone gives a 4-row pyramid; model.rows must be 4, got {m.rows}")
     if p.backbone == "fabric" and p.backbone_layers < m.rows - 1:
@@ -76,7 +86,7 @@ class PnfsArchitecture:
 
     JSON (``save`` / ``load``)::
 
-        {"format": "threempose.pnfs-architecture/1", "num_parts": 3,
+        {"format": "threempose.pnfs-architecture/1", "num_parts": 3, "dataset": "coco" | "mpii",
          "part_names": ["head part", ...], "part_joints": [[0, 1, 2, 3, 4], ...],
          "backbone": null | {"layout": "fabric", "genotype": {...}, "weights": ...},
          "parts": [{"layout": "pyramid", "genotype": {...}, "weights": [{"index", "paths", "edges"}] | null}, ...]}
@@ -85,8 +95,12 @@ class PnfsArchitecture:
     num_parts: int
     backbone: Optional[FabricArchitecture]
     parts: list[FabricArchitecture]
+    dataset: str = "coco"             # whose joints the parts predict (Table I column)
 
     def __post_init__(self) -> None:
+        if self.dataset not in NUM_DATASET_JOINTS:
+            raise GenotypeError(f"architecture dataset must be one of {sorted(NUM_DATASET_JOINTS)}, got "
+                                f"{self.dataset!r}")
         if len(self.parts) != len(part_groups(self.num_parts)):
             raise GenotypeError(f"P={self.num_parts} needs {self.num_parts} part architectures, got {len(self.parts)}")
         if any(not isinstance(a.genotype, PyramidGenotype) for a in self.parts):
@@ -95,8 +109,9 @@ class PnfsArchitecture:
             raise GenotypeError("the backbone architecture must be a fabric-layout genotype")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": ARCHITECTURE_FORMAT, "num_parts": self.num_parts,
-                "part_names": part_names(self.num_parts), "part_joints": part_groups(self.num_parts),
+        return {"format": ARCHITECTURE_FORMAT, "num_parts": self.num_parts, "dataset": self.dataset,
+                "part_names": part_names(self.num_parts),
+                "part_joints": part_groups(self.num_parts, self.dataset),
                 "backbone": None if self.backbone is None else self.backbone.to_dict(),
                 "parts": [a.to_dict() for a in self.parts]}
 
@@ -116,7 +131,8 @@ class PnfsArchitecture:
         try:
             return cls(raw["num_parts"],
                        None if backbone is None else FabricArchitecture.from_dict(backbone, f"{source}: backbone"),
-                       [FabricArchitecture.from_dict(a, f"{source}: part {i}") for i, a in enumerate(raw["parts"])])
+                       [FabricArchitecture.from_dict(a, f"{source}: part {i}") for i, a in enumerate(raw["parts"])],
+                       raw.get("dataset", "coco"))
         except GenotypeError as e:
             raise GenotypeError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
@@ -131,7 +147,7 @@ class PnfsArchitecture:
 @dataclass
 class PnfsOutput:
     """One forward: ``parts[p]`` ``[B, J_p, d, H/4, W/4]`` (part ``p``'s vectors) and ``scores``
-    ``[B, 17, H/4, W/4]`` (:func:`threempose.pnfs.vector_head.part_scores`)."""
+    ``[B, J, H/4, W/4]`` (:func:`threempose.pnfs.vector_head.part_scores`; J = 17 or 16)."""
 
     parts: list[Tensor]
     scores: Tensor
@@ -162,8 +178,10 @@ class PartNet(nn.Module):
 
     def forward(self, pyramid: list[Tensor], tau: float = 1.0, seed: Optional[int] = None) -> Tensor:
         feats = {int(r): adapter(pyramid[int(r)]) for r, adapter in self.adapters.items()}
-        if 0 not in feats:      # row sizes are read from row 0
-            raise ValueError("a part fabric must read pyramid row 0")
+        if 0 not in feats:
+            # A derived part may read no row-0 input (its layer-1 cells took other rows); the
+            # fabric still reads the rows' sizes from feats[0], and no cell reads its values.
+            feats[0] = pyramid[0]
         return self.head(self.fabric(feats, tau, seed)[0])
 
 
@@ -183,11 +201,15 @@ class PnfsNet(nn.Module):
         check_pnfs_config(cfg)
         p, m = cfg.pnfs, cfg.model
         self.num_parts = p.num_parts
-        self.groups = part_groups(p.num_parts)
+        self.dataset = joint_set(cfg)
+        self.groups = part_groups(p.num_parts, self.dataset)
         self.searchable = architecture is None
         if architecture is not None and architecture.num_parts != p.num_parts:
             raise ValueError(f"the architecture has P={architecture.num_parts} parts, the config pnfs.num_parts="
                              f"{p.num_parts}")
+        if architecture is not None and architecture.dataset != self.dataset:
+            raise ValueError(f"the architecture predicts {architecture.dataset.upper()} joints, the config's data "
+                             f"{self.dataset.upper()} joints")
         if architecture is not None and (architecture.backbone is None) != (p.backbone != "fabric"):
             raise ValueError(f"the architecture {'has no' if architecture.backbone is None else 'has a'} fabric "
                              f"backbone, the config's pnfs.backbone is {p.backbone!r}")
@@ -197,11 +219,12 @@ class PnfsNet(nn.Module):
             if arch is not None:
                 return FixedFabric(arch)
             return SearchableFabric(kind, rows, layers, hidden, channels, ops, m.r_alpha, m.r_beta,
-                                    p.share_alpha, m.sampling, m.cell_options)
+                                    p.share_alpha, m.sampling, m.cell_options, m.dyn_egs_sampling)
 
         if p.backbone != "fabric":
-            self.backbone: Union[HRNetBackbone, MobileNetV2Backbone, FabricBackbone] = (
-                HRNetBackbone(p.backbone_channels) if p.backbone == "hrnet" else MobileNetV2Backbone())
+            self.backbone: Union[HRNetBackbone, MobileNetV2Backbone, ResNet50Backbone, FabricBackbone] = (
+                HRNetBackbone(p.backbone_channels) if p.backbone == "hrnet"
+                else ResNet50Backbone() if p.backbone == "resnet50" else MobileNetV2Backbone())
             if p.backbone_checkpoint and load_backbone:
                 self.backbone.load_pretrained(p.backbone_checkpoint)
         else:
@@ -252,7 +275,7 @@ class PnfsNet(nn.Module):
         else:
             pyramid = self.backbone(images)
         parts = [part(pyramid, tau, seed_of(i + 1)) for i, part in enumerate(self.parts)]
-        return PnfsOutput(parts, part_scores(parts, self.num_parts))
+        return PnfsOutput(parts, part_scores(parts, self.num_parts, self.dataset))
 
     # ----------------------------------------------------------- architecture
     def architecture(self, prune_threshold: float = 1e-3) -> PnfsArchitecture:
@@ -265,7 +288,7 @@ class PnfsNet(nn.Module):
             return f.prune(prune_threshold) if f.sampling == "dense" else f.derive()
 
         backbone = searched(self.backbone.fabric) if isinstance(self.backbone, FabricBackbone) else None
-        return PnfsArchitecture(self.num_parts, backbone, [searched(part.fabric) for part in self.parts])
+        return PnfsArchitecture(self.num_parts, backbone, [searched(part.fabric) for part in self.parts], self.dataset)
 
 
 def pruned_network(net: PnfsNet, cfg: Config, architecture: PnfsArchitecture) -> PnfsNet:
@@ -292,7 +315,7 @@ def save_pnfs_model(path: Union[str, Path], net: PnfsNet, cfg: Config) -> Path:
         raise ValueError("save_pnfs_model: save the pruned / derived network (pruned_network), not the search space")
     architecture = PnfsArchitecture(
         net.num_parts, net.backbone.fabric.architecture if isinstance(net.backbone, FabricBackbone) else None,
-        [part.fabric.architecture for part in net.parts])
+        [part.fabric.architecture for part in net.parts], net.dataset)
     config = config_to_dict(cfg)
     config["pnfs"]["backbone_checkpoint"] = None      # the weights are in the file
     return save_checkpoint(path, {"kind": MODEL_KIND, "config": config, "architecture": architecture.to_dict(),

@@ -32,15 +32,13 @@ P     group            MPII         COCO joints
 8     right lower leg  12, 14       14, 16
 ====  ===============  ===========  ===========
 
-The COCO indices are :data:`threempose.data.keypoints.JOINT_NAMES` order. The MPII column
-does not use the MPII release's joint order (there 0-2 are the right ankle, knee and hip, not
-a "head part"): it numbers MPII's joints COCO-style, :data:`TABLE_I_MPII_ORDER` (head top,
-upper neck, thorax, then shoulders, elbows, wrists, hips, knees, ankles left before right as
-in COCO, pelvis last). The paper does not print that order; it is the one order under which
-every MPII cell of Table I names the group it is in (the "left lower arm" 5, 7 is the left
-elbow and wrist, the "thigh" 9, 10, 15 the hips and the pelvis, ...). :func:`part_groups`
-with ``dataset="mpii"`` returns the groups in the release order that MPII annotation files
-and :mod:`threempose.pnfs.pckh` use (:data:`~threempose.pnfs.pckh.MPII_JOINT_NAMES`).
+The COCO indices are :data:`threempose.data.keypoints.JOINT_NAMES` order (PNFS footnote 3's
+COCO numbering). The MPII column is in PNFS footnote 3's MPII numbering, not the MPII
+release's (there 0-2 are the right ankle, knee and hip, not a "head part"): "head top, upper
+neck, thorax, l-shoulder, r-shoulder, l-elbow, r-elbow, l-wrist, r-wrist, l-hip, r-hip,
+l-knee, r-knee, l-ankle, r-ankle, pelvis keypoints to 0-15" (:data:`TABLE_I_MPII_ORDER`).
+:func:`part_groups` with ``dataset="mpii"`` returns the groups in the release order that MPII
+annotation files and :mod:`threempose.pnfs.pckh` use (:data:`~threempose.pnfs.pckh.MPII_JOINT_NAMES`).
 """
 from __future__ import annotations
 
@@ -58,7 +56,7 @@ TABLE_I_MPII_ORDER = (
     "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
     "right_ankle", "pelvis",
 )
-"""The MPII joint behind each index of Table I's MPII column (see the module docstring)."""
+"""The MPII joint behind each index of Table I's MPII column: PNFS footnote 3's numbering."""
 
 # P -> ((group name, MPII indices in Table I's numbering, COCO indices), ...) in Table I's order.
 _TABLE_I: dict[int, tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]] = {

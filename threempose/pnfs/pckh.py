@@ -49,6 +49,9 @@ MPII_JOINT_NAMES = (
     "right_wrist", "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist",
 )
 NUM_MPII_JOINTS = len(MPII_JOINT_NAMES)
+MPII_FLIP_INDEX = tuple(MPII_JOINT_NAMES.index(n.replace("left", "@").replace("right", "left").replace("@", "right"))
+                        for n in MPII_JOINT_NAMES)
+"""``MPII_FLIP_INDEX[j]``: the joint that ``j`` becomes after a horizontal flip (left <-> right)."""
 HEAD_SIZE_FACTOR = 0.6
 _J = {name: i for i, name in enumerate(MPII_JOINT_NAMES)}
 

@@ -340,41 +340,61 @@ class TopDownCocoDataset(Dataset):
         except ImageReadError as e:
             raise TopDownDataError(f"{path}: cannot decode image: {e.reason}") from None
 
-    def _augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
-        """``(scale, rotation, flip)`` of sample ``index`` in ``epoch``."""
-        if not self.train:
-            return 1.0, 0.0, False
-        cfg = self.cfg
-        rng = np.random.default_rng([self.seed, epoch, index])
-        scale, rotation, coin = rng.uniform(cfg.scale_min, cfg.scale_max), rng.uniform(-1, 1), rng.random()
-        return float(scale), float(rotation * cfg.rotation), bool(cfg.flip and coin < 0.5)
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Sample ``key``: an index (augmented as in the epoch of :meth:`set_epoch`) or an
         ``(index, epoch)`` pair, as :class:`threempose.data.sampler.EpochSampler` yields."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        cfg, sample = self.cfg, self.samples[index]
-        scale, rotation, flip = self._augmentation(index, epoch)
-        center, size = box_to_center_size(sample["bbox"], cfg.input_width / cfg.input_height,
-                                          cfg.box_padding)
-        matrix = crop_matrix(center, size * scale, cfg.input_width, cfg.input_height, rotation, flip)
-        crop = warp_crop(self._load_image(sample["image_id"]), matrix, cfg.input_width, cfg.input_height)
-        joints = np.zeros((NUM_JOINTS, 3))
+        sample = self.samples[index]
+        keypoints = None
         if sample["keypoints"] is not None:
             keypoints = np.asarray(sample["keypoints"], dtype=np.float64).reshape(NUM_JOINTS, 3)
-            joints = np.concatenate([transform_points(keypoints[:, :2], matrix), keypoints[:, 2:]], axis=1)
-            if flip:
-                joints = joints[flip_index()]
-        target, weight = heatmap_targets(joints, cfg)
-        return {
-            "image": normalize(torch.from_numpy(crop).permute(2, 0, 1)),
-            "target": target,
-            "target_weight": weight,
-            "joints": torch.from_numpy(joints).float(),
-            "matrix": torch.from_numpy(matrix),
-            "flipped": flip,
-            "image_id": sample["image_id"],
-            "box": torch.tensor(sample["bbox"], dtype=torch.float64),
-            "box_score": sample["score"],
-            "area": float(size[0] * size[1]),
-        }
+        crop = person_crop(self._load_image(sample["image_id"]), sample["bbox"], keypoints, flip_index(),
+                           self.cfg, augmentation_draw(self.cfg, self.train, self.seed, epoch, index))
+        return {**crop, "image_id": sample["image_id"], "box_score": sample["score"]}
+
+
+def augmentation_draw(cfg: TopDownConfig, train: bool, seed: int, epoch: int, index: int) -> tuple[float, float, bool]:
+    """``(scale, rotation, flip)`` of sample ``index`` in ``epoch`` (PNFS §IV-A): drawn from
+    ``numpy.random.default_rng([seed, epoch, index])``; ``(1, 0, False)`` when not ``train``."""
+    if not train:
+        return 1.0, 0.0, False
+    rng = np.random.default_rng([seed, epoch, index])
+    scale, rotation, coin = rng.uniform(cfg.scale_min, cfg.scale_max), rng.uniform(-1, 1), rng.random()
+    return float(scale), float(rotation * cfg.rotation), bool(cfg.flip and coin < 0.5)
+
+
+def person_crop(image: Image.Image, box: Any, keypoints: Optional[np.ndarray], flip_perm: list[int],
+                cfg: TopDownConfig, augmentation: tuple[float, float, bool]) -> dict[str, Any]:
+    """One person's training / evaluation crop, the part of a sample both data sets share.
+
+    Args:
+        image: the whole image; box: ``[x, y, w, h]`` (image pixels).
+        keypoints: ``[J, 3]`` (x, y, visibility) in image pixels, or None (a detection: zeros).
+        flip_perm: the data set's left/right permutation of its ``J`` joints.
+        augmentation: ``(scale, rotation, flip)`` (:func:`augmentation_draw`).
+    Returns:
+        ``image`` float32 ``[3, H, W]`` (ImageNet-normalised), ``target`` ``[J, h, w]``,
+        ``target_weight`` ``[J]``, ``joints`` ``[J, 3]`` (crop pixels, renamed when flipped),
+        ``matrix`` float64 ``[2, 3]`` image -> crop, ``flipped``, ``box`` float64 ``[4]``,
+        ``area`` (padded box area, image pixels^2).
+    """
+    scale, rotation, flip = augmentation
+    center, size = box_to_center_size(box, cfg.input_width / cfg.input_height, cfg.box_padding)
+    matrix = crop_matrix(center, size * scale, cfg.input_width, cfg.input_height, rotation, flip)
+    crop = warp_crop(image, matrix, cfg.input_width, cfg.input_height)
+    joints = np.zeros((len(flip_perm), 3))
+    if keypoints is not None:
+        joints = np.concatenate([transform_points(keypoints[:, :2], matrix), keypoints[:, 2:]], axis=1)
+        if flip:
+            joints = joints[flip_perm]
+    target, weight = heatmap_targets(joints, cfg)
+    return {
+        "image": normalize(torch.from_numpy(crop).permute(2, 0, 1)),
+        "target": target,
+        "target_weight": weight,
+        "joints": torch.from_numpy(joints).float(),
+        "matrix": torch.from_numpy(matrix),
+        "flipped": flip,
+        "box": torch.tensor(box, dtype=torch.float64),
+        "area": float(size[0] * size[1]),
+    }

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from threempose.data.keypoints import NUM_JOINTS, OKS_SIGMAS, flip_index
 from threempose.pnfs.topdown_data import heatmap_to_crop, invert_matrix, transform_points
+from threempose.pnfs.pckh import MPII_FLIP_INDEX, NUM_MPII_JOINTS
 
 
 def decode_heatmaps(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,19 +82,21 @@ def decode_crops(scores: Tensor, matrices: Any, stride: int) -> np.ndarray:
 def flip_back(scores: Tensor) -> Tensor:
     """Score maps of a horizontally mirrored crop, as maps of the original crop.
 
-    Mirrors the width and swaps left/right joints (COCO flip pairs). Exact for the
+    Mirrors the width and swaps left/right joints (COCO flip pairs for 17 maps, MPII's for 16).
+    Exact for the
     pixel-centre convention of :mod:`threempose.pnfs.topdown_data` (no shift). Flip
     test: ``scores = (net(crops) + flip_back(net(crops.flip(-1)))) / 2``, decoded with
     the unflipped crops' matrices.
 
     Args:
-        scores: ``[N, 17, h, w]``.
+        scores: ``[N, J, h, w]``, J = 17 (COCO joints) or 16 (MPII joints, release order).
     Returns:
-        ``[N, 17, h, w]``.
+        ``[N, J, h, w]``.
     """
-    if scores.dim() != 4 or scores.shape[1] != NUM_JOINTS:
-        raise ValueError(f"flip_back needs [N, {NUM_JOINTS}, h, w] score maps, got {list(scores.shape)}")
-    return scores.flip(-1)[:, flip_index()]
+    if scores.dim() != 4 or scores.shape[1] not in (NUM_JOINTS, NUM_MPII_JOINTS):
+        raise ValueError(f"flip_back needs [N, {NUM_JOINTS} or {NUM_MPII_JOINTS}, h, w] score maps, got "
+                         f"{list(scores.shape)}")
+    return scores.flip(-1)[:, list(MPII_FLIP_INDEX) if scores.shape[1] == NUM_MPII_JOINTS else flip_index()]
 
 
 def oks_similarity(reference: np.ndarray, others: np.ndarray, reference_area: float,

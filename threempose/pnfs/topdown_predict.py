@@ -9,6 +9,10 @@
   (:func:`threempose.pnfs.topdown_decode.coco_results`).
 * :func:`validation_ap` — COCO OKS AP/AR of a network on the crops of the first ``n`` val
   images, through :func:`threempose.data.coco_eval.evaluate_keypoints`.
+* :func:`predict_mpii` — the keypoints of MPII crops as a PCKh predictions list.
+* :func:`validation_pckh` — PCKh@0.5 / @0.1 (head-size normalised, :mod:`threempose.pnfs.pckh`)
+  of a network on the first ``n`` val people of MPII data (``data.dataset: "mpii"``, or the
+  synthetic set with ``data.synthetic.format: "mpii"``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ from threempose.config import Config, TopDownConfig
 from threempose.data.coco_eval import evaluate_keypoints
 from threempose.data.loader import split_paths
 from threempose.data.sampler import EpochSampler, held_out_split
+from threempose.data.synthetic import ensure_synthetic
+from threempose.pnfs.mpii_data import MpiiDataError, TopDownMpiiDataset
+from threempose.pnfs.pckh import pckh_table
 from threempose.pnfs.topdown_data import TopDownCocoDataset
 from threempose.pnfs.topdown_decode import coco_results, decode_crops, flip_back
 from threempose.util.threads import single_threaded_worker
@@ -50,13 +57,37 @@ class TopDownLoaders:
     val_image_ids: list[int]
 
 
-def topdown_datasets(cfg: Config, progress: bool = True) -> tuple[TopDownCocoDataset, TopDownCocoDataset, Path]:
+def mpii_split_paths(cfg: Config, progress: bool = True) -> tuple[Path, Path, Path, Path]:
+    """``(train_images, train_annotations, val_images, val_annotations)`` of MPII data: the synthetic
+    set's ``mpii.json`` files, or ``data.root/annot/<split>.json`` and ``data.root/images`` (HRNet's
+    MPII layout; ``data.train_split`` / ``val_split`` name the files, e.g. ``train`` and ``valid``)."""
+    d = cfg.data
+    if d.dataset == "synthetic":
+        s = ensure_synthetic(d.synthetic, progress=progress)
+        return s.train_images, s.mpii_annotations("train"), s.val_images, s.mpii_annotations("val")
+    root = Path(d.root)
+    paths = (root / "images", root / "annot" / f"{d.train_split}.json", root / "images",
+             root / "annot" / f"{d.val_split}.json")
+    missing = sorted({str(p) for p in paths if not p.exists()})
+    if missing:
+        raise MpiiDataError(f"MPII data not found: {', '.join(missing)} missing. Lay MPII out as "
+                            f"{root}/images/*.jpg and {root}/annot/{d.train_split}.json, {d.val_split}.json "
+                            "(the common JSON form of the MPII annotations), or set data.root")
+    return paths
+
+
+def topdown_datasets(cfg: Config, progress: bool = True) -> tuple[Dataset, Dataset, Path]:
     """``(train crops, val crops, val annotation file)`` of ``cfg.data`` with ``cfg.pnfs.topdown``
     settings (the synthetic set is generated on first use; COCO must be laid out as
-    ``data.root/annotations/person_keypoints_<split>.json``). Val crops use ``pnfs.detections``
-    when set, else the annotated boxes."""
-    train_images, train_ann, val_images, val_ann = split_paths(cfg.data, progress)
+    ``data.root/annotations/person_keypoints_<split>.json``, MPII as in :func:`mpii_split_paths`).
+    COCO val crops use ``pnfs.detections`` when set, else the annotated boxes; MPII crops come
+    from each person's ``center`` and ``scale``."""
     td = cfg.pnfs.topdown
+    if is_mpii(cfg):
+        train_images, train_ann, val_images, val_ann = mpii_split_paths(cfg, progress)
+        return (TopDownMpiiDataset(train_ann, train_images, td, train=True, seed=cfg.run.seed),
+                TopDownMpiiDataset(val_ann, val_images, td, train=False), val_ann)
+    train_images, train_ann, val_images, val_ann = split_paths(cfg.data, progress)
     train = TopDownCocoDataset(train_ann, train_images, td, train=True, seed=cfg.run.seed)
     val = TopDownCocoDataset(val_ann, val_images, td, train=False, detections=cfg.pnfs.detections)
     return train, val, val_ann
@@ -119,7 +150,8 @@ def predict_keypoints(score_fn: ScoreFn, crops: Dataset, cfg: TopDownConfig, bat
         out["box_scores"].append(batch["box_score"].double().numpy())
         out["areas"].append(batch["area"].double().numpy())
     if not out["keypoints"]:
-        return {"image_ids": np.zeros(0, np.int64), "keypoints": np.zeros((0, 17, 3)),
+        joints = len(getattr(crops, "dataset", crops)[0]["joints"]) if len(crops) else 17
+        return {"image_ids": np.zeros(0, np.int64), "keypoints": np.zeros((0, joints, 3)),
                 "box_scores": np.zeros(0), "areas": np.zeros(0)}
     return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -144,3 +176,36 @@ def validation_ap(score_fn: ScoreFn, loaders: TopDownLoaders, cfg: TopDownConfig
         warnings.simplefilter("ignore")       # "no detections" early in a search is expected
         stats = evaluate_keypoints(loaders.val_annotations, results, image_ids=ids)
     return {**stats, "crops": float(len(crops))}
+
+
+def is_mpii(cfg: Config) -> bool:
+    """Whether ``cfg``'s data are MPII people (16 joints): ``data.dataset: "mpii"`` or the synthetic
+    set in its MPII format."""
+    d = cfg.data
+    return d.dataset == "mpii" or (d.dataset == "synthetic" and d.synthetic.format == "mpii")
+
+
+def validation_pckh(score_fn: ScoreFn, loaders: TopDownLoaders, cfg: TopDownConfig, count: int,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """PCKh (PNFS Table V's columns, percent) of ``score_fn`` on the first ``count`` val people of
+    MPII data (all when ``count <= 0``), plus ``crops``. Needs every val person's ``headbox``."""
+    ids = loaders.val_image_ids if count <= 0 else loaders.val_image_ids[:count]
+    dataset = loaders.val.dataset
+    people = [dataset.people[i] for i in ids]
+    if any(p["headbox"] is None for p in people):
+        raise MpiiDataError(f"{dataset.annotation_file}: PCKh needs a 'headbox' for every val person")
+    pred = predict_keypoints(score_fn, Subset(dataset, ids), cfg, loaders.val.batch_size, device,
+                             loaders.val.num_workers)
+    table = pckh_table(pred["keypoints"][:, :, :2], np.stack([p["joints"] for p in people]),
+                       np.stack([p["visible"] for p in people]), np.stack([p["headbox"] for p in people]))
+    return {"PCKh@0.5": table["Mean"], "PCKh@0.1": table["Mean@0.1"],
+            **{k: table[k] for k in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")},
+            "crops": float(len(ids))}
+
+
+def predict_mpii(score_fn: ScoreFn, crops: TopDownMpiiDataset, cfg: TopDownConfig, batch_size: int = 16,
+                 device: torch.device | str = "cpu", num_workers: int = 0) -> list[list[list[float]]]:
+    """One prediction per person of an MPII crop set (``train=False``), in file order: 16 x
+    ``[x, y, score]`` in image pixels, the predictions file :mod:`threempose.pnfs.pckh` reads."""
+    pred = predict_keypoints(score_fn, crops, cfg, batch_size, device, num_workers)
+    return pred["keypoints"].round(3).tolist()

@@ -102,16 +102,17 @@ def keypoint_scores(vectors: Tensor) -> Tensor:
     return squash_length(vectors, dim=2)
 
 
-def part_scores(part_vectors: Sequence[Tensor], num_parts: int) -> Tensor:
-    """Scores of all 17 joints from the ``P`` part representations (shared joints summed).
+def part_scores(part_vectors: Sequence[Tensor], num_parts: int, dataset: str = "coco") -> Tensor:
+    """Scores of all joints from the ``P`` part representations (shared joints summed).
 
     Args:
-        part_vectors: ``P`` tensors ``[B, J_p, d, h, w]`` (``J_p = len(part_groups(P)[p])``).
+        part_vectors: ``P`` tensors ``[B, J_p, d, h, w]`` (``J_p = len(part_groups(P, dataset)[p])``).
         num_parts: ``P`` (1, 3, 5 or 8).
+        dataset: ``"coco"`` (17 joints) or ``"mpii"`` (16, MPII release order).
     Returns:
-        ``[B, 17, h, w]``, the predicted score maps of Eq. 6 (also what inference decodes).
+        ``[B, J, h, w]`` (J = 17 or 16), the predicted score maps of Eq. 6 (also what inference decodes).
     """
-    return merge_part_outputs([keypoint_scores(v) for v in part_vectors], num_parts)
+    return merge_part_outputs([keypoint_scores(v) for v in part_vectors], num_parts, dataset)
 
 
 def pnfs_loss(scores: Tensor, target: Tensor, weight: Tensor) -> Tensor:

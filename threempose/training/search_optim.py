@@ -2,7 +2,8 @@
 
 ``search.strategy`` decides who updates alpha/beta/m:
 
-* ``bilevel`` - their own Adam (``search.arch_lr``, MultiStepLR at ``arch_lr_milestones``),
+* ``bilevel`` - their own Adam (``search.arch_lr``, L2 weight decay ``search.arch_weight_decay``
+  as DARTS' first-order code and PNFS' first-order baseline use, MultiStepLR at ``arch_lr_milestones``),
   stepped on a held-out batch by :meth:`SearchOptimizers.arch_step` (with its own GradScaler
   under ``run.amp: fp16``); the weight step leaves them alone.
 * ``synchronous`` - the weight optimizer, as its param group 1 (PNFS), with the same
@@ -65,7 +66,7 @@ class SearchOptimizers:
         self.arch_sched = None
         self.arch_scaler: Optional[torch.amp.GradScaler] = None
         if s.strategy == "bilevel":
-            self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr)
+            self.arch_opt = torch.optim.Adam(self.arch_params, lr=s.arch_lr, weight_decay=s.arch_weight_decay)
             self.arch_scaler = amp_grad_scaler(self.weights.amp_dtype, ctx.device)
             self.arch_sched = torch.optim.lr_scheduler.MultiStepLR(self.arch_opt, s.arch_lr_milestones,
                                                                    s.arch_lr_gamma)
