@@ -205,6 +205,10 @@ def test_precision_flags_of_export_and_infer(small, tmp_path, capsys, monkeypatc
     assert infer_main(["--runtime", "onnxruntime", "--onnx", str(int8_dir), "--images", str(files[0].parent),
                        "--out", str(out), "--no-progress", "--dynamic"]) == 0
     assert json.loads(out.read_text())                                 # people found with int8
+    # int8 straight from a checkpoint: the Predictor exports and quantizes it itself
+    assert infer_main(["--checkpoint", str(model), "--images", str(files[0].parent), "--out", str(out),
+                       "--no-progress", "--precision", "int8", "--calibration-images", str(files[0].parent)]) == 0
+    assert json.loads(out.read_text())
     capsys.readouterr()
     # int8 without calibration images, a folder without a readable image: one line each, nothing written
     assert export_main(["--checkpoint", str(model), "--out", str(tmp_path / "e"), "--precision", "int8"]) != 0

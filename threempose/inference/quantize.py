@@ -213,12 +213,12 @@ def export_int8(net, out: str | os.PathLike, infer: dict, inputs: Sequence[np.nd
         return quantize_export(fp32, out, inputs)
 
 
-def quantize_network(net, infer: dict, images: Sequence[np.ndarray], short_side: int,
-                     threads: Optional[int] = None):
+def quantize_network(net, infer: dict, inputs: Sequence[np.ndarray], threads: Optional[int] = None):
     """``net`` (a :class:`~threempose.nas.derived.DerivedNet`) as int8 onnxruntime segments
     (:class:`~threempose.inference.segments.ExportedSegments`): exported to ONNX and quantized
-    (:func:`quantize_export`) in a temporary directory, calibrated on ``images`` prepared at
-    ``short_side``, loaded, and the files removed."""
+    (:func:`quantize_export`) in a temporary directory, calibrated on ``inputs`` (network
+    inputs, :func:`threempose.inference.predictor.network_inputs`), loaded, and the files
+    removed."""
     from threempose.inference.segments import export_segments, load_segments
 
     with tempfile.TemporaryDirectory(prefix="threempose-int8-") as tmp:
