@@ -21,7 +21,9 @@ from torch import nn
 
 from threempose.inference import predictor as predictor_module
 from threempose.config import ModelConfig
-from threempose.inference.deploy import PackedConv2d, fold_batchnorm, optimize_for_inference, output_tensors
+from threempose.inference import deploy
+from threempose.inference.deploy import (PackedConv2d, PrecisionWarning, cpu_bf16_missing, fold_batchnorm,
+                                         optimize_for_inference, output_tensors)
 from threempose.infer import main as infer_main
 from threempose.nas.model_file import save_model_file
 from threempose.models.higherhrnet import HigherHRNet
@@ -214,6 +216,69 @@ def test_a_block_folding_does_not_fit_is_refused_on_its_example_inputs():
 def test_half_precision_off_cuda_is_refused(thesis_net):
     with pytest.raises(ValueError, match="float16 is for CUDA"):
         optimize_for_inference(thesis_net, input_size=(32, 32), dtype=torch.float16)
+
+
+# --------------------------------------------------------------------------- #
+# bfloat16 on the CPU
+# --------------------------------------------------------------------------- #
+BF16_TOL = 0.05     # the bound: heatmaps within 5% of their scale
+native_bf16 = pytest.mark.skipif(cpu_bf16_missing() is not None, reason=f"no native bf16: {cpu_bf16_missing()}")
+
+
+@native_bf16
+@pytest.mark.parametrize("fuse", FUSE)
+def test_bf16_on_the_cpu_runs_bf16_convs_and_returns_float32_close_to_eager(thesis_net, fuse):
+    fast = optimize_for_inference(thesis_net, input_size=(64, 96), dtype=torch.bfloat16, fuse=fuse)
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
+    assert all(isinstance(c, PackedConv2d) for c in convs) == fuse
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = output_tensors(thesis_net(x)), output_tensors(fast(x))
+        carried = []
+        fast.cells[next(iter(fast.cells))].register_forward_hook(lambda m, i, o: carried.append(o))
+        fast(x[:1])
+    assert carried and carried[0].dtype == torch.bfloat16        # features between exits stay bf16
+    assert len(expected) == len(got) == 6
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert g.dtype == torch.float32, i                       # exits read float32 maps
+        err = (e - g).abs().max().item() / e.abs().max().item()
+        assert 0 < err <= BF16_TOL, (i, err)                     # rounded, but within 5% of scale
+
+
+@native_bf16
+def test_bf16_block_takes_and_passes_on_bf16_features():
+    net = random_bn_stats_(Supernet(ModelConfig(rows=3, layers=4, channels=8, eels=[2], stem_blocks=1)))
+    fuse = net.exits["4"].fuse
+    xs = [torch.randn(1, 8 * 2 ** r, 32 // 2 ** r, 32 // 2 ** r).contiguous(memory_format=torch.channels_last)
+          for r in range(3)]
+    fast = optimize_for_inference(fuse, input_size=(32, 32), example_inputs=(xs, (32, 32)), dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected, got = fuse(xs, (32, 32)), fast([x.bfloat16() for x in xs], (32, 32))
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert (got.float() - expected).abs().max() <= BF16_TOL * expected.abs().max()
+
+
+def test_bf16_without_native_support_warns_and_serves_float32(thesis_net, monkeypatch):
+    monkeypatch.setattr(deploy, "cpu_bf16_missing", lambda: "the CPU's bf16 instructions (avx512_bf16)")
+    with pytest.warns(PrecisionWarning, match="avx512_bf16.*float32 form"):
+        fast = optimize_for_inference(thesis_net, input_size=(32, 32), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_outputs(thesis_net(x), fast(x))
+
+
+def test_cpu_bf16_missing_names_the_missing_instructions(monkeypatch):
+    monkeypatch.setattr(deploy, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(deploy.platform, "machine", lambda: "x86_64")
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert "avx512_bf16 or amx_bf16" in cpu_bf16_missing()
+    monkeypatch.setattr(deploy, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert cpu_bf16_missing() is None
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert "oneDNN" in cpu_bf16_missing()
 
 
 # --------------------------------------------------------------------------- #

@@ -4,6 +4,7 @@ onnxruntime runtime of threempose.infer writes the torch runtime's COCO results;
 import dataclasses
 import itertools
 import json
+import os
 import stat
 
 import numpy as np
@@ -63,6 +64,26 @@ def exported(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny"
     assert main(["--checkpoint", str(model), "--out", str(out)]) == 0
     return out
+
+
+def test_each_segment_file_holds_only_its_own_weights(net, exported):
+    """The segments' saved parameters and buffers partition the network's: each is stored in
+    exactly one segment file (the stem only in the first, the last exit's head only in the last)."""
+    names = [set(k.removeprefix("net.") for k in torch.export.load(str(exported / f"exit{layer}.pt2")).state_dict)
+             for layer in (1, 2)]
+    whole = set(net.state_dict())
+    assert names[0] | names[1] == whole and not names[0] & names[1]
+    assert any(n.startswith("stem.") for n in names[0]) and not any(n.startswith("stem.") for n in names[1])
+    assert any(n.startswith("heads.2.") for n in names[1]) and not any(n.startswith("heads.2.") for n in names[0])
+
+
+def test_export_directory_honours_the_umask(model, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert main(["--checkpoint", str(model), "--out", str(tmp_path / "e"), "--format", "pt2"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o750
 
 
 def test_metadata_names_every_segment_and_file(exported):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from threempose.config import ConfigError, LossConfig, ModelConfig, config_from_dict
+from threempose.inference.deploy import cpu_bf16_missing
 from threempose.measure.latency import fabric_blocks
 from threempose.latency import main as latency_main
 from threempose.training.losses import PoseLoss, flops_loss
@@ -281,6 +282,32 @@ def test_profile_measures_in_the_tables_form(net, tmp_path, monkeypatch):
     for form in ("eager", "deploy"):
         measure_latency(genotype, random_table(net, meta={"threads": 1, "batch": 1, "form": form}))
     assert forms == ["eager", "deploy"]
+
+
+@pytest.mark.skipif(cpu_bf16_missing() is not None, reason="no native bf16 on this CPU")
+def test_bf16_table_times_bf16_blocks_and_is_checked_against_the_target_precision(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": TINY}))
+    out = tmp_path / "bf16.json"
+    assert latency_main(["--device", "cpu", "--input-size", "32", "--config", str(config), "--out", str(out),
+                         "--warmup", "0", "--reps", "1", "--threads", "1", "--precision", "bf16"]) == 0
+    table = LatencyTable.load(out)
+    assert table.precision == "bf16" and "bf16" in capsys.readouterr().out
+    table.check_precision("bf16")
+    with pytest.raises(LatencyTableError, match="measured in bf16, but the target precision is fp32"):
+        table.check_precision("fp32")
+    blocks = fabric_blocks(Supernet(ModelConfig(**TINY)).eval(), (32, 32), precision="bf16")
+    with torch.inference_mode():
+        out_block = blocks[next(k for k in blocks if k.startswith("op:conv:"))]()
+    assert out_block.dtype == torch.bfloat16                   # features flow between blocks in bf16
+
+
+def test_int8_latency_table_is_a_one_line_error(tmp_path, capsys):
+    assert latency_main(["--device", "cpu", "--input-size", "32", "--precision", "int8",
+                         "--out", str(tmp_path / "x.json")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8 latency tables are not measured" in err[0]
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_latency_command_rejects_the_cpu_timer_with_threads(tmp_path, capsys):

@@ -140,6 +140,7 @@ class CostConfig:
     target_device: Optional[Literal["cpu", "cuda"]] = None  # the table's device when it is not the
                                        # run's (e.g. a CPU table while searching on a GPU): a warning,
                                        # not an error
+    target_precision: Literal["fp32", "bf16"] = "fp32"  # the deploy precision the table must be timed in
 
 
 @dataclass

@@ -55,6 +55,7 @@ from typing import Optional, Sequence
 from threempose.inference.dynamic_exit import DYNAMIC
 from threempose.inference.folder_run import InferInputError, check_drawing_targets, image_ids, list_images, run
 from threempose.inference.predictor import Predictor
+from threempose.inference.quantize import PRECISIONS, calibration_images, check_precision
 from threempose.inference.result_journal import ResultJournal
 from threempose.pnfs.dispatch import pnfs_main
 from threempose.util.cli import check_output_dir, check_output_file, entry_point, parse_device
@@ -83,6 +84,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "fusion (threempose.inference.deploy; on by default, same people up to float rounding)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run: skip the images whose results its journal (OUT.partial) holds")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 (default for --checkpoint), bf16 or int8 (needs --calibration-images); with "
+                        "--onnx the export's own precision (default)")
+    p.add_argument("--calibration-images", metavar="DIR", help="--precision int8: real images to calibrate on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--benchmark", action="store_true",
                    help="print images/s and the time split: image loading, network, exit scoring, decoding")
@@ -113,10 +118,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ids, skipped = image_ids(files, args.annotations)
     overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
     if args.runtime == "onnxruntime":
-        predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, **overrides)
+        predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, precision=args.precision,
+                                          **overrides)
     else:
+        precision = args.precision or "fp32"
+        check_precision(precision, args.calibration_images, args.device)
+        calib = calibration_images(args.calibration_images) if precision == "int8" else None
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
-                                              optimize=not args.no_optimize, **overrides)
+                                              optimize=not args.no_optimize, precision=precision,
+                                              calibration_images=calib, **overrides)
     journal = ResultJournal(out)
     if args.resume and not journal.path.is_file():
         print(f"--resume: no journal {journal.path} of an earlier run; starting from the first image",

@@ -179,4 +179,5 @@ def load_latency_table(cfg: Config, device: torch.device) -> Optional[LatencyTab
     table.check_fabric(cfg.model, cfg.model.stem_blocks, cfg.model.num_joints, cfg.model.ops)
     table.check_input_size((size, size))
     table.check_device(device, cost.target_device)
+    table.check_precision(cost.target_precision)
     return table
