@@ -19,6 +19,19 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``gpu`` skips on a machine without CUDA, with the reason its marker gives
+    (``@pytest.mark.gpu(reason=...)``), so the marker alone both labels and guards it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=marker.kwargs.get("reason", "needs a CUDA GPU")))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny test models are dispatch-bound: one intra-op thread is faster on a shared CPU."""

@@ -16,6 +16,7 @@ from threempose.calibrate import main
 from threempose.config import load_config
 from threempose.inference.dynamic_exit import NEVER, ExitScore
 from threempose.data.coco_eval import evaluate_keypoints
+from threempose.data.synthetic import ensure_synthetic
 from threempose.nas.model_file import save_model_file
 from threempose.inference.predictor import Predictor
 
@@ -207,3 +208,24 @@ def test_calibrate_errors(setup, tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 2 and "none.json" in err and not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unreadable_val_images_are_left_out_with_one_warning(setup, tmp_path, capsys):
+    model, config = setup
+    raw = json.loads(config.read_text())
+    raw["data"]["synthetic"]["cache_dir"] = str(tmp_path / "cache")
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    images = ensure_synthetic(load_config(tmp_path / "c.json").data.synthetic, progress=False).val_images
+    (images / "000002.jpg").write_bytes(b"")
+    records = tmp_path / "records.json"
+    with pytest.warns(RuntimeWarning, match=r"^1 calibration image reads failed to decode .*000002\.jpg"):
+        assert main(["--checkpoint", str(model), "--config", str(tmp_path / "c.json"), "--out",
+                     str(tmp_path / "infer.json"), "--records", str(records), "--no-progress"]) == 0
+    assert [r["image_id"] for r in json.loads(records.read_text())["records"]] == [1, 3, 4, 5]
+    for f in images.iterdir():
+        f.write_bytes(b"")
+    assert main(["--checkpoint", str(model), "--config", str(tmp_path / "c.json"), "--out",
+                 str(tmp_path / "infer2.json"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.endswith("none of the 5 val images of "
+                                            f"{images.parent / 'annotations.json'} can be read\n")

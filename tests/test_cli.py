@@ -173,6 +173,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow     # two processes joining a gloo group
 @pytest.mark.skipif(sys.platform != "linux", reason="two gloo ranks on localhost")
 def test_two_ranks_both_exit_2_and_only_rank_0_prints(tmp_path):
     """An error after the process group is joined (a missing teacher): both ranks exit 2."""

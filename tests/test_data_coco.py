@@ -1,21 +1,30 @@
 """The COCO keypoints Dataset, its errors, skipped images, and build_loaders."""
+import contextlib
 import dataclasses
+import io
 import json
 import shutil
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
 
 from threempose.config import DataConfig, SyntheticConfig
-from threempose.data.augment import center_affine
-from threempose.data.coco import AnnotationError, CocoKeypoints
-from threempose.data.sampler import EpochSampler
+from threempose.data.augment import augment_sample, center_affine, params_affine
+from threempose.data.coco import AnnotationError, CocoKeypoints, UnreadableSplitError
+from threempose.data.coco_index import CocoIndex
+from threempose.data.image_io import read_image
 from threempose.data.loader import PoseDataLoader, build_loaders, collate_samples
+from threempose.data.sampler import EpochSampler
 from threempose.data.synthetic import generate
+from threempose.data.targets import ignore_mask, supervision_mask
 
 CFG = DataConfig(input_size=64, heatmap_stride=4, sigma=1.5, max_people=6, batch_size=3, num_workers=0)
+TINY = Path(__file__).parent / "data" / "tiny_person_keypoints.json"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +38,75 @@ def _copy(synthetic_set, tmp_path):
     images, ann = synthetic_set
     shutil.copytree(images, tmp_path / "images")
     return tmp_path / "images", tmp_path / "ann.json", json.loads(ann.read_text())
+
+
+def _pycocotools(ann_file) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(ann_file))
+
+
+def _reference_labels(coco: COCO, image_id: int):
+    """(keypoints [P, 17, 3], supervision mask) of an image as the pycocotools-indexed path made them."""
+    info, anns = coco.imgs[image_id], coco.imgToAnns.get(image_id, [])
+    kpts = [a["keypoints"] for a in anns if not a.get("iscrowd", 0) and a["num_keypoints"] > 0]
+    return (np.asarray(kpts, np.float64).reshape(-1, 17, 3),
+            supervision_mask(anns, info["height"], info["width"]))
+
+
+@pytest.fixture(scope="module")
+def crowded_set(tmp_path_factory):
+    """(image dir, annotation file) of 24 synthetic images with crowds and keypoint-less people."""
+    out = tmp_path_factory.mktemp("crowded")
+    return out / "images", generate(out, 24, seed=7, min_size=96, max_size=160, max_people=4)
+
+
+def test_samples_equal_those_made_from_the_pycocotools_index(crowded_set):
+    """The flat index gives the samples the pycocotools index gave, for every (seed, epoch, index)."""
+    coco = _pycocotools(crowded_set[1])
+    ds = CocoKeypoints(*crowded_set, CFG, train=True, seed=3)
+    raw = CocoKeypoints(*crowded_set, CFG, train=True, seed=3, raw=True)
+    assert ds.image_ids == sorted(coco.imgs)
+    holes = people = 0
+    for i, image_id in enumerate(ds.image_ids):
+        info = coco.imgs[image_id]
+        kpts, mask = _reference_labels(coco, image_id)
+        holes += int((mask == 0).any())
+        people += len(kpts)
+        image = read_image(crowded_set[0] / info["file_name"])
+        for epoch in (0, 5):
+            affine = params_affine(ds.augment_params(i, epoch), info["width"], info["height"], CFG.input_size)
+            expected = augment_sample(image, mask, kpts, affine, CFG)
+            got = ds[(i, epoch)]
+            assert got["image_id"].item() == image_id
+            for key, value in expected.items():
+                assert torch.equal(got[key], value), (i, epoch, key)
+        r = raw[(i, 1)]
+        assert np.array_equal(r["keypoints"].numpy(), kpts) and np.array_equal(r["mask"].numpy(), mask)
+    assert holes >= 3 and people >= 30          # the set exercises ignored regions and many people
+
+
+def test_index_matches_pycocotools_on_a_file_with_crowds(tmp_path):
+    data = json.loads(TINY.read_text())
+    segmentations = {1: _box(130, 60, 270, 380),                     # a person with keypoints: no hole
+                     3: {"size": [480, 640], "counts": [300 * 480 + 10, 200, 480 * 340 - 210]},   # crowd RLE
+                     5: _box(10, 20, 60, 90)}                         # a person without keypoints
+    for ann in data["annotations"]:
+        if ann["id"] in segmentations:
+            ann["segmentation"] = segmentations[ann["id"]]
+    data["images"].reverse()                                               # the index sorts by id
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    index, coco = CocoIndex.read(path, 17), _pycocotools(path)
+    assert index.image_ids.tolist() == sorted(coco.imgs) and len(index.keypoints) == 5
+    for i, image_id in enumerate(index.image_ids.tolist()):
+        info = coco.imgs[image_id]
+        kpts, mask = _reference_labels(coco, image_id)
+        assert index.file_name(i) == info["file_name"] and index.size(i) == (info["width"], info["height"])
+        assert np.array_equal(index.people(i), kpts)
+        regions = index.ignored_regions(i)
+        assert np.array_equal(1 - ignore_mask(regions, info["height"], info["width"]), mask)
+    assert sum(len(index.ignored_regions(i)) for i in range(3)) == 2       # one crowd, one keypoint-less
+    assert sum(int((_reference_labels(coco, i)[1] == 0).sum()) for i in coco.imgs) > 1000
 
 
 def _box(x0, y0, x1, y1):
@@ -58,7 +136,7 @@ def test_sample_has_the_documented_keys_shapes_and_consistent_targets(synthetic_
 
 def test_val_samples_use_the_centre_affine(synthetic_set):
     ds = CocoKeypoints(*synthetic_set, CFG, train=False)
-    im = ds.coco.imgs[ds.image_ids[0]]
+    im = _pycocotools(synthetic_set[1]).imgs[ds.image_ids[0]]
     s = ds[0]
     a = center_affine(im["width"], im["height"], 64)
     assert np.array_equal(s["affine"].numpy(), a.matrix) and not s["flipped"]
@@ -101,8 +179,9 @@ def test_masks_cover_crowds_and_people_without_keypoints_and_empty_images_are_va
     assert s["heatmaps"].abs().sum() == 0 and s["joints"].abs().sum() == 0    # nobody with keypoints
 
 
-@pytest.mark.parametrize("case", ["no_annotation_file", "no_image_dir", "not_json", "instances",
-                                  "annotation_without_keypoints", "missing_image"])
+@pytest.mark.parametrize("case", ["no_annotation_file", "no_image_dir", "not_json", "not_json_at_all",
+                                  "instances", "annotation_without_keypoints", "string_image_id",
+                                  "missing_images"])
 def test_bad_input_fails_at_construction_naming_the_file(synthetic_set, tmp_path, case):
     images, ann_file, data = _copy(synthetic_set, tmp_path)
     ann_file.write_text(json.dumps(data))
@@ -115,6 +194,9 @@ def test_bad_input_fails_at_construction_naming_the_file(synthetic_set, tmp_path
     elif case == "not_json":
         ann_file.write_text("{not json")
         error = AnnotationError
+    elif case == "not_json_at_all":
+        ann_file.write_bytes(b"PK\x03\x04 a zip archive")
+        error, named = AnnotationError, "not a JSON file (a zip archive"
     elif case == "instances":
         data["categories"] = [{"id": 1, "name": "person", "supercategory": "person"}]
         ann_file.write_text(json.dumps(data))
@@ -123,11 +205,28 @@ def test_bad_input_fails_at_construction_naming_the_file(synthetic_set, tmp_path
         del data["annotations"][0]["keypoints"]
         ann_file.write_text(json.dumps(data))
         error = AnnotationError
+    elif case == "string_image_id":
+        data["annotations"][0]["image_id"] = "1"
+        ann_file.write_text(json.dumps(data))
+        error, named = AnnotationError, "'image_id' must be an integer, got '1'"
     else:
-        (images / "000004.jpg").unlink()
-        named = "000004.jpg"
-    with pytest.raises(error, match=str(named).replace(".", r"\.")):
+        for name in ("000002.jpg", "000004.jpg", "000005.jpg", "000006.jpg"):
+            (images / name).unlink()
+        named = "4 image files of ann.json are missing from images, e.g. ['000002.jpg', '000004.jpg', '000005.jpg']"
+    with pytest.raises(error) as e:
         CocoKeypoints(images, ann_file, CFG, train=True)
+    message = str(e.value).replace(f"{tmp_path}/", "")
+    assert str(named).replace(f"{tmp_path}/", "") in message and "\n" not in message
+
+
+def test_a_large_file_that_is_not_json_fails_at_once_in_one_line(tmp_path):
+    big = tmp_path / "person_keypoints_train2017.json"
+    with open(big, "wb") as f:                 # 2 GiB of zeros (sparse: costs no disk)
+        f.truncate(2 * 2**30)
+    start = time.perf_counter()
+    with pytest.raises(AnnotationError, match=r"not a JSON file \(binary: it holds NUL bytes\)") as e:
+        CocoIndex.read(big, 17)
+    assert time.perf_counter() - start < 5.0 and "\n" not in str(e.value) and str(big) in str(e.value)
 
 
 def test_an_undecodable_image_is_skipped_counted_and_warned_about_once(synthetic_set, tmp_path):
@@ -148,8 +247,11 @@ def test_an_undecodable_image_is_skipped_counted_and_warned_about_once(synthetic
 
     for p in images.iterdir():
         p.write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="could be decoded"):
+    with pytest.raises(UnreadableSplitError, match=r"^none of the 6 images of .*ann\.json .* can be read"):
         ds[0]
+    with pytest.raises(UnreadableSplitError) as caught:        # raised in a worker: still one line
+        next(iter(loader))
+    assert str(caught.value) == ds.unreadable_message()
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_shards_ranks():
@@ -218,3 +320,14 @@ def test_missing_coco_root_explains_the_layout(tmp_path):
     msg = str(e.value)
     assert "annotations/person_keypoints_train2017.json" in msg and "train2017/*.jpg" in msg
     assert "configs/search-small.json" in msg and "synthetic" in msg
+
+
+def test_index_refuses_an_annotation_of_an_unlisted_image(tmp_path):
+    """pycocotools keeps an annotation whose image_id names no image (and no sample ever uses it);
+    the schema check (data/coco_schema.py) names it instead."""
+    data = json.loads(TINY.read_text())
+    data["annotations"].insert(1, dict(data["annotations"][0], id=99, image_id=12345))
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match=r"annotations\[1\] \(id 99\): image_id 12345 is not the id"):
+        CocoIndex.read(path, 17)

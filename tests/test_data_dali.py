@@ -34,8 +34,7 @@ def _has_dali() -> bool:
 needs_dali = pytest.mark.skipif(not _has_dali(), reason="the DALI extra is not installed: pip install -e '.[dali]'")
 
 CFG = DataConfig(input_size=64, heatmap_stride=4, sigma=1.5, max_people=6, batch_size=4, num_workers=1)
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="DALI's mixed decode and gpu warp need a CUDA device")
+gpu = pytest.mark.gpu(reason="DALI's mixed decode and gpu warp need a CUDA device")     # see tests/conftest.py
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GREY_LEVELS = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0      # normalised units -> 0..255
 

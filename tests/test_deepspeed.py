@@ -109,6 +109,7 @@ def launch_and_kill_after_epoch_1(config: Path, runs: Path, known: set[Path]) ->
     return run
 
 
+@pytest.mark.slow     # a 2-rank DeepSpeed launch, killed and resumed
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed package (and its launcher) is not installed")
 def test_deepspeed_search_two_ranks_keep_identical_arch_and_resume(tmp_path):
     config = two_rank_config(tmp_path)
@@ -177,6 +178,7 @@ def _collectives_worker(rank: int, port: int, out_dir: str) -> None:
         ctx.close()
 
 
+@pytest.mark.slow     # two spawned gloo ranks
 def test_collectives_on_two_gloo_ranks(tmp_path):
     mp.spawn(_collectives_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -221,6 +223,7 @@ def test_arch_guard_names_the_diverged_parameter():
     assert "alpha by" not in str(e.value)                 # only the parameters that differ
 
 
+@pytest.mark.slow     # a 2-rank DeepSpeed launch
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed package (and its launcher) is not installed")
 def test_deepspeed_pnfs_search_two_ranks(tmp_path):
     """PNFS' synchronous dense search (alpha/beta in the weight optimizer, so DeepSpeed's own

@@ -153,7 +153,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", "results file is empty"),
+    ("", r"not a JSON file \(it is empty\); expected a JSON results file"),
     ("[{", "not valid JSON"),
     ('{"annotations": []}', "must be a JSON array"),
 ])
@@ -177,11 +177,11 @@ def _annotation_without_keypoints():
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "annotation file is empty"),
+    (None, r"not a JSON file \(it is empty\)"),
     ([1, 2], "not a COCO person-keypoints annotation file"),
     ({"images": []}, "'annotations' list is missing"),
-    (_instances_style(), "category 0 needs .* 17 'keypoints' names"),
-    (_annotation_without_keypoints(), "annotation 2 lacks keypoints"),
+    (_instances_style(), r"categories\[0\] \(id 1\): category 'person' has no 'keypoints' names, needs 17"),
+    (_annotation_without_keypoints(), r"annotations\[2\] \(id 3\) lacks keypoints"),
 ])
 def test_bad_annotation_file_is_named(tmp_path, content, message):
     path = tmp_path / "instances.json"

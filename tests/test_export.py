@@ -4,6 +4,8 @@ onnxruntime runtime of threempose.infer writes the torch runtime's COCO results;
 import dataclasses
 import itertools
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra: 
 ort = pytest.importorskip("onnxruntime", reason="the onnxruntime runtime needs: pip install 'threempose[onnx]'")
 
 from threempose.inference.segments import load_segments
+from threempose.util.files import default_mode
 
 SIZES = [(2, 96, 128), (1, 160, 96)]         # (batch, H, W): two sizes, neither the traced example's
 
@@ -63,6 +66,26 @@ def exported(model, tmp_path_factory):
     return out
 
 
+def test_each_segment_file_holds_only_its_own_weights(net, exported):
+    """The segments' saved parameters and buffers partition the network's: each is stored in
+    exactly one segment file (the stem only in the first, the last exit's head only in the last)."""
+    names = [set(k.removeprefix("net.") for k in torch.export.load(str(exported / f"exit{layer}.pt2")).state_dict)
+             for layer in (1, 2)]
+    whole = set(net.state_dict())
+    assert names[0] | names[1] == whole and not names[0] & names[1]
+    assert any(n.startswith("stem.") for n in names[0]) and not any(n.startswith("stem.") for n in names[1])
+    assert any(n.startswith("heads.2.") for n in names[1]) and not any(n.startswith("heads.2.") for n in names[0])
+
+
+def test_export_directory_honours_the_umask(model, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert main(["--checkpoint", str(model), "--out", str(tmp_path / "e"), "--format", "pt2"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o750
+
+
 def test_metadata_names_every_segment_and_file(exported):
     meta = json.loads((exported / META_FILE).read_text())
     assert meta["exit_layers"] == [1, 2] and meta["onnx_opset"] == ONNX_OPSET and meta["size_multiple"] == 32
@@ -74,6 +97,7 @@ def test_metadata_names_every_segment_and_file(exported):
     assert segments[0]["outputs"][-1] == "out_skip" and segments[1]["outputs"] == ["heatmaps", "tags"]
     assert sorted(p.name for p in exported.iterdir()) == sorted(
         [META_FILE] + [f"exit{k}.{ext}" for k in (1, 2) for ext in ("pt2", "onnx")])
+    assert stat.S_IMODE(exported.stat().st_mode) == default_mode(directory=True)   # the umask, not 0o700
     import onnx
     model = onnx.load(str(exported / "exit2.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [ONNX_OPSET]
@@ -81,7 +105,9 @@ def test_metadata_names_every_segment_and_file(exported):
     assert all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))      # batch, h, w symbolic
 
 
-@pytest.mark.parametrize("runtime, atol", [("torch.export", 1e-5), ("onnxruntime", 1e-3)])
+# Measured (torch 2.13, onnxruntime, CPU): torch.export programs give the eager outputs bit for bit;
+# onnxruntime differs by at most 1.3e-6 on heatmaps (values up to ~0.5) and 3e-8 relative on tags.
+@pytest.mark.parametrize("runtime, atol", [("torch.export", 1e-6), ("onnxruntime", 1e-4)])
 def test_exported_segments_equal_the_eager_network_at_two_sizes(net, exported, runtime, atol):
     segments = load_segments(exported, runtime)
     for batch, h, w in SIZES:
@@ -102,7 +128,7 @@ def test_exported_segments_equal_the_eager_network_at_two_sizes(net, exported, r
 
 
 def test_onnxruntime_infer_writes_the_torch_runtimes_results(net, model, exported, tmp_path):
-    """Same people (keypoints within 1e-2 px) and the same dynamic exits from both runtimes.
+    """Same people (keypoints within 5e-5 px) and the same dynamic exits from both runtimes.
 
     A random network's maps have near-flat plateaus (in the constant padding of a network input
     and along the borders) a little above the default detection threshold, where NMS peaks move
@@ -133,8 +159,8 @@ def test_onnxruntime_infer_writes_the_torch_runtimes_results(net, model, exporte
     unmatched = list(ort_results)                 # people of equal score may come in either order
     for a in torch_results:
         match = next(b for b in unmatched if b["image_id"] == a["image_id"]
-                     and np.abs(np.array(a["keypoints"]) - np.array(b["keypoints"])).max() <= 1e-2)
-        assert match["score"] == pytest.approx(a["score"], abs=1e-4)
+                     and np.abs(np.array(a["keypoints"]) - np.array(b["keypoints"])).max() <= 5e-5)
+        assert match["score"] == pytest.approx(a["score"], abs=5e-6)    # measured 6.5e-8; keypoints 4.8e-7 px
         unmatched.remove(match)
 
 

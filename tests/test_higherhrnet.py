@@ -87,10 +87,17 @@ def test_parameter_count_matches_reference():
     assert count_params(higherhrnet_w32()) == 28_645_331
 
 
-def test_gflops_scale_to_published_count(model):
-    # All feature maps scale with the input area for multiples of 32, so 64x64 is
-    # exactly 1/64 of 512x512: 46.2 G multiply-adds (HigherHRNet's "47.9 GFLOPs").
-    assert model_gflops(model, (64, 64)) * 64 == pytest.approx(46.2, abs=0.05)
+def test_gflops_scale_to_the_codes_own_count_at_512(model):
+    """46.2 G is this code's own count, not the paper's: torch's FlopCounterMode counts 92.4 G
+    FLOPs for HigherHRNet-W32 at 512 x 512, halved to 46.2 G multiply-adds by model_gflops. The
+    HigherHRNet paper (and the thesis after it) publishes "47.9 GFLOPs" for the same network;
+    the 1.7 G gap is the paper's counter, not a different network (the parameter count above
+    matches the official checkpoint exactly). All feature maps scale with the input area for
+    multiples of 32, so 64 x 64 is exactly 1/64 of 512 x 512."""
+    at_512 = model_gflops(model, (64, 64)) * 64
+    assert at_512 == pytest.approx(46.2, abs=0.05), (
+        f"{at_512:.2f} G multiply-adds at 512x512; expected our FlopCounterMode count 46.2 G "
+        "(92.4 G FLOPs / 2), which the paper reports as 47.9 GFLOPs")
 
 
 def test_fuse_unit_matches_hand_computed_exchange():
@@ -132,15 +139,34 @@ def test_fuse_unit_matches_hand_computed_exchange():
 # --------------------------------------------------------------------------- #
 # Forward and features
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("hw", [(64, 64), (64, 96), (70, 50)])
-def test_forward_shapes(model, hw):
+@pytest.mark.parametrize("hw", [(64, 64), (64, 96)])
+def test_forward_is_the_heads_composed_by_hand_on_the_stage4_features(model, hw):
+    """The two outputs, written out with torch.nn.functional from the stage-4 features and the
+    same weights: the 1x1 head at 1/4, then concat(features, 1/4 output) -> transposed conv ->
+    BN -> ReLU -> the BasicBlocks -> the 1x1 head at 1/2. And each image of a batch is computed
+    alone (eval-mode BatchNorm: no batch statistics). Measured differences: 0 (bit-identical) for
+    the composition, <= 3.6e-6 for the batch split (outputs up to ~5); bounds 1e-6 and 1e-4."""
     h, w = hw
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(w))
     with torch.no_grad():
-        out = model(torch.randn(2, 3, h, w))
+        out = model(x)
+        stage4 = model.features(x, ["stage4"])["stage4"]                      # [2, 32, h/4, w/4]
+        head, head_half = model.final_layers
+        final = F.conv2d(stage4, head.weight, head.bias)
+        tconv, bn, _ = model.deconv_layers[0][0]
+        up = F.conv_transpose2d(torch.cat((stage4, final), 1), tconv.weight, stride=2, padding=1)
+        up = F.relu(F.batch_norm(up, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+        for block in model.deconv_layers[0][1:]:
+            up = block(up)
+        final_half = F.conv2d(up, head_half.weight, head_half.bias)
+        alone = model(x[1:])
     assert isinstance(out, list) and len(out) == 2
-    assert out[0].shape == (2, 34, math.ceil(h / 4), math.ceil(w / 4))
-    assert out[1].shape == (2, 17, math.ceil(h / 2), math.ceil(w / 2))
-    assert all(torch.isfinite(o).all() for o in out)
+    assert out[0].shape == (2, 34, h // 4, w // 4) and out[1].shape == (2, 17, h // 2, w // 2)
+    assert final.abs().max() > 0.1 and final_half.abs().max() > 0.1             # not a trivial zero map
+    torch.testing.assert_close(out[0], final, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1], final_half, rtol=0, atol=1e-6)
+    for a, b in zip(alone, out):
+        torch.testing.assert_close(a, b[1:], rtol=0, atol=1e-4)
 
 
 def test_non_multiple_of_32_is_the_padded_official_run(model):

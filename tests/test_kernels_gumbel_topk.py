@@ -150,7 +150,6 @@ def test_validation_errors():
 
 
 @gpu
-@pytest.mark.gpu
 def test_bf16_logits_on_gpu():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(37 * 3, 9, generator=gen).cuda().bfloat16().requires_grad_(True)

@@ -139,7 +139,6 @@ def test_validation_errors_name_the_problem():
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("K", [1, 4, 9])
 def test_bf16_on_gpu(K):
     gen = torch.Generator().manual_seed(K)

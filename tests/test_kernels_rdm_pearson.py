@@ -163,7 +163,6 @@ def test_validation_errors():
 
 
 @gpu
-@pytest.mark.gpu
 def test_bf16_on_gpu_at_a_thesis_like_shape():
     gen = torch.Generator().manual_seed(0)
     student = [torch.randn(16, 32, 64, 64, generator=gen).cuda().bfloat16().requires_grad_(True),

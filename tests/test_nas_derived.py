@@ -16,6 +16,8 @@ from threempose.nas.supernet import Supernet
 from threempose.nas.fuse_split import FuseSplit
 from threempose.nas.genotype import Genotype
 
+from test_nas_supernet import derived_twin, random_weights_
+
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
 TINY = dict(rows=3, layers=4, channels=4, eels=[2, 3], stem_blocks=1)
 
@@ -50,11 +52,28 @@ def test_state_dict_keys_are_a_subset_of_the_supernets(genotype, net):
 
 
 @pytest.mark.parametrize("hw", [(64, 48), (45, 59)])
-def test_forward_returns_every_exit(net, hw):
+def test_forward_equals_the_supernet_on_its_sampled_architecture(genotype, hw):
+    """The derived network of a sample, holding the supernet's (random) weights, gives the
+    supernet's exits and cell outputs for the same sample: only the chosen modules, summed
+    without the sample's 0/1 weights. Measured: bit-identical; bound 1e-6."""
+    torch.manual_seed(0)
+    supernet = random_weights_(Supernet(ModelConfig(**TINY))).eval()
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(hw[1]))
     with torch.no_grad():
-        exits = net(torch.randn(1, 3, *hw))
+        out = supernet(x, tau=1.0, seed=21)
+        assert out.genotype == genotype
+        derived = derived_twin(supernet, genotype)
+        cells = []
+        exits = list(derived.run(x, derived.genotype, cell_outputs=cells))
     assert [e.layer for e in exits] == [2, 3, 4]
-    assert all(e.heatmaps.shape == (1, 17, (hw[0] + 3) // 4, (hw[1] + 3) // 4) for e in exits)
+    assert all(e.heatmaps.shape == (2, 17, (hw[0] + 3) // 4, (hw[1] + 3) // 4) for e in exits)
+    for got, want in zip(exits, out.exits):
+        assert want.heatmaps.abs().max() > 0.05                            # loud: not two zero maps
+        torch.testing.assert_close(got.heatmaps, want.heatmaps, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.tags, want.tags, rtol=0, atol=1e-6)
+    assert len(cells) == len(out.cell_outputs) == sum(not c.pruned for c in genotype.cells)
+    for got, want in zip(cells, out.cell_outputs):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_iter_exits_runs_later_layers_only_when_asked(genotype, net):

@@ -21,18 +21,41 @@ from threempose.pnfs.model import (
 )
 from threempose.pnfs.parts import part_groups, parts_per_joint
 
+from test_nas_supernet import random_weights_
 from test_pnfs_cnf import tiny_cfg
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def assert_is_the_composition(net: PnfsNet, x: torch.Tensor) -> None:
+    """``net(x)`` is its backbone, then each part on the backbone's pyramid, then the scores of
+    PNFS Eq. 5 and 6 written out here: joint j's score sums ``|v|^2 / (1 + |v|^2)`` over the
+    parts p holding it (``v = parts[p][:, part_groups(P)[p].index(j)]``). Measured: bit-identical
+    parts and scores; bound 1e-6."""
+    with torch.no_grad():
+        out = net(x)
+        pyramid = net.backbone(x)
+        parts = [part(pyramid) for part in net.parts]
+    for got, want in zip(out.parts, parts):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    expected = torch.zeros_like(out.scores)
+    for p, joints in enumerate(part_groups(net.num_parts)):
+        squared = (parts[p] ** 2).sum(dim=2)                                 # [B, J_p, h, w]
+        for i, j in enumerate(joints):
+            expected[:, j] += squared[:, i] / (1 + squared[:, i])
+    assert expected.max() > 0.05                                             # not all-zero maps
+    torch.testing.assert_close(out.scores, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_parts", [1, 3, 5, 8])
-def test_part_outputs_and_merged_scores_have_the_paper_shapes(num_parts):
+def test_part_outputs_and_merged_scores_have_the_paper_shapes_and_values(num_parts):
     torch.manual_seed(0)
     net = PnfsNet(tiny_cfg(num_parts=num_parts, topdown={"input_width": 48, "input_height": 64, "vector_dim": 4}))
-    out = net(torch.randn(2, 3, 64, 48))
+    x = torch.randn(2, 3, 64, 48)
+    out = net(x)
     assert [tuple(p.shape) for p in out.parts] == [(2, len(g), 4, 16, 12) for g in part_groups(num_parts)]
     assert out.scores.shape == (2, 17, 16, 12)
+    assert_is_the_composition(random_weights_(net).eval(), x)
     # Each joint's score sums the squashed lengths (each in [0, 1)) of the parts that hold it.
     bound = torch.tensor(parts_per_joint(num_parts), dtype=torch.float32)[None, :, None, None]
     assert ((out.scores >= 0) & (out.scores < bound)).all()
@@ -121,6 +144,7 @@ def test_mobilenet_v2_backbone_network_end_to_end(tmp_path):
     net = PnfsNet(tiny_cfg(backbone="mobilenet_v2"))
     assert len(net.searchable_fabrics()) == 3 and net.backbone.widths == [24, 32, 96, 160]
     assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)
+    assert_is_the_composition(random_weights_(net).eval(), torch.randn(2, 3, 64, 48))
     torch.save(MobileNetV2Backbone().state_dict(), tmp_path / "imagenet.pth")
     loaded = PnfsNet(tiny_cfg(backbone="mobilenet_v2", backbone_checkpoint=str(tmp_path / "imagenet.pth")))
     saved = torch.load(tmp_path / "imagenet.pth")
@@ -132,6 +156,7 @@ def test_hrnet_backbone_network_end_to_end():
     net = PnfsNet(tiny_cfg(backbone="hrnet", backbone_channels=8))
     assert len(net.searchable_fabrics()) == 3 and net.backbone.widths == [8, 16, 32, 64]
     assert net(torch.randn(2, 3, 64, 48)).scores.shape == (2, 17, 16, 12)
+    assert_is_the_composition(random_weights_(net).eval(), torch.randn(2, 3, 64, 48))
 
 
 def test_model_file_round_trip_and_profile(tmp_path):

@@ -56,7 +56,7 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def same_people(a, b, atol=1e-4) -> bool:
+def same_people(a, b, atol=1e-6) -> bool:
     return len(a) == len(b) and all(
         np.allclose(p.keypoints, q.keypoints, atol=atol) and abs(p.score - q.score) <= atol for p, q in zip(a, b))
 

@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.spatial.distance import pdist
 
+import threempose.training.losses as losses_module
 from threempose.config import load_config
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import MetricsLogger, read_metrics
@@ -17,6 +20,7 @@ from threempose.engine.run_dir import RunDir
 from threempose.nas.model_file import load_model_file
 from threempose.nas.supernet import Supernet
 from threempose.nas.genotype import Genotype
+from threempose.training.losses import teacher_loss
 from threempose.training.search_job import SearchJob
 from threempose.nas.dyn_egs import step_seed
 from threempose.training.train_job import TrainJob
@@ -81,7 +85,7 @@ def test_bilevel_search_writes_every_output_and_updates_arch(tmp_path, cache):
         assert key in steps[-1], key
     assert any("val/AP" in r for r in rows)
     assert steps[0]["tau"] > steps[-1]["tau"]                        # the temperature anneals
-    assert any(float(p.abs().sum()) > 0 for p in arch_tensors(job))  # alpha/beta/m moved from 0
+    # (each architecture step's size and direction: test_bilevel_steps_each_move_only_their_own_parameters)
     assert list(run.tensorboard_dir.iterdir())
 
 
@@ -98,8 +102,30 @@ def test_synchronous_strategy_updates_arch_with_the_weights(tmp_path, cache):
     job = SearchJob(load_config(tiny_config(tmp_path, cache, search={"strategy": "synchronous", "epochs": 1})),
                     DistContext())
     assert len(job.weights.optimizer.param_groups) == 2 and job.opt.arch_opt is None
+    first = []
+    step = job.weights.step
+
+    def recorded(loss):
+        if not first:           # the first step: its gradient, and alpha/beta/m before and after
+            before = arch_tensors(job)
+            grads = torch.autograd.grad(loss, job.arch_params, retain_graph=True, allow_unused=True)
+            step(loss)
+            first.append((before, arch_tensors(job), grads))
+        else:
+            step(loss)
+
+    job.weights.step = recorded
     job.run()
-    assert any(float(p.abs().sum()) > 0 for p in arch_tensors(job))
+    # The weight optimizer's Adam moves alpha/beta/m (its group 1, lr search.arch_lr) by
+    # ~-arch_lr * sign(g) at its first step; gradient clipping scales g, not its sign.
+    before, after, grads = first[0]
+    lr = job.cfg.search.arch_lr
+    for a, b, g in zip(before, after, grads):
+        g = torch.zeros_like(a) if g is None else g
+        big = g.abs() > 1e-5
+        torch.testing.assert_close((b - a)[big], -lr * g.sign()[big], rtol=1e-2, atol=0)
+        assert torch.equal(b[g == 0], a[g == 0])
+    assert sum(int((g.abs() > 1e-5).sum()) for g in grads if g is not None) > 0
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, cache):
@@ -109,8 +135,34 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, cache):
         SearchJob(cfg, DistContext())
 
 
-def test_search_with_a_threempose_teacher(tmp_path, cache):
-    """The teacher loss runs with a trained threempose model as the teacher."""
+def teacher_reference(student, teacher) -> float:
+    """``1 - mean_i max_j Pearson(pdist(teacher_i), pdist(student_j))`` in float64 numpy/scipy."""
+    rs = [pdist(f.reshape(len(f), -1)) for f in student]
+    rt = [pdist(f.reshape(len(f), -1)) for f in teacher]
+    return 1.0 - float(np.mean([max(np.corrcoef(t, r)[0, 1] for r in rs) for t in rt]))
+
+
+def test_teacher_loss_of_hand_computed_rdms():
+    """Three images with one feature each: the student [0, 1, 3] has the RDM (1, 3, 2). A teacher
+    [0, 2, 6] has the RDM (2, 6, 4), a multiple: Pearson 1, loss 0. A teacher [0, 1, 2] has
+    (1, 2, 1): centred (-1, 1, 0) and (-1/3, 2/3, -1/3), Pearson 1 / (sqrt(2) sqrt(2/3)) =
+    sqrt(3)/2. Two teachers average, and each takes its best student. (The loss comes back in
+    float32: 1e-6 is its rounding, measured 1.6e-8 on sqrt(3)/2.)"""
+    col = lambda *v: torch.tensor(v, dtype=torch.float64)[:, None]     # noqa: E731  [3, 1]
+    student = col(0.0, 1.0, 3.0)
+    assert teacher_loss([student], [col(0.0, 2.0, 6.0)]).item() == pytest.approx(0.0, abs=1e-6)
+    assert teacher_loss([student], [student]).item() == pytest.approx(0.0, abs=1e-6)
+    assert teacher_loss([student], [col(0.0, 1.0, 2.0)]).item() == pytest.approx(1 - 3 ** 0.5 / 2, abs=1e-6)
+    both = teacher_loss([student, col(0.0, 1.0, 2.0)], [col(0.0, 2.0, 6.0), col(5.0, 6.0, 7.0)])
+    assert both.item() == pytest.approx(0.0, abs=1e-6)                 # each teacher finds its twin
+    mixed = teacher_loss([student], [col(0.0, 2.0, 6.0), col(0.0, 1.0, 2.0)])
+    assert mixed.item() == pytest.approx(1 - (1 + 3 ** 0.5 / 2) / 2, abs=1e-6)
+
+
+def test_search_with_a_threempose_teacher(tmp_path, cache, monkeypatch):
+    """The teacher loss runs with a trained threempose model as the teacher: every step's loss is
+    the float64 scipy reference of the features it was given, and the logged value is the
+    weight step's."""
     config = tiny_config(tmp_path, cache, search={"epochs": 1})
     _, artifacts = run_search(config)
     train_job = TrainJob(load_config(config, overrides={"train": {"epochs": 1}}), DistContext(),
@@ -119,9 +171,24 @@ def test_search_with_a_threempose_teacher(tmp_path, cache):
     cfg = load_config(config, overrides={"loss": {"teacher_weight": 1.0, "teacher": {
         "model": "threempose", "checkpoint": str(model)}}})
     job = SearchJob(cfg, DistContext())
+    calls = []
+
+    def recorded(student_feats, teacher_feats):
+        loss = teacher_loss(student_feats, teacher_feats)
+        calls.append(([f.detach().double().numpy() for f in student_feats],
+                      [f.detach().double().numpy() for f in teacher_feats], float(loss.detach())))
+        return loss
+
+    monkeypatch.setattr(losses_module, "teacher_loss", recorded)
     job.run()
     rows = [r for r in read_metrics(job.run_dir.metrics_path) if "teacher" in r]
-    assert rows and all(0.0 <= r["teacher"] <= 2.0 for r in rows)
+    # Each step computes the loss twice, on the arch batch then on the weight batch; the weight
+    # step's terms are the ones logged.
+    assert rows and len(calls) == 2 * len(rows)
+    assert len(calls[0][0]) == 6 and len(calls[0][1]) == 6               # 2x3 cells, student and teacher
+    for student, teacher, got in calls:
+        assert got == pytest.approx(teacher_reference(student, teacher), abs=1e-5)   # float32 vs float64
+    assert [r["teacher"] for r in rows] == pytest.approx([c[2] for c in calls[1::2]], abs=1e-6)
 
 
 def test_train_writes_a_loadable_model_and_checks_the_genotype_on_resume(tmp_path, cache):
@@ -138,6 +205,7 @@ def test_train_writes_a_loadable_model_and_checks_the_genotype_on_resume(tmp_pat
         TrainJob(load_config(config), DistContext(), other).run(resume=str(job.run_dir.path))
 
 
+@pytest.mark.slow     # three search subprocesses, one killed and resumed
 def test_killed_search_resumes_to_the_same_result(tmp_path, cache):
     """SIGKILL mid-epoch, --resume: same genotype and final metrics as an uninterrupted run."""
     config = tiny_config(tmp_path, cache, search={"epochs": 3, "arch_lr_milestones": [2]},
@@ -249,17 +317,31 @@ def test_bilevel_steps_each_move_only_their_own_parameters(tmp_path, cache):
     def snapshot():
         return [p.detach().clone() for p in job.arch_params], [p.detach().clone() for p in weights]
 
+    arch_updates = []
+
     def checked(step, kind):
         def wrapper(loss):
             arch0, weights0 = snapshot()
+            if kind == "arch":
+                grads = torch.autograd.grad(loss, job.arch_params, retain_graph=True, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(job.arch_params, grads)]
             step(loss)
             arch1, weights1 = snapshot()
             moved_arch = any(not torch.equal(a, b) for a, b in zip(arch0, arch1))
             moved_weights = any(not torch.equal(a, b) for a, b in zip(weights0, weights1))
             calls.append((kind, moved_arch, moved_weights))
+            if kind == "arch":
+                arch_updates.append(([b - a for a, b in zip(arch0, arch1)], grads))
         return wrapper
 
     job.opt.arch_step = checked(job.opt.arch_step, "arch")
     job.weights.step = checked(job.weights.step, "weights")
     job.run()
     assert calls == [("arch", True, False), ("weights", False, True)] * 2
+    # Adam's first step moves each parameter by -lr * g / (|g| + eps) (m_hat = g, v_hat = g^2):
+    # -lr * sign(g) wherever |g| >> eps, and not at all where g = 0.
+    lr, eps = cfg.search.arch_lr, 1e-8
+    deltas, grads = arch_updates[0]
+    for delta, g in zip(deltas, grads):
+        torch.testing.assert_close(delta, -lr * g / (g.abs() + eps), rtol=1e-3, atol=1e-7 * lr)
+    assert sum(int((g.abs() > 1e-6).sum()) for g in grads) > 0, "no architecture gradient at all"

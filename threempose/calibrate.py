@@ -48,7 +48,8 @@ from threempose.inference.calibration import (
 )
 from threempose.inference.dynamic_exit import DYNAMIC, NEVER
 from threempose.inference.predictor import Predictor
-from threempose.util.cli import check_output_file, entry_point
+from threempose.util.cli import check_output_file, entry_point, parse_device
+from threempose.util.errors import OutputPathError
 from threempose.util.files import atomic_write_json
 
 
@@ -62,7 +63,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=0, help="use the first N val images (default all)")
     p.add_argument("--grid", type=int, default=16, help="candidate thresholds per EEL (default 16)")
     p.add_argument("--records", help="also write the per-image records (confidences, per-exit results)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.max_ap_drop < 0 or args.grid < 1 or args.max_images < 0:
@@ -73,7 +74,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def calibrate(args: argparse.Namespace) -> int:
     from threempose.nas.model_file import load_model_file
 
-    check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "--out")
+    if args.records:
+        records_path = check_output_file(args.records, "--records")
+        if records_path.absolute() == out.absolute():
+            raise OutputPathError(f"--records {args.records} is also --out; give two files")
     cfg = load_config(args.config)
     net, _ = load_model_file(args.checkpoint)
     exit_layers = list(net.genotype.exit_layers)

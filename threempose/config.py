@@ -140,6 +140,7 @@ class CostConfig:
     target_device: Optional[Literal["cpu", "cuda"]] = None  # the table's device when it is not the
                                        # run's (e.g. a CPU table while searching on a GPU): a warning,
                                        # not an error
+    target_precision: Literal["fp32", "bf16"] = "fp32"  # the deploy precision the table must be timed in
 
 
 @dataclass
@@ -235,6 +236,9 @@ class RunConfig:
     progress: bool = True
     threads: int = 0                  # torch intra-op threads; 0: chosen from the usable cores
                                       # (threempose.util.threads); a run records what it used
+    activation_checkpointing: bool = False   # recompute each cell's activations in backward
+                                      # (threempose.nas.checkpointing; under DeepSpeed its
+                                      # deepspeed.activation_checkpointing section applies)
 
 
 @dataclass
@@ -519,6 +523,13 @@ def _check_semantics(cfg: Config, src: str) -> None:
             raise ConfigError(f"{src}: model.eels entry {e} must be a layer in 1..{m.layers - 1}")
     if cfg.data.augment.scale_min > cfg.data.augment.scale_max:
         raise ConfigError(f"{src}: data.augment.scale_min must be <= scale_max")
+    syn = cfg.data.synthetic
+    if syn.train_images < 0 or syn.val_images < 0 or syn.max_people < 0:
+        raise ConfigError(f"{src}: data.synthetic.train_images, val_images and max_people must be >= 0, "
+                          f"got {syn.train_images}, {syn.val_images}, {syn.max_people}")
+    if not 16 <= syn.min_size <= syn.max_size:
+        raise ConfigError(f"{src}: data.synthetic needs 16 <= min_size <= max_size, got min_size "
+                          f"{syn.min_size}, max_size {syn.max_size}")
     if cfg.data.input_size % cfg.data.heatmap_stride:
         raise ConfigError(f"{src}: data.input_size must be a multiple of data.heatmap_stride")
     if not 0.0 < cfg.search.arch_val_fraction < 1.0:

@@ -2,7 +2,7 @@
 
     python -m threempose.infer --checkpoint runs/train-.../model.pt --images DIR_OR_FILE \\
         --out results.json [--exit 4|7|final|dynamic] [--dynamic] [--draw OUT_DIR] \\
-        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json] [--no-optimize] [--benchmark]
+        [--batch N] [--device cpu|cuda] [--config infer.json] [--annotations A.json] [--no-optimize] [--benchmark] [--resume]
     python -m threempose.infer --runtime onnxruntime --onnx EXPORT_DIR --images ... (the same options)
 
 Runtimes: ``torch`` (default) runs the network of ``--checkpoint``; ``onnxruntime`` runs the ONNX
@@ -24,7 +24,10 @@ Inputs: one image file, or every regular, non-hidden file directly in a director
 name; subdirectories are not searched). Files that cannot be read as images are skipped and
 listed at the end; the run goes on.
 
-Outputs (written atomically when the run finishes; nothing is written on an error):
+Outputs (written atomically when the run finishes; nothing is written on an error). While it
+runs, each image's results go to the journal ``OUT.partial`` as the image finishes (memory stays
+flat over thousands of images); a killed run leaves it, and ``--resume`` continues after the
+images it holds (:mod:`threempose.inference.result_journal`). The progress bar shows the ETA.
 
 * ``--out results.json``: COCO keypoint results (a JSON list of ``{"image_id", "category_id",
   "keypoints": 51 numbers, "score"}``), scored by ``python -m threempose.evaluate
@@ -36,7 +39,7 @@ Outputs (written atomically when the run finishes; nothing is written on an erro
 
 Image ids: with ``--annotations A.json`` (a COCO file), the id of A's image whose ``file_name``
 has the same base name (inputs A does not list are skipped). Without it, a stable id from the
-file name: the number itself when the stem is all digits (COCO's ``000000000139.jpg`` -> 139),
+file name: the number itself when the stem is all ASCII digits (at most 18; COCO's ``000000000139.jpg`` -> 139),
 else the first 48 bits of the SHA-1 of the file name; two inputs with the same id are an error.
 
 GFLOPs count both flip-test passes (see :mod:`threempose.inference.predictor`). Exit status: 0 when at
@@ -50,11 +53,12 @@ import sys
 from typing import Optional, Sequence
 
 from threempose.inference.dynamic_exit import DYNAMIC
-from threempose.inference.folder_run import InferInputError, image_ids, list_images, run
+from threempose.inference.folder_run import InferInputError, check_drawing_targets, image_ids, list_images, run
 from threempose.inference.predictor import Predictor
+from threempose.inference.quantize import PRECISIONS, calibration_images, check_precision
+from threempose.inference.result_journal import ResultJournal
 from threempose.pnfs.dispatch import pnfs_main
-from threempose.util.cli import check_output_dir, check_output_file, entry_point
-from threempose.util.files import atomic_write_json
+from threempose.util.cli import check_output_dir, check_output_file, entry_point, parse_device
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -72,12 +76,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--draw", metavar="OUT_DIR", help="write a PNG per image with its people drawn")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (with dynamic exits "
                                                         "each image leaves the batch at its own exit)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--config", help="a JSON config whose infer section replaces the model file's")
     p.add_argument("--annotations", help="COCO annotations: take image ids from them")
     p.add_argument("--no-optimize", action="store_true",
                    help="run the network as trained: no BatchNorm folding, channels-last or oneDNN "
                         "fusion (threempose.inference.deploy; on by default, same people up to float rounding)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run: skip the images whose results its journal (OUT.partial) holds")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 (default for --checkpoint), bf16 or int8 (needs --calibration-images); with "
+                        "--onnx the export's own precision (default)")
+    p.add_argument("--calibration-images", metavar="DIR", help="--precision int8: real images to calibrate on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--benchmark", action="store_true",
                    help="print images/s and the time split: image loading, network, exit scoring, decoding")
@@ -103,28 +113,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     per_image = check_output_file(out.with_suffix(".images.json"), "--out (per-image summary)")
     draw_dir = check_output_dir(args.draw, "--draw") if args.draw else None
     files = list_images(args.images)
+    if draw_dir is not None:
+        check_drawing_targets(draw_dir, files)
     ids, skipped = image_ids(files, args.annotations)
     overrides = {"exit": DYNAMIC if args.dynamic else args.exit} if (args.dynamic or args.exit) else {}
     if args.runtime == "onnxruntime":
-        predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, **overrides)
+        predictor = Predictor.from_export(args.onnx, "onnxruntime", config=args.config, precision=args.precision,
+                                          **overrides)
     else:
+        precision = args.precision or "fp32"
+        check_precision(precision, args.calibration_images, args.device)
+        calib = calibration_images(args.calibration_images) if precision == "int8" else None
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
-                                              optimize=not args.no_optimize, **overrides)
-    summary = run(predictor, files, ids, args.batch, draw_dir, progress=not args.no_progress)
+                                              optimize=not args.no_optimize, precision=precision,
+                                              calibration_images=calib, **overrides)
+    journal = ResultJournal(out)
+    if args.resume and not journal.path.is_file():
+        print(f"--resume: no journal {journal.path} of an earlier run; starting from the first image",
+              file=sys.stderr)
+    journal.open(resume=args.resume)
+    try:
+        summary = run(predictor, files, ids, journal, args.batch, draw_dir, progress=not args.no_progress)
+    finally:
+        journal.close()                 # a killed or failed run keeps its journal for --resume
     summary.skipped = skipped + summary.skipped
-    if not summary.records:
+    if not summary.overall["images"]:
+        journal.discard()
         print(summary.text(), file=sys.stderr)
         raise InferInputError(f"no image of {args.images} could be processed; nothing written")
-    atomic_write_json(out, summary.results, indent=None)
-    atomic_write_json(per_image, {
+    people = journal.finish(per_image, {
         "checkpoint": str(args.checkpoint or args.onnx), "runtime": args.runtime,
-        "exit": str(predictor.cfg.exit),
-        "flip_test": predictor.cfg.flip_test, "summary": summary.totals(),
-        "images": summary.records, "skipped": summary.skipped})
+        "exit": str(predictor.cfg.exit), "flip_test": predictor.cfg.flip_test, "summary": summary.totals()},
+        summary.skipped)
     print(summary.text())
     if args.benchmark:
         print(summary.timing_text())
-    print(f"results: {out} ({len(summary.results)} people), per image: {out.with_suffix('.images.json')}")
+    print(f"results: {out} ({people} people), per image: {out.with_suffix('.images.json')}")
     return 0
 
 

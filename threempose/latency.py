@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from threempose.config import ModelConfig, load_config
-from threempose.measure.latency import FORM, FORMS, TIMERS, build_table, check_timer
+from threempose.inference.deploy import cpu_bf16_missing
+from threempose.measure.latency import FORM, FORMS, PRECISIONS, TIMERS, build_table, check_precision, check_timer
 from threempose.nas.latency_table import LatencyTableError
 from threempose.util.cli import check_output_file, entry_point, parse_size
 from threempose.util.threads import torch_threads
@@ -43,12 +44,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--form", choices=FORMS, default=FORM,
                         help="time blocks and networks deploy-optimized as inference runs them (default) "
                              "or eager (BatchNorm kept; inference_form)")
+    parser.add_argument("--precision", choices=(*PRECISIONS, "int8"), default="fp32",
+                        help="time the deploy form in fp32 (default) or bf16 (recorded in the table; the "
+                             "search checks it against loss.cost.target_precision)")
     parser.add_argument("--out", help="output JSON (default latency-DEVICE-HxW.json)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.reps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--batch, --reps and --threads must be >= 1, --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise LatencyTableError("--device cuda but no CUDA device is available")
+    check_precision(args.precision)
+    if args.precision == "bf16" and args.device == "cpu" and cpu_bf16_missing() is not None:
+        raise LatencyTableError(f"--precision bf16 cannot run on this machine: it needs {cpu_bf16_missing()}")
     model = load_config(args.config).model if args.config else ModelConfig()
     hw = args.input_size
     out = check_output_file(args.out or f"latency-{args.device}-{hw[0]}x{hw[1]}.json", "--out")
@@ -56,10 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with torch_threads(args.threads):
         check_timer(args.timer, args.device)
         table = build_table(model, hw, args.device, args.batch, args.warmup, args.reps, progress=True,
-                            timer=args.timer, form=args.form)
+                            timer=args.timer, form=args.form, precision=args.precision)
     table.save(out)
     print(f"wrote {out}: {len(table.entries)} blocks on {table.device} ({table.device_name}), "
-          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), form {args.form}, calibration "
+          f"{table.meta['threads']} threads, batch {args.batch}, {hw[1]}x{hw[0]} (WxH), form {args.form}, {args.precision}, calibration "
           f"x{table.calibration:.3f}, {time.perf_counter() - start:.0f} s")
     return 0
 

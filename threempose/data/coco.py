@@ -13,11 +13,17 @@ on worker count or order, and a resumed run sees the same samples.
 An image that fails to decode is skipped: the next image is returned in its
 place and the file is listed in the sample's ``"skipped"`` entry (and in
 :attr:`CocoKeypoints.skipped_files` of the process that read it); the loaders
-warn once per epoch with the names.
+warn once per epoch with the names. When no image of the split can be read, reading
+any sample raises :class:`UnreadableSplitError` (one line).
+
+The annotation file is checked while it is read (:class:`~threempose.data.coco_index.CocoIndex`)
+against the rules of :mod:`threempose.data.coco_schema` (duplicate image ids or file
+names, missing or unknown ``image_id``, malformed keypoints, sizes, areas, segmentations ...).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from pathlib import Path
@@ -31,8 +37,10 @@ from torch.utils.data import Dataset
 
 from threempose.config import DataConfig
 from threempose.data.augment import AugmentParams, augment_sample, draw_params, params_affine
+from threempose.data.coco_index import CocoIndex
+from threempose.data.coco_schema import AnnotationError  # noqa: F401 (re-exported: the data set's error)
 from threempose.data.image_io import ImageReadError, read_image
-from threempose.data.targets import supervision_mask
+from threempose.data.targets import ignore_mask
 from threempose.util.errors import UserError
 
 SampleKey = Union[int, tuple[int, int]]
@@ -41,8 +49,8 @@ EXIF_ORIENTATION = 0x0112
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class AnnotationError(UserError, ValueError):
-    """An annotation file is malformed or is not a COCO person-keypoints file."""
+class UnreadableSplitError(UserError, RuntimeError):
+    """No image of a split can be read."""
 
 
 def split_key(key: SampleKey) -> tuple[int, int]:
@@ -54,39 +62,6 @@ def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     """``(image_dir, annotation_file)`` of a split in the standard COCO layout."""
     root = Path(root).expanduser()
     return root / split, root / "annotations" / f"person_keypoints_{split}.json"
-
-
-def _read_annotations(path: Path, num_joints: int) -> dict:
-    """Load and check a COCO person-keypoints file; fill in missing ``num_keypoints``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnnotationError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
-                                             for k in ("images", "annotations", "categories")):
-        raise AnnotationError(f"{path}: not a COCO annotation file (needs lists 'images', "
-                              "'annotations' and 'categories')")
-    cats = [c for c in data["categories"] if isinstance(c, dict) and "keypoints" in c]
-    if not cats:
-        raise AnnotationError(f"{path}: not a COCO person-keypoints file: no category has 'keypoints' "
-                              "(use person_keypoints_*.json, not instances_*.json)")
-    if len(cats[0]["keypoints"]) != num_joints:
-        raise AnnotationError(f"{path}: category {cats[0].get('name')!r} has {len(cats[0]['keypoints'])} "
-                              f"keypoints, data.num_joints is {num_joints}")
-    cat_id = cats[0]["id"]
-    for i, img in enumerate(data["images"]):
-        if not all(k in img for k in ("id", "file_name", "width", "height")):
-            raise AnnotationError(f"{path}: images[{i}] lacks one of id, file_name, width, height")
-    data["annotations"] = [a for a in data["annotations"] if a.get("category_id") == cat_id]
-    for ann in data["annotations"]:
-        kpts = ann.get("keypoints")
-        if not isinstance(kpts, list) or len(kpts) != 3 * num_joints:
-            raise AnnotationError(f"{path}: annotation id {ann.get('id')} has no 'keypoints' list of "
-                                  f"{3 * num_joints} numbers; not a person-keypoints file")
-        ann.setdefault("num_keypoints", sum(1 for v in kpts[2::3] if v > 0))
-    return data
 
 
 class CocoKeypoints(Dataset):
@@ -123,33 +98,51 @@ class CocoKeypoints(Dataset):
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir} "
                                     f"(images of {self.annotation_file})")
-        data = _read_annotations(self.annotation_file, cfg.num_joints)
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
-        self.image_ids = sorted(self.coco.imgs)
-        missing = [self.coco.imgs[i]["file_name"] for i in self.image_ids
-                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        self.index = CocoIndex.read(self.annotation_file, cfg.num_joints)
+        missing = [name for name in map(self.index.file_name, range(len(self.index)))
+                   if not (self.image_dir / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} image files of {self.annotation_file} are missing "
                                     f"from {self.image_dir}, e.g. {missing[:3]}")
         self.cfg, self.train, self.seed, self.raw = cfg, train, seed, raw
         self.skipped_files: list[str] = []
 
+    @property
+    def image_ids(self) -> list[int]:
+        """Ids of the images, ascending (sample ``index`` is image ``image_ids[index]``)."""
+        return self.index.image_ids.tolist()
+
+    def image_id(self, index: int) -> int:
+        """Id of the ``index``-th image."""
+        return int(self.index.image_ids[index])
+
+    @functools.cached_property
+    def coco(self) -> COCO:
+        """The pycocotools index of the file's person category (built on first use, for evaluation
+        in the main process; the samples come from :attr:`index`, which forked workers share)."""
+        data = json.loads(self.annotation_file.read_bytes())
+        cat_id = next(c["id"] for c in data["categories"] if isinstance(c, dict) and "keypoints" in c)
+        data["annotations"] = [a for a in data["annotations"] if a.get("category_id") == cat_id]
+        for ann in data["annotations"]:
+            ann.setdefault("num_keypoints", sum(1 for v in ann["keypoints"][2::3] if v > 0))
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self.index)
 
     def image_path(self, index: int) -> Path:
         """File of the ``index``-th image (images are sorted by id)."""
-        return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+        return self.image_dir / self.index.file_name(index)
 
-    def annotations(self, index: int) -> tuple[np.ndarray, list[dict]]:
-        """Of the ``index``-th image: keypoints ``[P, J, 3]`` float64 (source pixels) of
-        the people with keypoints (non-crowd, ``num_keypoints > 0``), and all its annotations."""
-        anns = self.coco.imgToAnns.get(self.image_ids[index], [])
-        kpts = [a["keypoints"] for a in anns if not a.get("iscrowd", 0) and a["num_keypoints"] > 0]
-        return np.asarray(kpts, np.float64).reshape(-1, self.cfg.num_joints, 3), anns
+    def annotations(self, index: int) -> tuple[np.ndarray, list[Any]]:
+        """Of the ``index``-th image: keypoints ``[P, J, 3]`` float64 (source pixels) of the
+        people with keypoints (non-crowd, ``num_keypoints > 0``), and the segmentations of the
+        regions the loss ignores (:func:`~threempose.data.targets.ignored_by_loss`)."""
+        return self.index.people(index), self.index.ignored_regions(index)
 
     def decode(self, index: int) -> Image.Image | None:
         """The ``index``-th image (:func:`~threempose.data.image_io.read_image`), or None when it
@@ -159,8 +152,7 @@ class CocoKeypoints(Dataset):
             image = read_image(self.image_path(index))
         except ImageReadError:
             return None
-        info = self.coco.imgs[self.image_ids[index]]
-        return image if image.size == (info["width"], info["height"]) else None
+        return image if image.size == self.index.size(index) else None
 
     def read_encoded(self, index: int) -> tuple[np.ndarray, int, int] | None:
         """The ``index``-th image as encoded bytes for decoders that read files themselves (e.g.
@@ -171,7 +163,6 @@ class CocoKeypoints(Dataset):
         one reader, and is passed re-encoded as a lossless PNG, so every backend sees the same
         pixels."""
         path = self.image_path(index)
-        info = self.coco.imgs[self.image_ids[index]]
         try:
             with Image.open(path) as f:
                 plain = (f.format in ("JPEG", "PNG") and f.mode in ("RGB", "L")
@@ -179,7 +170,7 @@ class CocoKeypoints(Dataset):
                 size = f.size
         except _READ_ERRORS:
             return None
-        if plain and size == (info["width"], info["height"]):
+        if plain and size == self.index.size(index):
             return np.fromfile(path, np.uint8), *size
         image = self.decode(index)
         if image is None:
@@ -199,7 +190,12 @@ class CocoKeypoints(Dataset):
                 self.skipped_files.extend(skipped)
                 return i, value, skipped
             skipped.append(str(self.image_path(i)))
-        raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} could be decoded")
+        raise UnreadableSplitError(self.unreadable_message())
+
+    def unreadable_message(self) -> str:
+        """The one line of an :class:`UnreadableSplitError`: no image of the split can be read."""
+        return (f"none of the {len(self)} images of {self.annotation_file} in {self.image_dir} can be "
+                "read (all fail to decode or differ from their annotated width x height)")
 
     def augment_params(self, index: int, epoch: int) -> AugmentParams:
         """The augmentation of image ``index`` in ``epoch``: drawn from
@@ -212,10 +208,10 @@ class CocoKeypoints(Dataset):
         index, epoch = split_key(key)
         i, image, skipped = self.first_readable(index, self.decode)
         width, height = image.size
-        keypoints, anns = self.annotations(i)
-        mask = supervision_mask(anns, height, width)
+        keypoints, regions = self.annotations(i)
+        mask = 1 - ignore_mask(regions, height, width)
         affine = params_affine(self.augment_params(i, epoch), width, height, self.cfg.input_size)
-        common = {"image_id": torch.tensor(self.image_ids[i]), "skipped": skipped}
+        common = {"image_id": torch.tensor(self.image_id(i)), "skipped": skipped}
         if self.raw:
             return {"image": torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(),
                     "mask": torch.from_numpy(mask), "keypoints": torch.from_numpy(keypoints),

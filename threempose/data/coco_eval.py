@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
-import numbers
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,8 +13,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from threempose.data.coco_schema import check_keypoint_annotations, is_int, is_number
 from threempose.data.keypoints import NUM_JOINTS
 from threempose.util.errors import UserError
+from threempose.util.files import read_json_file
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 
@@ -82,23 +81,6 @@ def _quiet(verbose: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
 
 
-def _read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file, raising EvaluationInputError naming ``path`` on failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationInputError(f"{what} file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationInputError(f"{path}: cannot read {what} file: {e}") from None
-    if not text.strip():
-        raise EvaluationInputError(f"{path}: {what} file is empty, expected JSON")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvaluationInputError(f"{path}: {what} file is not valid JSON: {e}") from None
-
-
 def _ground_truth(annotations: str | Path | COCO, verbose: bool) -> tuple[COCO, str]:
     """A checked ``COCO`` object and a name for it in error messages."""
     if isinstance(annotations, COCO):
@@ -107,7 +89,7 @@ def _ground_truth(annotations: str | Path | COCO, verbose: bool) -> tuple[COCO, 
         return annotations, name
     if not isinstance(annotations, (str, Path)):
         raise TypeError(f"annotations must be a path or a COCO object, not {type(annotations).__name__}")
-    dataset = _read_json(annotations, "annotation")
+    dataset = read_json_file(annotations, EvaluationInputError, "annotation file")
     name = str(annotations)
     _check_ground_truth(dataset, name)
     gt = COCO()
@@ -118,50 +100,18 @@ def _ground_truth(annotations: str | Path | COCO, verbose: bool) -> tuple[COCO, 
 
 
 def _check_ground_truth(dataset: Any, name: str) -> None:
-    """Raise unless ``dataset`` is a COCO person-keypoints annotation set."""
-    not_keypoints = "not a COCO person-keypoints annotation file"
-    if not isinstance(dataset, dict):
-        raise EvaluationInputError(f"{name}: {not_keypoints} (a JSON object with images, "
-                                   f"annotations and categories), got a {type(dataset).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(dataset.get(key), list):
-            raise EvaluationInputError(f"{name}: {not_keypoints}: '{key}' list is missing")
-    if not dataset["categories"]:
-        raise EvaluationInputError(f"{name}: {not_keypoints}: 'categories' is empty")
-    category_ids = set()
-    for i, cat in enumerate(dataset["categories"]):
-        if not (isinstance(cat, dict) and _is_int(cat.get("id"))
-                and isinstance(cat.get("keypoints"), list) and len(cat["keypoints"]) == NUM_JOINTS):
-            raise EvaluationInputError(f"{name}: {not_keypoints}: category {i} needs an integer "
-                                       f"'id' and {NUM_JOINTS} 'keypoints' names")
-        category_ids.add(cat["id"])
-    image_ids = set()
-    for i, img in enumerate(dataset["images"]):
-        if not (isinstance(img, dict) and _is_int(img.get("id"))):
-            raise EvaluationInputError(f"{name}: image {i} needs an integer 'id'")
-        image_ids.add(img["id"])
-    for i, ann in enumerate(dataset["annotations"]):
-        where = f"{name}: annotation {i}"
-        if not isinstance(ann, dict):
-            raise EvaluationInputError(f"{where} is not a JSON object")
-        missing = [k for k in ("id", "image_id", "category_id", "keypoints", "num_keypoints",
-                               "area", "bbox", "iscrowd") if k not in ann]
-        if missing:
-            raise EvaluationInputError(f"{where} lacks {', '.join(missing)} ({not_keypoints}?)")
-        if not (_is_int(ann["image_id"]) and ann["image_id"] in image_ids):
-            raise EvaluationInputError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-        if not (_is_int(ann["category_id"]) and ann["category_id"] in category_ids):
-            raise EvaluationInputError(f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
-        _checked_keypoints(ann["keypoints"], where)
-        if _numbers(ann["bbox"], 4) is None or not _is_number(ann["area"]):
-            raise EvaluationInputError(f"{where}: 'bbox' must be 4 numbers and 'area' a number")
+    """Raise unless ``dataset`` is a COCO person-keypoints annotation set with the fields COCOeval
+    reads (:func:`threempose.data.coco_schema.check_keypoint_annotations`, the check training
+    data gets too: duplicate ids, unknown image ids, non-positive areas ... are one line)."""
+    check_keypoint_annotations(dataset, name, NUM_JOINTS, evaluation_fields=True,
+                               every_category_keypoints=True, image_files=False, error=EvaluationInputError)
 
 
 def _results(results: str | Path | list[dict], gt: COCO, gt_name: str) -> tuple[list[dict], str]:
     """Checked copies of the detections (only the keys COCOeval needs) and a name for them."""
     if isinstance(results, (str, Path)):
         name = str(results)
-        entries = _read_json(results, "results")
+        entries = read_json_file(results, EvaluationInputError, "results file")
         if not isinstance(entries, list):
             raise EvaluationInputError(f"{name}: results must be a JSON array of detections, "
                                        f"got a JSON {type(entries).__name__}")
@@ -179,13 +129,13 @@ def _results(results: str | Path | list[dict], gt: COCO, gt_name: str) -> tuple[
         missing = [k for k in ("image_id", "category_id", "keypoints", "score") if k not in det]
         if missing:
             raise EvaluationInputError(f"{where} lacks {', '.join(missing)}")
-        if not (_is_int(det["image_id"]) and int(det["image_id"]) in image_ids):
+        if not (is_int(det["image_id"]) and int(det["image_id"]) in image_ids):
             raise EvaluationInputError(f"{where}: image_id {det['image_id']!r} is not an image of {gt_name}")
-        if not (_is_int(det["category_id"]) and int(det["category_id"]) in category_ids):
+        if not (is_int(det["category_id"]) and int(det["category_id"]) in category_ids):
             raise EvaluationInputError(f"{where}: category_id {det['category_id']!r} is not a "
                                        f"category of {gt_name} ({sorted(category_ids)})")
         keypoints = _checked_keypoints(det["keypoints"], where)
-        if not (_is_number(det["score"]) and math.isfinite(det["score"])):
+        if not is_number(det["score"]):
             raise EvaluationInputError(f"{where}: 'score' must be a finite number, got {det['score']!r}")
         detections.append({
             "image_id": int(det["image_id"]),
@@ -200,7 +150,7 @@ def _selected_images(image_ids: Sequence[int] | None, gt: COCO, gt_name: str) ->
     """Sorted unique ``image_ids``, all of which must be images of the ground truth."""
     if image_ids is None:
         return None
-    if not all(_is_int(i) for i in image_ids):
+    if not all(is_int(i) for i in image_ids):
         raise EvaluationInputError(f"image_ids must be integers, got {list(image_ids)[:10]}")
     selected = sorted({int(i) for i in image_ids})
     if not selected:
@@ -244,11 +194,3 @@ def _numbers(values: Any, length: int) -> np.ndarray | None:
     if array.shape != (length,) or array.dtype.kind not in "iuf":
         return None
     return array.astype(np.float64)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

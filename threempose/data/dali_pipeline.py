@@ -52,7 +52,7 @@ from threempose.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams
 from threempose.data.coco import CocoKeypoints, split_key
 from threempose.data.keypoints import flip_index
 from threempose.data.sampler import warn_skipped
-from threempose.data.targets import make_targets, supervision_mask
+from threempose.data.targets import ignore_mask, make_targets
 from threempose.util.threads import usable_cores
 
 AHEAD = 1             # batches scheduled beyond the one being consumed (DALI works on it meanwhile)
@@ -160,7 +160,7 @@ class _Sample(NamedTuple):
     width: int
     height: int
     keypoints: np.ndarray           # [P, J, 3] source pixels, joints renamed on flipped samples
-    annotations: list[dict]
+    regions: list[Any]              # segmentations of the regions the loss ignores
     params: AugmentParams
     skipped: list[str]
 
@@ -214,11 +214,11 @@ class DaliLoader:
         index, epoch = split_key(key)
         i, (encoded, width, height), skipped = ds.first_readable(
             index, lambda k: None if k in self.undecodable else ds.read_encoded(k))
-        keypoints, anns = ds.annotations(i)
+        keypoints, regions = ds.annotations(i)
         params = ds.augment_params(i, epoch)
         if params.flip:
             keypoints = keypoints[:, flip_index(ds.cfg.num_joints)]
-        return _Sample(i, encoded, width, height, keypoints, anns, params, skipped)
+        return _Sample(i, encoded, width, height, keypoints, regions, params, skipped)
 
     def _feed(self, keys: list[tuple[int, int]]) -> dict[str, Any]:
         """Feed the pipeline the batch of ``keys`` and schedule it; returns what its outputs are
@@ -238,7 +238,7 @@ class DaliLoader:
             zoom = s.params.zoom(s.width, s.height, cfg.input_size)
             tx, ty = s.params.translation
             feed["encoded"].append(s.encoded)
-            feed["mask"].append(supervision_mask(s.annotations, s.height, s.width)[..., None] + 1)
+            feed["mask"].append((1 - ignore_mask(s.regions, s.height, s.width))[..., None] + 1)
             feed["to_origin"].append(np.array([-(s.width - 1) / 2, -(s.height - 1) / 2], np.float32))
             feed["zoom"].append(np.array([-zoom if s.params.flip else zoom, zoom], np.float32))
             feed["angle"].append(np.array(-s.params.rotation, np.float32))
@@ -251,7 +251,7 @@ class DaliLoader:
         return {"keys": keys, "indices": [s.index for s in samples], "visible": visible,
                 "skipped": [f for s in samples for f in s.skipped],
                 "flipped": torch.tensor([s.params.flip for s in samples]),
-                "image_id": torch.tensor([self.dataset.image_ids[s.index] for s in samples])}
+                "image_id": torch.tensor([self.dataset.image_id(s.index) for s in samples])}
 
     def _recover(self, pending: deque, error: Exception) -> None:
         """The graph failed on ``pending[0]``: Pillow decodes the pending batches' images in full, the

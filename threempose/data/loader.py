@@ -21,6 +21,7 @@ torch path on ``device``, normally a GPU; dali: nvJPEG decode and the GPU warp),
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from threempose.config import DataConfig
 from threempose.data.augment_gpu import augment_batch, collate_raw
-from threempose.data.coco import CocoKeypoints, coco_split_paths
+from threempose.data.coco import CocoKeypoints, UnreadableSplitError, coco_split_paths
 from threempose.data.sampler import EpochSampler, held_out_split, warn_skipped
 from threempose.data.synthetic import ensure_synthetic
 from threempose.util.threads import single_threaded_worker
@@ -52,7 +53,9 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 class PoseDataLoader(DataLoader):
     """A DataLoader over an :class:`EpochSampler` that strips each batch's
-    ``skipped`` list and warns once per pass, naming the images that failed to decode."""
+    ``skipped`` list and warns once per pass, naming the images that failed to decode.
+    A split none of whose images can be read raises a one-line
+    :class:`~threempose.data.coco.UnreadableSplitError` (also from a worker)."""
 
     def __init__(self, dataset: CocoKeypoints, sampler: EpochSampler, **kwargs: Any):
         super().__init__(dataset, sampler=sampler, **kwargs)
@@ -68,10 +71,22 @@ class PoseDataLoader(DataLoader):
             for batch in super().__iter__():
                 skipped += batch.pop("skipped")
                 yield batch
+        except UnreadableSplitError:       # from a worker, its message carries the worker's traceback
+            raise UnreadableSplitError(self.dataset.unreadable_message()) from None
         finally:
             if skipped:
                 self.skipped_files += skipped
                 warn_skipped(skipped)
+
+
+def loader_worker_init(worker_id: int = 0) -> None:
+    """A torch loader worker's ``worker_init_fn``: single-threaded
+    (:func:`~threempose.util.threads.single_threaded_worker`), and the Python objects it
+    inherited from the parent frozen (``gc.freeze``): the cyclic collector then never walks
+    them, which would write every inherited object's GC header and so copy nearly every page
+    of the parent's Python heap into the worker (private memory growing over an epoch)."""
+    single_threaded_worker(worker_id)
+    gc.freeze()
 
 
 Loader = Union[PoseDataLoader, "DaliLoader"]
@@ -182,5 +197,5 @@ def _torch_loader_factory(cfg: DataConfig, device: torch.device, gpu: bool) -> L
         return PoseDataLoader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                               collate_fn=collate_raw if gpu else collate_samples,
                               pin_memory=device.type == "cuda", drop_last=drop_last,
-                              worker_init_fn=single_threaded_worker if cfg.num_workers else None)
+                              worker_init_fn=loader_worker_init if cfg.num_workers else None)
     return make

@@ -49,11 +49,11 @@ class EpochSampler(Sampler):
         return max(0, self._per_rank() - self.skip)
 
 
-def warn_skipped(skipped: list[str]) -> None:
-    """One warning for a pass's images that failed to decode (and were replaced), by name."""
+def warn_skipped(skipped: list[str],
+                 what: str = "image reads failed to decode and were replaced by other images") -> None:
+    """One warning for a pass's images that failed to decode (``"<count> <what>: <names>"``)."""
     names = ", ".join(sorted(set(skipped)))
-    warnings.warn(f"{len(skipped)} image reads failed to decode and were replaced by other images: {names}",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{len(skipped)} {what}: {names}", RuntimeWarning, stacklevel=3)
 
 
 def held_out_split(n: int, fraction: float, seed: int, stream: int) -> tuple[list[int], list[int]]:

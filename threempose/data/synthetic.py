@@ -31,17 +31,13 @@ and no chroma subsampling, and every file is written atomically.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -52,7 +48,7 @@ from tqdm import tqdm
 from threempose.config import SyntheticConfig
 from threempose.data.keypoints import COCO_PERSON_CATEGORY, NUM_JOINTS
 from threempose.util.cli import entry_point
-from threempose.util.files import atomic_open, atomic_write_json, default_mode
+from threempose.util.files import atomic_open, atomic_write_json, staged_dir
 
 GENERATOR_VERSION = 2          # bump when the drawing changes, so caches are rebuilt
 JPEG_QUALITY = 95
@@ -424,20 +420,6 @@ def generate(out_dir: str | Path, num_images: int, seed: int, min_size: int = 25
     return out
 
 
-@contextlib.contextmanager
-def _staged_dir(final: Path) -> Iterator[Path]:
-    """A fresh temporary folder beside ``final``, renamed onto it on success and
-    deleted on failure, so ``final`` only ever holds complete output."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, default_mode(directory=True))     # mkdtemp's folder is private (0o700)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _split_seed(seed: int, split: str) -> int:
     """Seed of a split, derived from the config seed (train and val differ)."""
     return int(np.random.SeedSequence([seed, {"train": 0, "val": 1}[split]]).generate_state(1)[0])
@@ -460,7 +442,7 @@ def ensure_synthetic(cfg: SyntheticConfig, progress: bool = True) -> SyntheticSp
     if root.is_dir():
         return splits
     try:
-        with _staged_dir(root) as tmp:
+        with staged_dir(root) as tmp:
             for split, count in (("train", cfg.train_images), ("val", cfg.val_images)):
                 generate(tmp / split, count, _split_seed(cfg.seed, split), cfg.min_size, cfg.max_size,
                          cfg.max_people, progress=progress, desc=f"synthetic {split}", mpii=cfg.format == "mpii")
@@ -485,11 +467,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--format", choices=("coco", "mpii"), default="coco",
                    help="mpii: also write mpii.json (the MPII JSON form, 16 joints)")
     args = p.parse_args(argv)
+    if args.images < 1:
+        p.error(f"--images must be >= 1, got {args.images}")
+    if args.max_people < 0:
+        p.error(f"--max-people must be >= 0, got {args.max_people}")
+    if not 16 <= args.min_size <= args.max_size:
+        p.error(f"need 16 <= --min-size <= --max-size, got --min-size {args.min_size} "
+                f"and --max-size {args.max_size}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         p.error(f"--out {args.out} exists and is not an empty folder; choose a new folder")
     if args.out.is_dir():
         args.out.rmdir()
-    with _staged_dir(args.out) as tmp:
+    with staged_dir(args.out) as tmp:
         generate(tmp, args.images, args.seed, args.min_size, args.max_size, args.max_people, progress=True,
                  mpii=args.format == "mpii")
     print(f"wrote {args.images} images to {args.out / IMAGE_DIR} and annotations to "

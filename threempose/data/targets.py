@@ -137,9 +137,23 @@ def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
         return mask_utils.decode(rle)
 
 
+def ignored_by_loss(annotation: dict) -> bool:
+    """Whether the heatmap loss skips an annotation's region: a crowd region or an annotated
+    person without keypoints (``num_keypoints == 0``) that has a segmentation."""
+    return bool((annotation.get("iscrowd", 0) or annotation.get("num_keypoints", 0) == 0)
+                and annotation.get("segmentation"))
+
+
+def ignore_mask(segmentations: Sequence[Any], height: int, width: int) -> np.ndarray:
+    """uint8 ``[height, width]``: 1 inside any of ``segmentations`` (COCO polygons or RLE)."""
+    ignored = np.zeros((height, width), np.uint8)
+    for segmentation in segmentations:
+        ignored |= segmentation_mask(segmentation, height, width)
+    return ignored
+
+
 def supervision_mask(annotations: Sequence[dict], height: int, width: int) -> np.ndarray:
-    """Where the heatmap loss is applied: 0 over crowd regions and over annotated
-    people without keypoints (``num_keypoints == 0``), 1 elsewhere.
+    """Where the heatmap loss is applied: 0 over the regions :func:`ignored_by_loss`, 1 elsewhere.
 
     Args:
         annotations: COCO annotation dicts of one image.
@@ -147,8 +161,4 @@ def supervision_mask(annotations: Sequence[dict], height: int, width: int) -> np
     Returns:
         uint8 ``[height, width]``.
     """
-    ignored = np.zeros((height, width), np.uint8)
-    for ann in annotations:
-        if (ann.get("iscrowd", 0) or ann.get("num_keypoints", 0) == 0) and ann.get("segmentation"):
-            ignored |= segmentation_mask(ann["segmentation"], height, width)
-    return 1 - ignored
+    return 1 - ignore_mask([a["segmentation"] for a in annotations if ignored_by_loss(a)], height, width)

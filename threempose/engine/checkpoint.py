@@ -20,6 +20,7 @@ the conventional ones)::
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -35,6 +36,10 @@ VERSION = 1
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or not a threempose checkpoint."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, read-only, I/O error)."""
 
 
 class StateDictMismatchError(CheckpointError):
@@ -63,6 +68,29 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+_REFUSED = "Unsupported global"   # weights_only's refusal of a class or function (could run code)
+
+
+def read_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: str = "a checkpoint",
+                    advice: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line :class:`CheckpointError` s: a file
+    holding Python objects other than tensors and plain containers is refused as "not ``what``"
+    (loading it could run code; ``advice`` is appended), and a damaged or foreign file is named
+    as unreadable."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _REFUSED not in str(e):              # else a damaged or foreign pickle stream
+            raise CheckpointError(f"cannot read {path}: it is corrupt, truncated or not a torch "
+                                  f"checkpoint at all (UnpicklingError); expected {what}") from e
+        raise CheckpointError(f"{path} is not {what}: it holds Python objects other than tensors and "
+                              "plain containers, which threempose does not load (they could run code)"
+                              + (f"; {advice}" if advice else "")) from e
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read {path}: it is corrupt, truncated or not a torch checkpoint "
+                              f"at all ({type(e).__name__}); expected {what}") from e
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
                     required: Iterable[str] = ()) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
@@ -78,12 +106,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or holds "
-                              f"objects other than tensors and plain containers ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    raw = read_torch_file(path, map_location, "a threempose checkpoint")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a threempose checkpoint (no '{FORMAT}' format tag); "
                               f"pass a file written by a threempose search or train run")
@@ -96,29 +119,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
         raise CheckpointError(f"checkpoint {path} lacks {missing} (it has {sorted(state)})")
     return state
 
-_SHOW = 10  # mismatches listed per category in error messages
+_SHOW = 3  # keys named per kind of mismatch in the one-line error
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
-    """Raise :class:`StateDictMismatchError` (naming ``source``) listing missing/unexpected keys and shape mismatches."""
+    """Raise :class:`StateDictMismatchError` (naming ``source``) when ``sd`` does not fit ``model``:
+    one line with the counts of missing keys, unexpected keys and shape mismatches and the first
+    few of each (the exception's attributes hold them all)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [(k, tuple(sd[k].shape), tuple(expected[k].shape))
-              for k in expected if k in sd and sd[k].shape != expected[k].shape]
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if not (missing or unexpected or shapes):
         return
-    lines = [f"{source} does not fit {type(model).__name__} "
-             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} shape mismatches):"]
 
-    def section(title: str, items: list[str]) -> None:
-        if items:
-            more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-            lines.append(f"  {title}{more}:")
-            lines.extend(f"    {s}" for s in items[:_SHOW])
+    def first(items: list[str]) -> str:
+        more = f", ... (+{len(items) - _SHOW})" if len(items) > _SHOW else ""
+        return ", ".join(items[:_SHOW]) + more
 
-    section("missing keys", missing)
-    section("unexpected keys", unexpected)
-    section("shape mismatches (checkpoint vs model)",
-            [f"{k}: {list(a)} vs {list(b)}" for k, a, b in shapes])
-    raise StateDictMismatchError("\n".join(lines), missing, unexpected, shapes)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({first(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches, checkpoint vs model "
+                     f"({first([f'{k}: {list(a)} vs {list(b)}' for k, a, b in shapes])})")
+    raise StateDictMismatchError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts),
+                                 missing, unexpected, shapes)

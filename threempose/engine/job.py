@@ -10,7 +10,9 @@ provides the model-specific parts:
 * :meth:`epoch_batches` - the batches of one epoch (their order depends only on
   the seed and the epoch, so a resumed epoch sees the same data);
 * :meth:`train_step` - one optimisation step, returning scalars to log;
-* :meth:`end_epoch` - validation and snapshots after an epoch;
+* :meth:`end_epoch` - scheduler steps and snapshots after an epoch (part of its checkpoint);
+* :meth:`validation_metrics` - validation metrics, computed after the epoch's checkpoint is written, so
+  that nothing that happens in validation loses the epoch's training;
 * :meth:`network` and :meth:`stateful` - what a checkpoint holds besides the loop's own
   state (the weight optimizer ``self.weights`` is always saved);
 * :meth:`finish` - the final artifacts (genotype, profile, weights).
@@ -31,11 +33,14 @@ import torch
 import torch.distributed as dist
 
 from threempose.config import Config
+from threempose.engine.checkpoint import CheckpointWriteError
 from threempose.engine.distributed import DistContext
 from threempose.engine.metrics import MetricsLogger
 from threempose.engine.progress import EpochProgress, progress_enabled
 from threempose.engine.run_dir import RunDir, RunDirError
 from threempose.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
+from threempose.util.cli import note_resumable
+from threempose.util.errors import write_failure
 
 
 class EpochJob(abc.ABC):
@@ -64,7 +69,13 @@ class EpochJob(abc.ABC):
         """One step; returns scalars to log, with ``"images"`` (images processed)."""
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        """After ``epoch``: validation metrics (logged by rank 0)."""
+        """After ``epoch``, before its checkpoint: state changes (scheduler steps, snapshots);
+        returns scalars to log with the validation metrics (by rank 0)."""
+        return {}
+
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """After ``epoch``'s checkpoint is written: validation metrics to log (by rank 0). It
+        must not change the state a resume restores (the checkpoint is already written)."""
         return {}
 
     @abc.abstractmethod
@@ -164,6 +175,7 @@ class EpochJob(abc.ABC):
         """Run (or resume) all epochs; return the artifacts of :meth:`finish`."""
         seed_everything(self.cfg.run.seed)   # the same on every rank
         self.run_dir = self.open_run_dir(resume)
+        note_resumable(self.run_dir.path)       # Ctrl-C names it
         resumed = resume is not None and self.run_dir.has_checkpoint
         if resume is not None and self.ctx.world_size > 1:
             seen = int(self.ctx.all_reduce_sum(float(resumed)))   # every rank decides alike
@@ -190,17 +202,35 @@ class EpochJob(abc.ABC):
         show_bar = progress_enabled(self.cfg.run.progress, self.ctx.rank)
         try:
             while self.epoch < self.epochs:
-                self._run_epoch(show_bar)
+                seconds, images, means, scalars = self._run_epoch(show_bar)
                 self.epoch += 1
                 self.save_collective(self.epoch)
                 if self.ctx.is_main:
-                    self.run_dir.save_checkpoint(self.full_state(), epoch=self.epoch)
+                    self._save_checkpoint()
+                val = self.validation_metrics(self.epoch - 1)      # after the checkpoint: never loses it
+                self._report_epoch(self.epoch - 1, seconds, images, means, {**scalars, **val})
                 self.ctx.barrier()
             return self.finish()
         finally:
             self.metrics.close()
 
-    def _run_epoch(self, show_bar: bool) -> None:
+    def _save_checkpoint(self) -> None:
+        """Write the epoch's checkpoint; a write the disk refuses stops the run with one line
+        (:class:`CheckpointWriteError`); the previous checkpoint stays whole and resumable."""
+        try:
+            self.run_dir.save_checkpoint(self.full_state(), epoch=self.epoch)
+        except Exception as e:
+            failure = write_failure(e)
+            if failure is None:
+                raise
+            raise CheckpointWriteError(
+                f"cannot write {failure.filename or 'the checkpoint'}: {failure.strerror}; epoch "
+                f"{self.epoch} is lost, the earlier checkpoints are intact: free space and resume "
+                f"with --resume {self.run_dir.path}") from e
+
+    def _run_epoch(self, show_bar: bool) -> tuple[float, int, dict[str, float], dict[str, float]]:
+        """Train one epoch and end it: ``(seconds, images, epoch means, end_epoch's scalars)``; the
+        means are those of :attr:`epoch_means`, by display name."""
         epoch = self.epoch
         batches, n = self.epoch_batches(epoch)
         started = time.perf_counter()
@@ -220,10 +250,14 @@ class EpochJob(abc.ABC):
                 if self.global_step % self.cfg.run.log_every == 0 or step == n - 1:
                     self.log(epoch=epoch, images_per_s=bar.images_per_second(), **scalars)
         seconds = time.perf_counter() - started
-        val = self.end_epoch(epoch)
+        means = {self.epoch_means[k]: v / max(steps, 1) for k, v in sums.items()}
+        return seconds, images, means, self.end_epoch(epoch)
+
+    def _report_epoch(self, epoch: int, seconds: float, images: int, means: dict[str, float],
+                      val: dict[str, float]) -> None:
+        """Log ``epoch``'s end and validation scalars and print its summary line."""
         if val:
             self.log(epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
-        means = {self.epoch_means[k]: v / max(steps, 1) for k, v in sums.items()}
         summary = ", ".join(f"{k} {v:.4g}" for k, v in {**means, **val}.items())
         self.say(f"[threempose] epoch {epoch + 1}/{self.epochs} done in {seconds:.1f} s "
                  f"({images * self.ctx.world_size / max(seconds, 1e-9):.1f} images/s)"

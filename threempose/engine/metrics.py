@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from threempose.engine.run_dir import RunDir
-from threempose.util.files import atomic_open
+from threempose.util.files import atomic_open, named_write_error
 
 
 class MetricsLogger:
@@ -63,8 +63,11 @@ class MetricsLogger:
                 raise ValueError(f"MetricsLogger.log: '{reserved}' is a reserved metric name")
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:                  # a write() error names no file: name it
+            raise named_write_error(e, self._file.name) from None
         if self.tensorboard:
             writer = self._tensorboard_writer()
             for name, v in values.items():

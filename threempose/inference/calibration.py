@@ -15,7 +15,7 @@ from tqdm import tqdm
 from threempose.config import DataConfig, EELConfig, InferConfig
 from threempose.data.coco import CocoKeypoints, coco_split_paths
 from threempose.data.coco_eval import evaluate_keypoints
-from threempose.data.image_io import read_image
+from threempose.data.sampler import warn_skipped
 from threempose.data.synthetic import ensure_synthetic
 from threempose.inference.dynamic_exit import NEVER, ExitScore, choose_exit
 from threempose.inference.predictor import Predictor, decode_image, image_passes, prepare_image, with_flips
@@ -64,11 +64,18 @@ def val_split(cfg: DataConfig) -> CocoKeypoints:
 def collect_records(predictor: Predictor, dataset: CocoKeypoints, image_ids: Sequence[int],
                     progress: bool = True) -> list[ImageRecord]:
     """Run every exit on each image of ``image_ids`` (``predictor`` in dynamic mode: its rules
-    give the EEL scores) and record the outcomes."""
+    give the EEL scores) and record the outcomes. Images that cannot be read are left out (as
+    per-epoch validation leaves them out), with one warning naming them; none readable is a
+    :class:`CalibrationError`."""
     cfg = predictor.cfg
-    records = []
+    records, skipped = [], []
+    index_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     for image_id in tqdm(image_ids, desc="calibrate", unit="img", disable=not progress):
-        image = np.asarray(read_image(dataset.image_dir / dataset.coco.imgs[image_id]["file_name"]))
+        decoded = dataset.decode(index_of[image_id])
+        if decoded is None:
+            skipped.append(str(dataset.image_path(index_of[image_id])))
+            continue
+        image = np.asarray(decoded)
         x, info = prepare_image(image, cfg.short_side, predictor.device)
         exits = predictor.net(with_flips(x, cfg.flip_test))
         scores, results = {}, {}
@@ -82,6 +89,11 @@ def collect_records(predictor: Predictor, dataset: CocoKeypoints, image_ids: Seq
         width, height = info.input_size
         records.append(ImageRecord(image_id, info.input_size, predictor.exit_gflops((height, width)),
                                    scores, results))
+    if not records:
+        raise CalibrationError(f"none of the {len(image_ids)} val images of {dataset.annotation_file} "
+                               "can be read")
+    if skipped:
+        warn_skipped(skipped, "calibration image reads failed to decode and were left out")
     return records
 
 

@@ -26,15 +26,23 @@ optimized one. What it does, in order:
    originals (``isinstance`` holds, parameters keep their names). A fused network is for
    inference on the CPU only: it is not differentiable, cannot be moved to another device and
    does not export to ONNX; export from ``fuse=False`` (folding and channels-last only).
-4. **Half precision** (``dtype``, CUDA only): ``torch.float16`` or ``torch.bfloat16`` weights;
-   inputs are cast on the way in and the exits' outputs back to float32.
+4. **Half precision** (``dtype``): ``torch.float16`` or ``torch.bfloat16`` weights on CUDA;
+   ``torch.bfloat16`` on a CPU with native bf16 arithmetic (:func:`cpu_bf16_missing`: oneDNN
+   and ``avx512_bf16`` / ``amx_bf16`` on x86, ``bf16`` on Arm), where the convolutions are
+   packed and fused as in float32 but run oneDNN's bf16 kernels (measured ~2x the float32 form's
+   speed on an ``avx512_bf16`` EPYC). On a CPU without it, bf16 would be emulated (several
+   times slower than float32), so a :class:`PrecisionWarning` says so and the float32 form is
+   returned. Inputs are cast on the way in and the exits' outputs back to float32 (so
+   dynamic-exit scoring and decoding read float32 heatmaps); features carried between exits
+   stay in ``dtype``.
 5. **torch.compile** (``compile``; off by default): each part the network runs (for a
    DerivedNet the stem, every cell, Fuse-Split block and head, so early exits still stop the
    computation) is compiled in place for ``input_size``. The first call then takes minutes on a
    small CPU; use it where the network serves many images.
 
 Finally the optimized network is checked against the original on a small random input (every
-output within ``1e-3`` relative to its scale): a network the folding does not fit (e.g. one that
+output within ``1e-3`` relative to its scale in float32, :data:`HALF_CHECK_TOLERANCE` in half
+precision): a network the folding does not fit (e.g. one that
 reads a convolution's raw output besides its BatchNorm) raises instead of serving wrong maps.
 """
 from __future__ import annotations
@@ -42,6 +50,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import platform
+import warnings
 import weakref
 from typing import Any, Iterable, Optional
 
@@ -54,6 +64,41 @@ from threempose.nas.fabric import FabricNet
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 CHECK_SIZE = 64          # side of the random image the optimized network is checked on
 CHECK_TOLERANCE = 1e-3   # max |optimized - original| / max(1, max |original|), per output
+HALF_CHECK_TOLERANCE = 0.05  # the same in float16 / bfloat16 (8 mantissa bits through ~30 layers)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class PrecisionWarning(UserWarning):
+    """A precision was asked for that this machine cannot run natively; a fallback is used."""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``'s ``flags`` / ``Features`` line; empty where
+    there is none, e.g. off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_missing() -> Optional[str]:
+    """None when this CPU runs oneDNN bf16 convolutions natively, else what is missing (one
+    phrase): oneDNN in this PyTorch build, oneDNN's bf16 support, or the CPU's bf16 instructions
+    (x86: ``avx512_bf16`` or ``amx_bf16``; Arm: ``bf16``; both read from ``/proc/cpuinfo``)."""
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN (this PyTorch build has no torch.backends.mkldnn)"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN bf16 support on this CPU (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+    flags = cpu_flags()
+    wanted = ("bf16",) if platform.machine().lower() in ("aarch64", "arm64") else ("avx512_bf16", "amx_bf16")
+    if not flags & set(wanted):
+        return f"the CPU's bf16 instructions ({' or '.join(wanted)} not among /proc/cpuinfo's flags)"
+    return None
 
 
 def fold_batchnorm(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
@@ -265,13 +310,17 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         channels_last: NHWC weights and activations.
         fuse: oneDNN conv packing and ReLU / residual-add fusion; None: on for the CPU when
             oneDNN is available and ``compile`` is off.
-        dtype: None (float32), or ``torch.float16`` / ``torch.bfloat16`` on CUDA.
+        dtype: None (float32); ``torch.float16`` / ``torch.bfloat16`` on CUDA;
+            ``torch.bfloat16`` on a CPU (float32 with a :class:`PrecisionWarning` where the CPU
+            has no native bf16, :func:`cpu_bf16_missing`).
         check: compare the result with ``net`` on a random ``64 x 64`` image, or on
-            ``example_inputs`` (float32 only).
+            ``example_inputs`` (within :data:`CHECK_TOLERANCE`, :data:`HALF_CHECK_TOLERANCE`
+            in half precision).
         example_inputs: for a module that takes other inputs than one image (e.g. a block of a
             fabric taking feature maps): the arguments of one call, on ``device``, float32 and
             already in the layout they will arrive in (channels-last with ``channels_last``:
-            nothing converts them). The trace (and ``check``) runs on them; None: an image
+            nothing converts them; with a half ``dtype`` the optimized module takes them in
+            ``dtype`` and returns ``dtype``, as a block passes features on). The trace (and ``check``) runs on them; None: an image
             ``[1, 3, *input_size]``, converted to channels-last (and ``dtype``) on the way in.
 
     Returns:
@@ -279,28 +328,37 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         mode, no parameter requires grad.
 
     Raises:
-        ValueError: a half ``dtype`` off CUDA, ``fuse`` where oneDNN cannot run, CUDA missing.
+        ValueError: float16 off CUDA, ``fuse`` where oneDNN cannot run, CUDA missing.
         RuntimeError: the check failed (the message names the output and the difference).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
-    if dtype not in (None, torch.float32) and device.type != "cuda":
-        raise ValueError(f"dtype {dtype} is for CUDA; on {device.type} the network runs in float32")
+    if dtype == torch.float32:
+        dtype = None
+    if dtype is not None and dtype not in HALF_DTYPES:
+        raise ValueError(f"dtype {dtype} is not an inference precision; use float32, float16 or bfloat16")
+    if dtype is not None and device.type != "cuda":
+        if dtype != torch.bfloat16 or device.type != "cpu":
+            raise ValueError(f"dtype {dtype} is for CUDA; on {device.type} the network runs in float32"
+                             + (" or bfloat16" if device.type == "cpu" else ""))
+        missing = cpu_bf16_missing()
+        if missing is not None:
+            warnings.warn(f"bfloat16 inference needs {missing}; using the float32 form (emulated bf16 "
+                          "would be several times slower)", PrecisionWarning, stacklevel=2)
+            dtype = None
     can_fuse = device.type == "cpu" and torch.backends.mkldnn.is_available()
     if fuse is None:
         fuse = can_fuse and not compile
     elif fuse and not can_fuse:
         raise ValueError(f"fuse=True needs the CPU with oneDNN (device {device}, oneDNN "
                          f"{'available' if torch.backends.mkldnn.is_available() else 'missing'})")
-    if example_inputs is not None and dtype not in (None, torch.float32):
-        raise ValueError("example_inputs are for float32 networks")
     original = net
     net = copy.deepcopy(net).cpu().float().eval().requires_grad_(False)
     if example_inputs is None:
         trace = trace_network(net, torch.randn(1, 3, *input_size))
     else:
-        trace = trace_network(net, *_map_tensors(example_inputs, lambda t: t.cpu()))
+        trace = trace_network(net, *_map_tensors(example_inputs, lambda t: t.cpu().float()))
     for conv, bn in trace.pairs:
         fold_batchnorm(conv, bn)
     folded = {bn for _, bn in trace.pairs}
@@ -308,21 +366,22 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         for name, child in list(parent.named_children()):
             if child in folded:
                 setattr(parent, name, nn.Identity())
+    if dtype is not None:
+        net.to(dtype)                        # before packing: oneDNN packs bf16 weights as bf16
     if fuse:
         fuse_onednn(net, trace.input_shapes)
     else:
         net.to(device)
-    if dtype is not None:
-        net.to(dtype)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if example_inputs is None:
         _convert_inputs(net, trace.first_conv, dtype, channels_last)
-    if dtype not in (None, torch.float32):
+    if dtype is not None and example_inputs is None:
         for m in _exit_modules(net):
             m.register_forward_hook(_outputs_to_float32)
-    if check and dtype in (None, torch.float32):
-        check_same_outputs(original, net, device, inputs=example_inputs)
+    if check:
+        check_same_outputs(original, net, device, inputs=example_inputs, dtype=dtype,
+                           tolerance=CHECK_TOLERANCE if dtype is None else HALF_CHECK_TOLERANCE)
     if compile:
         parts = _compiled_parts(net)
         # instances of one class (the cells) share a code object, each with its own guards
@@ -394,20 +453,23 @@ def output_tensors(obj: Any) -> list[Tensor]:
 @torch.no_grad()
 def check_same_outputs(reference: nn.Module, optimized: nn.Module, device: torch.device | str,
                        size: int = CHECK_SIZE, tolerance: float = CHECK_TOLERANCE,
-                       inputs: Optional[tuple] = None) -> None:
+                       inputs: Optional[tuple] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Raise RuntimeError unless ``optimized`` gives ``reference``'s outputs on ``inputs`` (the
-    arguments of one call; None: a random ``[1, 3, size, size]`` image): each within
-    ``tolerance * max(1, max |reference output|)``."""
+    arguments of one call, float32; None: a random ``[1, 3, size, size]`` image): each within
+    ``tolerance * max(1, max |reference output|)``. ``dtype``: the precision the optimized
+    module takes given ``inputs`` in (None: float32; the random image is always float32, an
+    optimized network casts its images itself)."""
+    cast = dtype if inputs is not None else None
     if inputs is None:
         inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
     reference_device = next(reference.parameters(), torch.empty(0)).device
     was_training = reference.training
     reference.eval()
     try:
-        expected = output_tensors(reference(*_map_tensors(inputs, lambda t: t.to(reference_device))))
+        expected = output_tensors(reference(*_map_tensors(inputs, lambda t: t.to(reference_device, torch.float32))))
     finally:
         reference.train(was_training)
-    got = output_tensors(optimized(*_map_tensors(inputs, lambda t: t.to(device))))
+    got = output_tensors(optimized(*_map_tensors(inputs, lambda t: t.to(device, cast))))
     if len(got) != len(expected):
         raise RuntimeError(f"optimize_for_inference: {len(got)} outputs, the original network gives "
                            f"{len(expected)}")

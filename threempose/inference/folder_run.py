@@ -1,12 +1,13 @@
 """Running a predictor over a folder (or list) of images: the image list and COCO image ids,
 a background loader that reads the next images while the network runs, and a run summary
-(results, exits taken, GFLOPs, timings). The library behind ``python -m threempose.infer``."""
+(exits taken, GFLOPs, timings); results go to a :class:`ResultJournal` as they are produced.
+The library behind ``python -m threempose.infer``."""
 from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
+from threempose.data.coco_schema import is_int
 from threempose.inference.draw import save_drawing
-from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Prediction, Predictor, load_image
-from threempose.util.errors import UserError
+from threempose.inference.predictor import PREDICT_PARTS, ImageReadError, Predictor, load_image
+from threempose.inference.result_journal import ResultJournal
+from threempose.util.errors import OutputPathError, UserError
+from threempose.util.files import read_json_file
 
 
 class InferInputError(UserError, ValueError):
@@ -26,22 +30,19 @@ class InferInputError(UserError, ValueError):
 
 @dataclass
 class RunSummary:
-    """What a run did: per-image records, skipped files, totals."""
+    """What a run did: images processed by this process, skipped files, time; ``overall``: the
+    totals over every image of the results (:meth:`ResultJournal.totals`, a resumed run's included)."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
+    processed: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
-    results: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)       # seconds per part (:func:`run`)
+    overall: dict[str, Any] = field(default_factory=dict)
 
     def totals(self) -> dict[str, Any]:
-        n = len(self.records)
-        exits = collections.Counter(r["exit"] for r in self.records)
-        return {"images": n, "skipped": len(self.skipped),
-                "people": sum(r["people"] for r in self.records),
-                "exits": {str(k): exits[k] for k in sorted(exits)},
-                "mean_gflops": sum(r["gflops"] for r in self.records) / n if n else 0.0,
-                "images_per_s": n / self.seconds if self.seconds > 0 else 0.0}
+        return {"images": 0, "people": 0, "exits": {}, "mean_gflops": 0.0, **self.overall,
+                "skipped": len(self.skipped),
+                "images_per_s": self.processed / self.seconds if self.seconds > 0 else 0.0}
 
     def timing_text(self) -> str:
         """``--benchmark``: images/s and where the wall time went. The loader's time runs in a
@@ -50,12 +51,14 @@ class RunSummary:
         t = self.totals()
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
         main = sum(v for k, v in self.timings.items() if k != "load (background)")
-        return (f"benchmark: {t['images']} images in {self.seconds:.2f} s = {t['images_per_s']:.2f} images/s; "
+        return (f"benchmark: {self.processed} images in {self.seconds:.2f} s = {t['images_per_s']:.2f} images/s; "
                 f"{parts}; other (records, drawings) {max(self.seconds - main, 0.0):.2f} s")
 
     def text(self) -> str:
         t = self.totals()
-        lines = [f"images: {t['images']} processed, {t['skipped']} skipped",
+        resumed = t["images"] - self.processed
+        lines = [f"images: {t['images']} processed, {t['skipped']} skipped"
+                 + (f" ({resumed} of them by the run resumed)" if resumed > 0 else ""),
                  f"people found: {t['people']}",
                  "exits taken: " + ", ".join(f"layer {k}: {v}" for k, v in t["exits"].items()),
                  f"mean GFLOPs per image: {t['mean_gflops']:.4g} (flip-test passes included)",
@@ -79,10 +82,15 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
+_MAX_NUMERIC_STEM = 18      # digits of a stem read as a number: ids stay within int64
+
+
 def name_image_id(name: str) -> int:
-    """A stable COCO image id from a file name (see the module docstring)."""
+    """A stable COCO image id from a file name: the number of a stem of ASCII digits (COCO's
+    ``000000397133.jpg`` -> 397133), else a 48-bit hash of the name. Nothing else of the name
+    is parsed (``².jpg`` is hashed: ``str.isdigit`` would accept it and ``int`` refuse it)."""
     stem = Path(name).stem
-    if stem.isdigit():
+    if re.fullmatch(r"[0-9]{1,%d}" % _MAX_NUMERIC_STEM, stem, re.ASCII):
         return int(stem)
     return int(hashlib.sha1(Path(name).name.encode("utf-8")).hexdigest()[:12], 16)
 
@@ -105,25 +113,43 @@ def image_ids(files: Sequence[Path], annotations: Optional[str | Path]) -> tuple
 
 
 def _annotation_ids(path: Path) -> dict[str, int]:
-    """``{file base name: image id}`` of a COCO annotation file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InferInputError(f"--annotations {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InferInputError(f"--annotations {path}: not a readable JSON file ({e})") from None
+    """``{file base name: image id}`` of a COCO annotation file (read by the one JSON reader);
+    two images with the same base name or the same id are an error, not a silent pick."""
+    data = read_json_file(path, InferInputError, "--annotations file")
     images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("id"), int)
+    if not isinstance(images, list) or not all(isinstance(im, dict) and is_int(im.get("id"))
                                                and isinstance(im.get("file_name"), str) for im in images):
         raise InferInputError(f"--annotations {path}: not a COCO annotation file (needs an 'images' "
                               "list of {id, file_name})")
-    return {Path(im["file_name"]).name: im["id"] for im in images}
+    by_name: dict[str, int] = {}
+    by_id: dict[int, str] = {}
+    for im in images:
+        name = Path(im["file_name"]).name
+        if name in by_name:
+            raise InferInputError(f"--annotations {path}: two images are named {name!r} (ids {by_name[name]} "
+                                  f"and {im['id']}); an input file would match either")
+        if im["id"] in by_id:
+            raise InferInputError(f"--annotations {path}: images {by_id[im['id']]!r} and {name!r} share "
+                                  f"the id {im['id']}")
+        by_name[name], by_id[im["id"]] = im["id"], name
+    return by_name
 
 
 def drawing_names(files: Sequence[Path]) -> dict[Path, str]:
     """PNG names for ``--draw`` (see the module docstring)."""
     stems = collections.Counter(f.stem for f in files)
     return {f: (f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")) + ".png" for f in files}
+
+
+def check_drawing_targets(draw_dir: Path, files: Sequence[Path]) -> None:
+    """Refuse, before any work, a ``--draw`` folder where a drawing could not be written: an
+    entry of a drawing's name that is a folder (or another non-file)."""
+    for f, name in drawing_names(files).items():
+        target = draw_dir / name
+        if target.exists() and not target.is_file():
+            raise OutputPathError(f"--draw {draw_dir}: {target} is a folder (or not a file), so the "
+                                  f"drawing of {f.name} cannot be written there; move it or choose "
+                                  "another --draw folder")
 
 
 class BackgroundLoader:
@@ -196,30 +222,37 @@ class BackgroundLoader:
         return False
 
 
-def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], batch: int = 1,
-        draw_dir: Optional[Path] = None, progress: bool = True) -> RunSummary:
-    """Predict every file of ``ids`` (in ``files`` order), ``batch`` images per call, reading and
-    resizing the next images in a :class:`BackgroundLoader` meanwhile; unreadable files go to
-    ``summary.skipped``. Drawings are written as images finish. ``summary.timings`` splits the
-    wall time (see :meth:`RunSummary.timing_text`)."""
+def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], journal: ResultJournal,
+        batch: int = 1, draw_dir: Optional[Path] = None, progress: bool = True) -> RunSummary:
+    """Predict every file of ``ids`` (in ``files`` order) that ``journal`` does not hold yet,
+    ``batch`` images per call, reading and resizing the next images in a
+    :class:`BackgroundLoader` meanwhile. Each image's record and results go to ``journal`` and
+    its drawing to ``draw_dir`` as it finishes (nothing grows with the number of images);
+    unreadable files go to ``summary.skipped``. The progress bar counts the journal's images as
+    done (its ETA is for the rest). ``summary.timings`` splits the wall time (see
+    :meth:`RunSummary.timing_text`)."""
     summary = RunSummary()
-    todo = [f for f in files if f in ids]
+    done = journal.done
+    wanted = [f for f in files if f in ids]
+    todo = [f for f in wanted if str(f) not in done]
     names = drawing_names(files) if draw_dir is not None else {}
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     before = dict(predictor.timings)
     start = time.perf_counter()
     waited = 0.0
-    with tqdm(total=len(todo), desc="infer", unit="img", disable=not progress) as bar, \
+    with tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="infer", unit="img",
+              disable=not progress) as bar, \
             BackgroundLoader(predictor, chunks, keep_arrays=draw_dir is not None) as loader:
         batches = iter(loader)
         for chunk in chunks:
             wait_start = time.perf_counter()
-            done, arrays, prepared, skipped = next(batches)
+            finished, arrays, prepared, skipped = next(batches)
             waited += time.perf_counter() - wait_start
             summary.skipped += skipped
             predictions = predictor.predict_prepared(prepared) if prepared else []
-            for k, (f, pred) in enumerate(zip(done, predictions)):
-                _record(summary, f, ids[f], pred)
+            for k, (f, pred) in enumerate(zip(finished, predictions)):
+                journal.append({"file": str(f), "image_id": ids[f], **pred.summary()}, pred.to_coco(ids[f]))
+                summary.processed += 1
                 if draw_dir is not None:
                     save_drawing(draw_dir / names[f], arrays[k], [{"keypoints": p.keypoints, "score": p.score}
                                                                   for p in pred.people])
@@ -227,9 +260,5 @@ def run(predictor: Predictor, files: Sequence[Path], ids: dict[Path, int], batch
     summary.seconds = time.perf_counter() - start
     summary.timings = {"load (background)": loader.seconds, "waiting for images": waited,
                        **{part: predictor.timings[part] - before.get(part, 0.0) for part in PREDICT_PARTS}}
+    summary.overall = journal.totals()
     return summary
-
-
-def _record(summary: RunSummary, path: Path, image_id: int, pred: Prediction) -> None:
-    summary.results += pred.to_coco(image_id)
-    summary.records.append({"file": str(path), "image_id": image_id, **pred.summary()})

@@ -102,6 +102,12 @@ def prepare_image(image: np.ndarray, short_side: int, device: torch.device | str
     return normalize(x), info
 
 
+def network_inputs(images: Sequence[np.ndarray], short_side: int) -> list[np.ndarray]:
+    """RGB uint8 ``[H, W, 3]`` images -> their network inputs as :func:`prepare_image` makes them
+    (float32 ``[1, 3, H', W']`` arrays, CPU); e.g. int8 calibration inputs."""
+    return [prepare_image(image, short_side, "cpu")[0].numpy() for image in images]
+
+
 def with_flips(x: Tensor, flip_test: bool) -> Tensor:
     """``[B, 3, H, W]`` -> ``[2B, 3, H, W]`` (the images, then their horizontal mirrors) with flip
     test, else ``x``. Image ``i``'s passes are rows ``i`` and ``B + i`` of the outputs."""
@@ -234,6 +240,12 @@ class Predictor:
             (:func:`threempose.inference.deploy.optimize_for_inference`: BatchNorm folded, channels-last,
             oneDNN fusion on the CPU; the same people up to float rounding). ``self.net`` is the
             network that runs; ``net`` itself is left as it is.
+        precision: ``"fp32"``; ``"bf16"`` (the optimized copy in bfloat16, exits' maps in
+            float32); ``"int8"`` (``net`` exported and quantized to int8 onnxruntime segments,
+            :mod:`threempose.inference.quantize`, calibrated on ``calibration_images``). For
+            exported segments it must be the export's own precision.
+        calibration_images: int8 only: RGB uint8 ``[H, W, 3]`` arrays
+            (:func:`~threempose.inference.quantize.calibration_images` reads a folder).
 
     Raises ConfigError when ``cfg.exit`` is not an exit of the network, or (dynamic) when
     ``cfg.eels`` does not configure exactly the network's EELs.
@@ -241,19 +253,34 @@ class Predictor:
 
     def __init__(self, net: DerivedNet | ExportedSegments, cfg: InferConfig | None = None,
                  device: torch.device | str = "cpu",
-                 flip_index: Optional[Sequence[int]] = None, optimize: bool = True) -> None:
+                 flip_index: Optional[Sequence[int]] = None, optimize: bool = True,
+                 precision: str = "fp32", calibration_images: Optional[Sequence[np.ndarray]] = None) -> None:
+        from threempose.inference.quantize import check_precision, quantize_network
+
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
         self.cfg = cfg if cfg is not None else InferConfig()
         side = self.cfg.short_side
         if isinstance(net, nn.Module):
-            self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device) if optimize
-                        else net.to(self.device).eval())
+            check_precision(precision, calibration_images if precision == "int8" else None, str(self.device))
+        self.precision = precision
+        if isinstance(net, nn.Module) and precision == "int8":
+            self.net = quantize_network(net, dataclasses.asdict(self.cfg), network_inputs(calibration_images, side))
+        elif isinstance(net, nn.Module):
+            if precision == "bf16" and not optimize:
+                raise ValueError("precision bf16 runs the optimized network; leave optimize on")
+            dtype = torch.bfloat16 if precision == "bf16" else None
+            self.net = (optimize_for_inference(net, input_size=(side, side), device=self.device, dtype=dtype)
+                        if optimize else net.to(self.device).eval())
         elif self.device.type != "cpu":
             raise ValueError(f"exported segments run on the CPU (onnxruntime's CPU provider), not {device!r}; "
                              "use --device cpu")
         else:
+            exported = net.meta.get("precision", "fp32")
+            if precision != exported:
+                raise ValueError(f"the export holds {exported} segments, not {precision}; export with "
+                                 f"--precision {precision}")
             self.net = net
         self.exit_layers = list(net.genotype.exit_layers)
         self.eel_layers = self.exit_layers[:-1]
@@ -269,30 +296,35 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                         config: str | os.PathLike | None = None, optimize: bool = True,
+                        precision: str = "fp32", calibration_images: Optional[Sequence[np.ndarray]] = None,
                         **infer_overrides: Any) -> "Predictor":
         """A predictor for a ``model.pt`` written by ``threempose.train``.
 
         Settings: the model file's ``infer`` section, replaced by ``config``'s (a JSON config
         such as ``threempose.calibrate`` writes) when given, then ``infer_overrides`` (e.g.
-        ``exit="dynamic"``, ``flip_test=False``); ``optimize`` as in :class:`Predictor`. Raises CheckpointError for a file that is not
+        ``exit="dynamic"``, ``flip_test=False``); ``optimize``, ``precision`` and
+        ``calibration_images`` as in :class:`Predictor`. Raises CheckpointError for a file that is not
         a threempose model or whose weights do not fit its genotype, ConfigError for bad settings.
         """
         from threempose.nas.model_file import load_model_file
 
         net, infer = load_model_file(path, "cpu")
-        return cls(net, infer_settings(infer, config, **infer_overrides), device, optimize=optimize)
+        return cls(net, infer_settings(infer, config, **infer_overrides), device, optimize=optimize,
+                   precision=precision, calibration_images=calibration_images)
 
     @classmethod
     def from_export(cls, path: str | os.PathLike, runtime: str = "onnxruntime",
                     config: str | os.PathLike | None = None, threads: Optional[int] = None,
-                    **infer_overrides: Any) -> "Predictor":
+                    precision: Optional[str] = None, **infer_overrides: Any) -> "Predictor":
         """A predictor running an export directory (``python -m threempose.export``) in
         ``runtime`` (``"onnxruntime"`` or ``"torch.export"``), on the CPU; settings as in
-        :meth:`from_checkpoint`, from the export's copy of the model's ``infer`` section."""
+        :meth:`from_checkpoint`, from the export's copy of the model's ``infer`` section.
+        ``precision``: None (the export's own), else checked against it."""
         from threempose.inference.segments import load_segments
 
         segments = load_segments(path, runtime, threads)
-        return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu")
+        return cls(segments, infer_settings(segments.infer, config, **infer_overrides), "cpu",
+                   precision=precision or segments.meta.get("precision", "fp32"))
 
     @property
     def passes(self) -> int:

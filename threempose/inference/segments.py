@@ -47,7 +47,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +55,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from threempose.inference.used_weights import modules_used, pruned_copy
 from threempose.nas.derived import DerivedNet
 from threempose.nas.fabric import Carry, iter_segments
 from threempose.nas.fuse_split import ExitOutput
 from threempose.nas.genotype import Genotype
 from threempose.util.cli import check_output_dir
 from threempose.util.errors import UserError
+from threempose.util.files import in_final_place, make_parents, make_temp_dir, remove_if_empty
 
 META_FILE = "threempose.json"
 
@@ -145,7 +146,9 @@ class ExitSegment(nn.Module):
 
 def trace_segments(net: DerivedNet) -> list[tuple[ExitSegment, tuple[Tensor, ...], dict[str, Any]]]:
     """Each segment's module, example inputs (batch 2, :data:`EXAMPLE_HW`) and the
-    ``torch.export`` dynamic shapes making batch, ``H`` and ``W`` (multiples of 32) free."""
+    ``torch.export`` dynamic shapes making batch, ``H`` and ``W`` (multiples of 32) free. Each
+    module holds only the submodules (so the weights) its segment runs
+    (:mod:`threempose.inference.used_weights`)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     h = torch.export.Dim("h32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
     w = torch.export.Dim("w32", min=MIN_SIZE_UNITS, max=MAX_SIZE_UNITS)
@@ -161,10 +164,12 @@ def trace_segments(net: DerivedNet) -> list[tuple[ExitSegment, tuple[Tensor, ...
                 # row r is H / 2**(r+2) = (8 >> r) * (H / 32); skip is row 0's size
                 shapes = [{0: batch, 2: (8 >> r) * h, 3: (8 >> r) * w} for r in rows]
                 shapes += [{0: batch, 2: 8 * h, 3: 8 * w}] * (len(inputs) - len(rows))
-            out, carry = net.segment(start)
+            outputs_of: list = []
+            used = modules_used(net, lambda: outputs_of.append(net.segment(start)))
+            out, carry = outputs_of[0]
             outputs = ["heatmaps", "tags"] + (carry_names(carry, "out_") if carry is not None else [])
             spec = SegmentSpec(first, out.layer, names, outputs)
-            segments.append((ExitSegment(net, spec, rows).eval(), inputs, {"inputs": tuple(shapes)}))
+            segments.append((ExitSegment(pruned_copy(net, used), spec, rows).eval(), inputs, {"inputs": tuple(shapes)}))
             start = carry
     return segments
 
@@ -179,9 +184,15 @@ def check_export_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional[dict[str, Any]] = None,
-                    formats: Sequence[str] = FORMATS) -> Path:
+                    formats: Sequence[str] = FORMATS, precision: str = "fp32") -> Path:
     """Export ``net`` (eval mode, CPU, float32) as exit segments into ``out_dir`` (see the module
     docstring); ``infer`` (the model's infer settings) goes into the metadata.
+
+    ``precision`` ``"bf16"``: ``.pt2`` programs only (onnxruntime's CPU provider has no bf16
+    convolutions) of the BatchNorm-folded network in bfloat16
+    (:func:`~threempose.inference.deploy.optimize_for_inference` without oneDNN packing): images
+    in float32 (cast inside), heatmaps and tags out in float32, the carried features in bfloat16.
+    int8 is made from a float32 export: :func:`threempose.inference.quantize.export_int8`.
 
     The directory appears complete or not at all: everything is written to a temporary
     directory beside it and renamed. An existing ``out_dir`` is replaced only if it is empty or
@@ -194,10 +205,20 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
         raise ExportError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     if "onnx" in formats and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         raise ExportError(ONNX_MISSING)
+    if precision not in ("fp32", "bf16"):
+        raise ExportError(f"export_segments writes fp32 or bf16 segments, not {precision!r}")
+    if precision == "bf16" and formats != ["pt2"]:
+        raise ExportError("bf16 exports hold .pt2 programs only (onnxruntime's CPU provider has no bf16 "
+                          "convolutions); use --format pt2")
     out_dir = check_export_dir(out_dir)
     net = net.cpu().eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    if precision == "bf16":
+        from threempose.inference.deploy import optimize_for_inference
+
+        net = optimize_for_inference(net, (EXAMPLE_HW[0], EXAMPLE_HW[1]), fuse=False, channels_last=False,
+                                     dtype=torch.bfloat16)
+    created = make_parents(out_dir)
+    tmp = make_temp_dir(out_dir)              # mode under the umask, like a plain mkdir
     try:
         specs = []
         for module, inputs, shapes in trace_segments(net):
@@ -209,16 +230,20 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
             if "onnx" in formats:
                 _save_onnx(program, inputs, spec, tmp / f"{spec.name}.onnx")
             specs.append(spec)
-        meta = {"format": FORMAT, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
+        meta = {"format": FORMAT, "precision": precision, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
                 "exit_layers": list(net.genotype.exit_layers), "num_joints": net.num_joints,
                 "stem_blocks": net.stem_blocks, "size_multiple": SIZE_MULTIPLE,
                 "min_size": SIZE_MULTIPLE * MIN_SIZE_UNITS, "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS, "segments": [s.to_dict() for s in specs],
                 "infer": infer or {}, "genotype": net.genotype.to_dict()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        remove_if_empty(created)
+        named = in_final_place(e, tmp, out_dir)
+        if named is e:
+            raise
+        raise named from e
     return out_dir
 
 
@@ -293,6 +318,8 @@ class ExportedSegments:
         self.size_multiple = int(meta["size_multiple"])
         self.size_range = (int(meta["min_size"]), int(meta["max_size"]))
         self.infer: dict[str, Any] = meta.get("infer", {})
+        # the features carried between segments: bfloat16 in a bf16 export, else float32
+        self.carry_dtype = torch.bfloat16 if meta.get("precision") == "bf16" else torch.float32
         self._index = {spec.start: i for i, spec in enumerate(self.specs)}
         with torch.device("meta"):               # shapes only: for exit_gflops
             self._shape_net = DerivedNet(self.genotype, self.num_joints, int(meta["stem_blocks"]))
@@ -314,7 +341,8 @@ class ExportedSegments:
         spec = self.specs[self._index[key]]
         if len(inputs) != len(spec.inputs):
             raise ValueError(f"segment {spec.name} takes {spec.inputs}, got {len(inputs)} tensors")
-        outputs = self.runs[self._index[key]]([x.float().contiguous() for x in inputs])
+        dtype = torch.float32 if key == 0 else self.carry_dtype
+        outputs = self.runs[self._index[key]]([x.to(dtype).contiguous() for x in inputs])
         out = ExitOutput(spec.layer, outputs[0], outputs[1])
         rows = spec.carry_rows
         return out, (Carry.from_tensors(spec.layer, rows, outputs[2:]) if len(outputs) > 2 else None)

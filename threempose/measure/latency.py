@@ -44,6 +44,7 @@ from threempose.nas.genotype import ROW_STEP, FabricLayout, Genotype
 from threempose.nas.latency_table import (
     FABRIC_KEYS,
     LatencyTable,
+    LatencyTableError,
     add_key,
     block_key,
     device_name,
@@ -69,8 +70,20 @@ CALIBRATION_SEED = 10 ** 6
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+PRECISIONS = ("fp32", "bf16")   # what a table can be measured in (int8 runs in onnxruntime, not per block)
+
+
+def check_precision(precision: str) -> None:
+    """Raise LatencyTableError unless blocks can be timed in ``precision``."""
+    if precision == "int8":
+        raise LatencyTableError("int8 latency tables are not measured: int8 runs as whole onnxruntime "
+                                "segments, not as the torch blocks a table times; use fp32 or bf16")
+    if precision not in PRECISIONS:
+        raise LatencyTableError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
+
+
 def inference_form(net: nn.Module, input_hw: tuple[int, int], device: torch.device | str,
-                   example_inputs: Optional[tuple] = None, form: str = FORM) -> nn.Module:
+                   example_inputs: Optional[tuple] = None, form: str = FORM, precision: str = "fp32") -> nn.Module:
     """``net`` (a whole network or one block of a fabric) in the form in which it is timed, as
     inference runs it; the one place that decides it. ``form``:
 
@@ -80,16 +93,24 @@ def inference_form(net: nn.Module, input_hw: tuple[int, int], device: torch.devi
       on its own ``example_inputs`` (its call's arguments, feature maps in
       :func:`feature_layout`); None: a network taking images ``[B, 3, *input_hw]``.
     * ``"eager"``: ``net`` itself in eval mode on ``device``, BatchNorm kept.
+
+    ``precision`` ``"bf16"`` (deploy form only): optimized with ``dtype=torch.bfloat16``; a
+    block then takes and passes on bf16 features (:func:`feature_layout`).
     """
     check_form(form)
+    check_precision(precision)
     if form == "eager":
+        if precision != "fp32":
+            raise LatencyTableError(f"precision {precision} is timed in the deploy form only")
         return net.to(device).eval()
-    return optimize_for_inference(net, input_hw, device, example_inputs=example_inputs)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    return optimize_for_inference(net, input_hw, device, example_inputs=example_inputs, dtype=dtype)
 
 
-def feature_layout(x: torch.Tensor, form: str = FORM) -> torch.Tensor:
-    """A feature map ``[B, C, H, W]`` in the memory layout blocks pass it on in ``form``
-    (channels-last in ``"deploy"``)."""
+def feature_layout(x: torch.Tensor, form: str = FORM, precision: str = "fp32") -> torch.Tensor:
+    """A feature map ``[B, C, H, W]`` in the memory layout and precision blocks pass it on in
+    ``form`` (channels-last in ``"deploy"``, bfloat16 with ``precision`` ``"bf16"``)."""
+    x = x.to(torch.bfloat16) if precision == "bf16" else x
     return x.contiguous(memory_format=torch.channels_last) if form == "deploy" else x
 
 
@@ -142,7 +163,7 @@ def check_timer(timer: str, device: torch.device | str) -> None:
 
 
 def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1,
-                  form: str = FORM) -> dict[str, Callable[[], Any]]:
+                  form: str = FORM, precision: str = "fp32") -> dict[str, Callable[[], Any]]:
     """``{block key: run it once}`` for every block of ``net`` the cost model prices at
     ``input_hw``, each in :func:`inference_form` ``form`` (optimized on its own inputs) on
     random inputs of its shape on ``net``'s device (identical keys once)."""
@@ -151,14 +172,14 @@ def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1,
     sizes = [FabricLayout.row_size(input_hw, r) for r in range(g.rows)]
 
     def feat(width: int, row: int) -> torch.Tensor:
-        return feature_layout(torch.randn(batch, width, *sizes[row], device=device), form)
+        return feature_layout(torch.randn(batch, width, *sizes[row], device=device), form, precision)
 
     def timed(module: nn.Module, *args: Any) -> Callable[[], Any]:
-        run = inference_form(module, input_hw, device, args, form)
+        run = inference_form(module, input_hw, device, args, form, precision)
         return lambda: run(*args)
 
     def concat_then(output: nn.Module, nodes: list[torch.Tensor]) -> Callable[[], Any]:
-        run = inference_form(output, input_hw, device, (torch.cat(nodes, dim=1),), form)
+        run = inference_form(output, input_hw, device, (torch.cat(nodes, dim=1),), form, precision)
         return lambda: run(torch.cat(nodes, dim=1))
 
     blocks: dict[str, Callable[[], Any]] = {}
@@ -169,7 +190,7 @@ def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1,
 
     def on_images(stem: nn.Module) -> Callable[[], Any]:
         images = torch.randn(batch, 3, *input_hw, device=device)
-        run = inference_form(stem, input_hw, device, None, form)   # optimized as a network's start
+        run = inference_form(stem, input_hw, device, None, form, precision)   # optimized as a network's start
         return lambda: run(images)
 
     add(block_key(net.stem, input_hw), lambda: on_images(net.stem))
@@ -205,7 +226,7 @@ def fabric_blocks(net: Supernet, input_hw: tuple[int, int], batch: int = 1,
 
 def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.device | str = "cpu",
                 batch: int = 1, warmup: int = 3, reps: int = 15, progress: bool = False,
-                timer: str = "wall", form: str = FORM) -> LatencyTable:
+                timer: str = "wall", form: str = FORM, precision: str = "fp32") -> LatencyTable:
     """Measure the :class:`LatencyTable` of ``model``'s fabric with every op of the registry
     (:data:`~threempose.nas.ops.OP_NAMES`) at ``input_hw`` on ``device`` (module docstring).
 
@@ -216,13 +237,15 @@ def build_table(model: ModelConfig, input_hw: tuple[int, int], device: torch.dev
     dispatch between blocks, blocks whose inputs come cold from the previous block rather
     than warm from the last repetition, and per-call times skewed to the right (a network's
     median exceeds the sum of its blocks' medians)."""
-    return build_table_and_time(model, input_hw, {}, device, batch, warmup, reps, progress, timer, form)[0]
+    return build_table_and_time(model, input_hw, {}, device, batch, warmup, reps, progress, timer, form,
+                                precision)[0]
 
 
 def build_table_and_time(model: ModelConfig, input_hw: tuple[int, int], networks: dict[str, FabricNet],
                          device: torch.device | str = "cpu", batch: int = 1, warmup: int = 3,
                          reps: int = 15, progress: bool = False,
-                         timer: str = "wall", form: str = FORM) -> tuple[LatencyTable, dict[str, float]]:
+                         timer: str = "wall", form: str = FORM, precision: str = "fp32"
+                         ) -> tuple[LatencyTable, dict[str, float]]:
     """:func:`build_table`, and the whole ``networks`` (their last exit) timed in the same
     interleaved rounds: ``(table, {name: median ms})``. On a machine whose load drifts, this
     compares predictions with measurements taken under the same load."""
@@ -231,17 +254,20 @@ def build_table_and_time(model: ModelConfig, input_hw: tuple[int, int], networks
     model = dataclasses.replace(model, ops=list(OP_NAMES))
     check_form(form)
     net = Supernet(model).to(device).eval()
-    blocks = fabric_blocks(net, input_hw, batch, form)
+    check_precision(precision)
+    blocks = fabric_blocks(net, input_hw, batch, form, precision)
     references = {f"\0reference network {i}": DerivedNet(g, model.num_joints, model.stem_blocks)
                   for i, g in enumerate(random_genotypes(model, CALIBRATION_NETWORKS, CALIBRATION_SEED, 1.0))}
     images = torch.randn(batch, 3, *input_hw, device=device)
-    whole = {k: (lambda n=inference_form(n, input_hw, device, form=form): _run_to(n, images, n.genotype.layers))
+    whole = {k: (lambda n=inference_form(n, input_hw, device, form=form, precision=precision):
+                 _run_to(n, images, n.genotype.layers))
              for k, n in {**references, **networks}.items()}
     times = median_ms({**blocks, **whole}, device, warmup, reps, "latency table" if progress else None, timer)
     entries = {k: times[k] for k in blocks}
     fabric = {k: getattr(model, k) for k in FABRIC_KEYS}
     fabric["eels"] = list(fabric["eels"])
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "form": form,
+            "precision": precision,
             "method": {"timer": timer, "clock": TIMERS[timer].__name__, "statistic": "median",
                        "warmup_rounds": warmup, "rounds": reps, "grad": "torch.inference_mode",
                        "order": "interleaved: each round runs every block once"}}

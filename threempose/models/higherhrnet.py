@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -41,7 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threempose.config import TeacherConfig
-from threempose.engine.checkpoint import CheckpointError, StateDictMismatchError, check_state_dict
+from threempose.engine.checkpoint import (
+    CheckpointError,
+    StateDictMismatchError,
+    check_state_dict,
+    read_torch_file,
+)
 from threempose.models.hrnet_blocks import (
     BN_MOMENTUM,
     BasicBlock,
@@ -317,14 +321,8 @@ def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.d
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: holds objects other than tensors and plain containers, which are not "
-            f"loaded for safety; re-save just its state_dict with torch.save(...). ({e})") from None
-    except Exception as e:  # corrupt/truncated file, not a torch file, ...
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {e}") from None
+    obj = read_torch_file(path, map_location, "a weights file",
+                          "re-save just its state_dict with torch.save(model.state_dict(), ...)")
     sd = unwrap_state_dict(obj, str(path))
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=True)

@@ -24,9 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from threempose.nas.cell import Cell, CellChoice
+from threempose.nas.checkpointing import CheckpointFn, checkpoint_cell, checkpointed, torch_checkpoint_fn
 from threempose.nas.cost import BlockCosts, MacCosts
 from threempose.nas.fuse_split import ExitOutput, FuseSplit, Head
 from threempose.nas.genotype import ROW_STEP, CellGene, FabricLayout, Genotype
@@ -112,6 +114,19 @@ class FabricNet(nn.Module):
                 rows = [c.row for c in g.cells_in_layer(layer)]
                 self.exits[str(layer)] = FuseSplit(rows, g.channels, skip=i > 0, split=layer < g.layers)
             self.heads[str(layer)] = Head(g.channels, num_joints)
+        self.checkpoint_fn: Optional[CheckpointFn] = None
+
+    def use_activation_checkpointing(self, checkpoint_fn: Optional[CheckpointFn] = torch_checkpoint_fn) -> None:
+        """Checkpoint every cell and stem unit in forwards that record gradients (:mod:`threempose.nas.checkpointing`:
+        its inner activations are recomputed in backward, gradients unchanged); None turns it off."""
+        self.checkpoint_fn = checkpoint_fn
+
+    def _checkpointed_block(self) -> Optional[Callable[[nn.Module, Tensor], Tensor]]:
+        """How the stem runs a bottleneck unit under activation checkpointing (None: plainly)."""
+        if self.checkpoint_fn is None or not torch.is_grad_enabled():
+            return None
+        fn = self.checkpoint_fn
+        return lambda block, x: checkpointed(block, block, [x], fn)
 
     def run(self, images: Tensor, genotype: Genotype, weights: Optional[WeightsFn] = None,
             cell_outputs: Optional[list[Tensor]] = None) -> Iterator[ExitOutput]:
@@ -154,7 +169,7 @@ class FabricNet(nn.Module):
         if layer is None:
             raise ValueError(f"no exit after layer {first - 1}: the last exit is layer {genotype.exit_layers[-1]}")
         if isinstance(start, Tensor):
-            feats, skip = {0: self.stem(start)}, None
+            feats, skip = {0: self.stem(start, self._checkpointed_block())}, None
         else:
             feats, skip = start.feats, start.skip
             if skip is not None:
@@ -166,7 +181,11 @@ class FabricNet(nn.Module):
             for cell in genotype.cells_in_layer(current):
                 inputs = {p: feats[cell.row + ROW_STEP[p]] for p in cell.inputs}
                 choice = weights(cell) if weights is not None else None
-                new[cell.row] = self.cells[str(cell.index)](inputs, sizes[cell.row], choice)
+                module = self.cells[str(cell.index)]
+                if self.checkpoint_fn is not None and torch.is_grad_enabled():
+                    new[cell.row] = checkpoint_cell(module, inputs, sizes[cell.row], choice, self.checkpoint_fn)
+                else:
+                    new[cell.row] = module(inputs, sizes[cell.row], choice)
                 if cell_outputs is not None:
                     cell_outputs.append(new[cell.row])
             feats = new

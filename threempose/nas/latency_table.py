@@ -220,6 +220,18 @@ class LatencyTable(BlockCosts):
                                     "(loss.cost.target_device) if that is what you want")
 
     # ---------------------------------------------------------------- file I/O
+    @property
+    def precision(self) -> str:
+        """The precision its blocks were timed in (``"fp32"`` for tables that predate the field)."""
+        return str(self.meta.get("precision", "fp32"))
+
+    def check_precision(self, target: str = "fp32") -> None:
+        """Raise LatencyTableError unless the table was measured in ``target``, the precision
+        the searched network will be deployed in (``loss.cost.target_precision``)."""
+        if self.precision != target:
+            raise LatencyTableError(f"{self.source}: latency table measured in {self.precision}, but the target "
+                                    f"precision is {target}; measure one with `python -m threempose.latency ... --precision {target}`")
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "device": self.device, "device_name": self.device_name, **self.meta,
                 "input_size": list(self.input_hw), "fabric": self.fabric, "ops": self.ops,

@@ -4,6 +4,8 @@ Two 3x3 stride-2 conv-BN-ReLU (3 -> 64, 64 -> 64), ``blocks`` bottleneck units (
 1x1 conv-BN-ReLU to ``C``. It is "layer 0, row 0" of the fabric (:mod:`threempose.nas.fabric`)."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 from torch import Tensor, nn
 
 from threempose.models.hrnet_blocks import Bottleneck, make_res_layer
@@ -25,8 +27,14 @@ class Stem(nn.Module):
         width = STEM_WIDTH * Bottleneck.expansion if blocks else STEM_WIDTH
         self.proj = conv_bn(width, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.blocks(self.conv2(self.conv1(x))))
+    def forward(self, x: Tensor, run_block: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> Tensor:
+        """``run_block(block, x)`` runs each bottleneck unit if given (activation checkpointing)."""
+        x = self.conv2(self.conv1(x))
+        if run_block is None:
+            return self.proj(self.blocks(x))
+        for block in self.blocks:
+            x = run_block(block, x)
+        return self.proj(x)
 
     def macs(self, h: int, w: int) -> int:
         """Multiply-adds for one ``h x w`` image."""

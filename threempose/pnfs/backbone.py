@@ -23,14 +23,12 @@ for a ``[B, 3, H, W]`` crop (1/4 .. 1/32 of the crop for ``R = 4``):
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
-from threempose.engine.checkpoint import CheckpointError, check_state_dict
+from threempose.engine.checkpoint import check_state_dict, read_torch_file
 from threempose.models.higherhrnet import HigherHRNet, unwrap_state_dict
 from threempose.models.hrnet_blocks import apply_transition
 from threempose.nas.stem import Stem
@@ -89,13 +87,8 @@ def load_backbone_weights(backbone: nn.Module, path: Union[str, Path], what: str
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint not found: {path} (pnfs.backbone_checkpoint)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers; "
-                              f"re-save its state_dict with torch.save(...) ({e})") from None
-    except Exception as e:  # corrupt or not a torch file
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {e}") from None
+    obj = read_torch_file(path, "cpu", "a backbone weights file",
+                          "re-save just its state_dict with torch.save(model.state_dict(), ...)")
     state = unwrap_state_dict(obj, str(path))
     ours = backbone.state_dict()
     subset = {k: v for k, v in state.items() if k in ours}

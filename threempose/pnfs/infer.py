@@ -43,7 +43,7 @@ from threempose.pnfs.pckh import evaluate_pckh
 from threempose.pnfs.pckh import format_table as format_pckh_table
 from threempose.pnfs.topdown_data import TopDownCocoDataset
 from threempose.pnfs.topdown_predict import predict_mpii, predict_results
-from threempose.util.cli import check_output_file, entry_point
+from threempose.util.cli import check_output_file, entry_point, parse_device
 from threempose.util.files import atomic_open
 
 
@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the COCO keypoint results JSON")
     parser.add_argument("--no-flip", action="store_true", help="no flip test")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--evaluate", action="store_true", help="print the COCO keypoint AP/AR table")
     args = parser.parse_args(argv)
     check_output_file(args.out, "--out")

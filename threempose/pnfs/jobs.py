@@ -115,6 +115,13 @@ class _TopDownJob(EpochJob):
             net.train(was_training)
         return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "crops": stats["crops"]}
 
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """:meth:`validate` of the network (rank 0, when ``run.val_ap_images``), after the epoch's
+        checkpoint."""
+        if not (self.ctx.is_main and self.cfg.run.val_ap_images):
+            return {}
+        return self.validate(self.net)
+
     def write_model(self, net: PnfsNet, extra_profiles: Optional[dict] = None) -> dict[str, Path]:
         """``model.pt`` and ``profile.json`` (params and GFLOPs per crop) of a fixed network."""
         model_path = save_pnfs_model(self.run_dir.artifact("model.pt"), net, self.cfg)
@@ -167,10 +174,9 @@ class PnfsSearchJob(_TopDownJob):
         self.weights.set_lr(multistep(s.weight_lr, p.weight_lr_milestones, p.weight_lr_gamma, epoch + 1))
         self.opt.end_epoch(epoch)
         self.opt.check_in_sync(epoch, self.global_step)          # a collective
-        if not self.ctx.is_main:
-            return {}
-        self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
-        return self.validate(self.net) if self.cfg.run.val_ap_images else {}
+        if self.ctx.is_main:
+            self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
+        return {}
 
     def arch_snapshot(self) -> dict[str, Any]:
         """Every fabric's normalised weights: ``{"backbone" (fabric backbone only), "parts": [...]}``,
@@ -244,9 +250,7 @@ class PnfsTrainJob(_TopDownJob):
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         self.scheduler.step()
-        if not (self.ctx.is_main and self.cfg.run.val_ap_images):
-            return {}
-        return self.validate(self.net)
+        return {}
 
     def stateful(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler}

@@ -29,7 +29,6 @@ results file (``[{"image_id", "category_id", "bbox", "score"}, ...]``).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -42,10 +41,12 @@ from torch.utils.data import Dataset
 
 from threempose.config import TopDownConfig
 from threempose.data.augment import normalize
+from threempose.data.coco_schema import check_keypoint_annotations
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.data.keypoints import NUM_JOINTS, flip_index
 from threempose.data.targets import render_heatmaps, target_cells
 from threempose.util.errors import UserError
+from threempose.util.files import read_json_file
 
 
 class TopDownDataError(UserError, ValueError):
@@ -167,10 +168,7 @@ def heatmap_targets(joints: np.ndarray, cfg: TopDownConfig) -> tuple[Tensor, Ten
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TopDownDataError(f"{path}: {what} file is not valid JSON: {e}") from None
+    return read_json_file(path, TopDownDataError, f"{what} file")
 
 
 def read_person_keypoints(path: str | Path) -> dict:
@@ -180,39 +178,21 @@ def read_person_keypoints(path: str | Path) -> dict:
         ``{"images": {id: image dict}, "annotations": {image id: [person annotation, ...]},
         "category_id": int}`` holding only the person-keypoints category's annotations.
     Raises:
-        FileNotFoundError naming ``path``; TopDownDataError naming ``path`` and the
-        entry when it is not a COCO person-keypoints file.
+        FileNotFoundError naming ``path``; TopDownDataError naming ``path``, the entry and
+        the rule when it is not a COCO person-keypoints file
+        (:func:`threempose.data.coco_schema.check_keypoint_annotations`) or a person has no box.
     """
     path = Path(path)
     data = _read_json(path, "annotation")
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
-                                             for k in ("images", "annotations", "categories")):
-        raise TopDownDataError(f"{path}: not a COCO annotation file (needs lists 'images', "
-                               "'annotations' and 'categories')")
-    categories = [c for c in data["categories"] if isinstance(c, dict)
-                  and isinstance(c.get("keypoints"), list) and len(c["keypoints"]) == NUM_JOINTS]
-    if not categories:
-        raise TopDownDataError(f"{path}: not a COCO person-keypoints file: no category has "
-                               f"{NUM_JOINTS} 'keypoints' (use person_keypoints_*.json, not instances_*.json)")
-    category_id = categories[0].get("id")
-    images = {}
-    for i, img in enumerate(data["images"]):
-        if not (isinstance(img, dict) and all(k in img for k in ("id", "file_name", "width", "height"))):
-            raise TopDownDataError(f"{path}: images[{i}] lacks one of id, file_name, width, height")
-        images[img["id"]] = img
+    category_id = check_keypoint_annotations(data, str(path), NUM_JOINTS, error=TopDownDataError)
+    images = {img["id"]: img for img in data["images"]}
     people: dict[int, list[dict]] = {image_id: [] for image_id in images}
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or ann.get("category_id") != category_id:
+        if ann["category_id"] != category_id:
             continue
-        where = f"{path}: annotations[{i}] (id {ann.get('id')})"
-        keypoints, box = ann.get("keypoints"), ann.get("bbox")
-        if not (isinstance(keypoints, list) and len(keypoints) == 3 * NUM_JOINTS):
-            raise TopDownDataError(f"{where} has no 'keypoints' list of {3 * NUM_JOINTS} numbers; "
-                                   "not a person-keypoints annotation")
-        if not (isinstance(box, list) and len(box) == 4):
-            raise TopDownDataError(f"{where} has no 'bbox' [x, y, w, h]; top-down crops need person boxes")
-        if ann.get("image_id") not in images:
-            raise TopDownDataError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if "bbox" not in ann:       # the shared check validates a bbox where there is one
+            raise TopDownDataError(f"{path}: annotations[{i}] (id {ann.get('id')}) has no 'bbox' "
+                                   "[x, y, w, h]; top-down crops need person boxes")
         people[ann["image_id"]].append(ann)
     return {"images": images, "annotations": people, "category_id": category_id}
 

@@ -16,6 +16,7 @@ from threempose.engine.job import EpochJob
 from threempose.engine.launch import cycle_epochs, steps_per_epoch, take
 from threempose.kernels import set_backend
 from threempose.measure.profile import profile_genotype
+from threempose.nas.checkpointing import run_checkpoint_fn
 from threempose.nas.derived import DerivedNet
 from threempose.nas.dyn_egs import gumbel_tau, step_seed
 from threempose.nas.latency_table import LatencyTable
@@ -54,6 +55,7 @@ class SearchJob(EpochJob):
         if s.strategy == "random":         # PNFS' baseline: a fixed random architecture
             self.supernet.sampling = "argmax"
         self.supernet.use_latency_table(self.latency_table)
+        self.supernet.use_activation_checkpointing(run_checkpoint_fn(cfg, ctx.launched))
         self.loss = PoseLoss(cfg.loss)
 
     # ---- architecture ------------------------------------------------------ #
@@ -112,12 +114,12 @@ class SearchJob(EpochJob):
         metrics = self.derived_costs()
         if self.ctx.is_main:
             self.run_dir.write_arch_snapshot(f"epoch_{epoch + 1:03d}", self.arch_snapshot())
-            if self.cfg.run.val_ap_images:
-                metrics.update(self.validate())
         return metrics
 
-    def validate(self) -> dict[str, float]:
-        """AP of the current argmax architecture on the val subset."""
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """AP of the current argmax architecture on the val subset (after the epoch's checkpoint)."""
+        if not (self.ctx.is_main and self.cfg.run.val_ap_images):
+            return {}
         net, mode = self.supernet, self.supernet.sampling
         net.eval()
         net.sampling = "argmax"
@@ -129,7 +131,7 @@ class SearchJob(EpochJob):
         finally:
             net.sampling = mode
             net.train()
-        return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
+        return {k: stats[k] for k in ("AP", "AR", "people", "skipped")}
 
     def derived_costs(self) -> dict[str, float]:
         """``gflops_argmax``: GFLOPs (multiply-adds) of the current argmax architecture at the
@@ -177,4 +179,5 @@ def load_latency_table(cfg: Config, device: torch.device) -> Optional[LatencyTab
     table.check_fabric(cfg.model, cfg.model.stem_blocks, cfg.model.num_joints, cfg.model.ops)
     table.check_input_size((size, size))
     table.check_device(device, cost.target_device)
+    table.check_precision(cost.target_precision)
     return table

@@ -15,6 +15,7 @@ from threempose.engine.launch import steps_per_epoch, take
 from threempose.engine.weights import train_optimizer
 from threempose.kernels import set_backend
 from threempose.measure.profile import profile_network
+from threempose.nas.checkpointing import run_checkpoint_fn
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
 from threempose.nas.model_file import save_model_file
@@ -37,6 +38,7 @@ class TrainJob(EpochJob):
                                   world_size=ctx.world_size, progress=ctx.is_main)
         torch.manual_seed(cfg.run.seed)
         self.net = DerivedNet(genotype, cfg.model.num_joints, cfg.model.stem_blocks).to(ctx.device)
+        self.net.use_activation_checkpointing(run_checkpoint_fn(cfg, ctx.launched))
         self.loss = PoseLoss(dataclasses.replace(cfg.loss, flops_weight=0.0, teacher_weight=0.0))
         self.weights, self.scheduler = train_optimizer(self.net, cfg, ctx)
 
@@ -61,6 +63,10 @@ class TrainJob(EpochJob):
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         self.scheduler.step()
+        return {}
+
+    def validation_metrics(self, epoch: int) -> dict[str, float]:
+        """AP/AR of the trained network on the val subset (after the epoch's checkpoint)."""
         if not (self.ctx.is_main and self.cfg.run.val_ap_images):
             return {}
         self.net.eval()
@@ -71,7 +77,7 @@ class TrainJob(EpochJob):
             stats = validation_ap(exit_fn, self.data, self.cfg.infer, self.cfg.run.val_ap_images)
         finally:
             self.net.train()
-        return {"AP": stats["AP"], "AR": stats["AR"], "people": stats["people"]}
+        return {k: stats[k] for k in ("AP", "AR", "people", "skipped")}
 
     def network(self) -> torch.nn.Module:
         return self.net

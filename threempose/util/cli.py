@@ -9,6 +9,12 @@ Each ``main`` of ``search``, ``train``, ``infer``, ``evaluate``, ``profile``, ``
   prints ``error: <message>`` on stderr and exits with :data:`EXIT_USER_ERROR` (2);
 * ``--debug`` on the command line (removed before the command parses it) or
   ``THREEMPOSE_DEBUG=1`` lets the traceback through instead;
+* a write the disk refuses (full, over quota, read-only, I/O error) is one line too:
+  ``error: cannot write <path>: No space left on device`` (see :mod:`threempose.util.errors`);
+* Ctrl-C (``KeyboardInterrupt``) prints ``interrupted`` - with ``: resume with --resume <run
+  dir>`` when the command registered one (:func:`note_resumable`) - and exits with
+  :data:`~threempose.util.errors.EXIT_INTERRUPTED` (130); every write is atomic, so the last
+  checkpoint is whole;
 * any other exception keeps its traceback (it is a bug to report).
 
 A command that imports torch also gets its thread pool sized by
@@ -19,18 +25,20 @@ Under a distributed launcher every rank exits 2, only rank 0 prints, and the pro
 is torn down first (without a barrier: the other ranks may be inside another collective).
 
 :func:`check_output_file` and :func:`check_output_dir` let a command refuse an output path
-it could not write before it starts any work; :func:`parse_size` reads ``--input-size``.
+it could not write before it starts any work; :func:`parse_size` reads ``--input-size`` and
+:func:`parse_device` ``--device``.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from threempose.util.errors import EXIT_USER_ERROR, OutputPathError, user_error_message
+from threempose.util.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, OutputPathError, user_error_message
 from threempose.util.threads import apply_threads
 
 DEBUG_ENV = "THREEMPOSE_DEBUG"
@@ -55,6 +63,20 @@ def _tear_down_process_group() -> None:
 
 MainFn = Callable[[Optional[list[str]]], Optional[int]]
 
+_resume_hint: Optional[str] = None      # the run directory of the command running now
+
+
+def note_resumable(run_dir: str | os.PathLike) -> None:
+    """Tell :func:`entry_point` that the running command writes the resumable run directory
+    ``run_dir``: a Ctrl-C then says ``interrupted: resume with --resume <run_dir>``."""
+    global _resume_hint
+    _resume_hint = str(run_dir)
+
+
+def interrupted_message() -> str:
+    """The line printed on Ctrl-C."""
+    return "interrupted" + (f": resume with --resume {_resume_hint}" if _resume_hint else "")
+
 
 def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException], ...] = ()):
     """Wrap a command's ``main(argv) -> exit status`` with the error path of the module docstring.
@@ -74,8 +96,17 @@ def entry_point(main: Optional[MainFn] = None, *, also: tuple[type[BaseException
         threads = torch.get_num_threads() if torch is not None else None
         if torch is not None:
             apply_threads()
+        global _resume_hint
+        _resume_hint = None
         try:
             status = main(args)
+        except KeyboardInterrupt:
+            if debug_requested():
+                raise
+            _tear_down_process_group()
+            if _rank() == 0:
+                print(interrupted_message(), file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         except BaseException as e:
             message = user_error_message(e, also)
             if message is None or debug_requested():
@@ -140,3 +171,22 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(values) not in (1, 2) or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"size must be N or WxH (e.g. 512 or 640x480), got {text!r}")
     return (values[0], values[0]) if len(values) == 1 else (values[1], values[0])
+
+
+def parse_device(text: str) -> str:
+    """A ``--device`` argument: ``cpu``, ``cuda`` or ``cuda:N`` naming a GPU this machine has.
+    Anything else is an ``argparse.ArgumentTypeError`` (argparse prints it as one line)."""
+    match = re.fullmatch(r"cpu|cuda(?::([0-9]+))?", text, re.ASCII)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"choose cpu, cuda or cuda:N, not {text!r}")
+    index = match.group(1)
+    if text != "cpu":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here; use cpu")
+        if index and int(index) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA GPU(s), "
+                                             f"cuda:0 to cuda:{count - 1}")
+    return text

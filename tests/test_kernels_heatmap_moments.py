@@ -112,7 +112,6 @@ def test_float64_input_uses_the_reference_on_every_backend(triton_backend):
 
 
 @gpu
-@pytest.mark.gpu
 def test_bf16_on_gpu_at_the_thesis_shape():
     h = _heatmaps(4, 17, 128, 128, seed=5).bfloat16().requires_grad_(True)
     with use_backend("triton"):
