@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["search", "train", "infer", "calibrate", "export", "evaluate", "profile", "latency",
+COMMANDS = ["search", "train", "infer", "calibrate", "export", "evaluate", "profile", "latency", "random_baseline",
             "data.synthetic", "pnfs.search", "pnfs.train", "pnfs.infer", "pnfs.profile", "pnfs.pckh"]
 
 grimp = pytest.importorskip("grimp", reason="the import-linter package ([dev] extra) is not installed")

@@ -27,7 +27,7 @@ import abc
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,12 +47,16 @@ class EpochJob(abc.ABC):
     """Template of a resumable, multi-rank epoch loop (see the module docstring)."""
 
     kind = "job"                     # "search" or "train"; stored in checkpoints
+    # Step scalars whose epoch mean the end-of-epoch line shows, and under what name (what moves
+    # while the val AP may still be 0: the loss, the sampled architecture's GFLOPs).
+    epoch_means: ClassVar[dict[str, str]] = {"heatmap": "heatmap loss", "gflops": "sampled GFLOPs"}
 
     def __init__(self, cfg: Config, ctx: DistContext, epochs: int):
         self.cfg, self.ctx, self.epochs = cfg, ctx, epochs
         self.epoch = 0               # next epoch to run
         self.global_step = 0
         self.run_dir: Optional[RunDir] = None
+        self.run_path: Optional[Path] = None   # a new run's directory; None: <out_dir>/<name>-<stamp>
         self.metrics: Optional[MetricsLogger] = None
 
     # ---- to be provided by a job ------------------------------------------ #
@@ -110,7 +114,7 @@ class EpochJob(abc.ABC):
         path = None
         if self.ctx.is_main:
             run_dir = (RunDir.open_for_resume(resume, self.cfg) if resume
-                       else RunDir.create(self.cfg))
+                       else RunDir.create(self.cfg, self.run_path))
             path = str(run_dir.path)
             if resume:
                 self.warn_thread_change(run_dir)
@@ -198,13 +202,13 @@ class EpochJob(abc.ABC):
         show_bar = progress_enabled(self.cfg.run.progress, self.ctx.rank)
         try:
             while self.epoch < self.epochs:
-                seconds, images, scalars = self._run_epoch(show_bar)
+                seconds, images, means, scalars = self._run_epoch(show_bar)
                 self.epoch += 1
                 self.save_collective(self.epoch)
                 if self.ctx.is_main:
                     self._save_checkpoint()
                 val = self.validation_metrics(self.epoch - 1)      # after the checkpoint: never loses it
-                self._report_epoch(self.epoch - 1, seconds, images, {**scalars, **val})
+                self._report_epoch(self.epoch - 1, seconds, images, means, {**scalars, **val})
                 self.ctx.barrier()
             return self.finish()
         finally:
@@ -224,28 +228,37 @@ class EpochJob(abc.ABC):
                 f"{self.epoch} is lost, the earlier checkpoints are intact: free space and resume "
                 f"with --resume {self.run_dir.path}") from e
 
-    def _run_epoch(self, show_bar: bool) -> tuple[float, int, dict[str, float]]:
-        """Train one epoch and end it: ``(seconds, images, end_epoch's scalars)``."""
+    def _run_epoch(self, show_bar: bool) -> tuple[float, int, dict[str, float], dict[str, float]]:
+        """Train one epoch and end it: ``(seconds, images, epoch means, end_epoch's scalars)``; the
+        means are those of :attr:`epoch_means`, by display name."""
         epoch = self.epoch
         batches, n = self.epoch_batches(epoch)
         started = time.perf_counter()
         images = 0
+        sums: dict[str, float] = {}
+        steps = 0
         with EpochProgress(epoch, self.epochs, n, enabled=show_bar) as bar:
             for step, batch in enumerate(batches):
                 scalars = self.train_step(batch, epoch, step)
                 self.global_step += 1
+                steps += 1
                 images += int(scalars.get("images", 0))
+                for key in self.epoch_means:
+                    if key in scalars:
+                        sums[key] = sums.get(key, 0.0) + float(scalars[key])
                 bar.update(int(scalars.get("images", 0)), scalars, scalars.get("gflops"))
                 if self.global_step % self.cfg.run.log_every == 0 or step == n - 1:
                     self.log(epoch=epoch, images_per_s=bar.images_per_second(), **scalars)
         seconds = time.perf_counter() - started
-        return seconds, images, self.end_epoch(epoch)
+        means = {self.epoch_means[k]: v / max(steps, 1) for k, v in sums.items()}
+        return seconds, images, means, self.end_epoch(epoch)
 
-    def _report_epoch(self, epoch: int, seconds: float, images: int, val: dict[str, float]) -> None:
+    def _report_epoch(self, epoch: int, seconds: float, images: int, means: dict[str, float],
+                      val: dict[str, float]) -> None:
         """Log ``epoch``'s end and validation scalars and print its summary line."""
         if val:
             self.log(epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in {**means, **val}.items())
         self.say(f"[threempose] epoch {epoch + 1}/{self.epochs} done in {seconds:.1f} s "
                  f"({images * self.ctx.world_size / max(seconds, 1e-9):.1f} images/s)"
                  + (f": {summary}" if summary else ""))
