@@ -139,7 +139,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
 
 @pytest.mark.slow     # a search subprocess, interrupted
 def test_ctrl_c_is_one_line_exit_130_and_the_last_checkpoint_is_whole(tmp_path):
-    config = _train_config(tmp_path, epochs=50)
+    config = _train_config(tmp_path, epochs=100_000)    # far more than it can finish before the signal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "threempose.search", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 
 from threempose.data.image_io import ImageReadError, read_image
 from threempose.util.errors import UserError
+from threempose.util.files import staged_dir
 
 PRECISIONS = ("fp32", "bf16", "int8")
 MAX_CALIBRATION_IMAGES = 32          # more adds time and memory, hardly accuracy (MinMax ranges)
@@ -139,9 +139,9 @@ def quantize_segment(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str,
                      outputs: Sequence[str] = ("heatmaps", "tags")) -> None:
     """Quantize one ONNX segment (module docstring) calibrated on ``feeds`` (input name ->
     float32 array, one dict per calibration input)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    import onnx
 
     prepared = int8_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)    # onnxruntime's symbolic pass gives up on the fabric's resizes
@@ -165,7 +165,7 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
         import onnxruntime.quantization  # noqa: F401
     except ImportError:
         raise QuantizeInputError(ORT_QUANT_MISSING) from None
-    from threempose.inference.segments import META_FILE, _replace_dir, _umask, read_metadata, segment_specs
+    from threempose.inference.segments import META_FILE, read_metadata, segment_specs
 
     src, out = Path(src), Path(out)
     meta = read_metadata(src)
@@ -173,10 +173,7 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
         raise QuantizeInputError(f"{src}: int8 quantization starts from a float32 export with ONNX segments")
     if not inputs:
         raise QuantizeInputError("int8 quantization needs at least one calibration image")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())
+    with staged_dir(out, replace=True) as tmp:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         starts: list[list[np.ndarray]] = [[x] for x in inputs]     # each input's tensors into the segment
@@ -193,10 +190,6 @@ def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequ
                                  "activations": "uint8 per tensor (MinMax)",
                                  "calibration_inputs": len(inputs)}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,7 @@ from threempose.nas.fuse_split import ExitOutput
 from threempose.nas.genotype import Genotype
 from threempose.util.cli import check_output_dir
 from threempose.util.errors import UserError
-from threempose.util.files import in_final_place, make_parents, make_temp_dir, remove_if_empty
+from threempose.util.files import staged_dir
 
 META_FILE = "threempose.json"
 
@@ -217,9 +216,7 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
 
         net = optimize_for_inference(net, (EXAMPLE_HW[0], EXAMPLE_HW[1]), fuse=False, channels_last=False,
                                      dtype=torch.bfloat16)
-    created = make_parents(out_dir)
-    tmp = make_temp_dir(out_dir)              # mode under the umask, like a plain mkdir
-    try:
+    with staged_dir(out_dir, replace=True) as tmp:
         specs = []
         for module, inputs, shapes in trace_segments(net):
             spec = module.spec
@@ -230,20 +227,13 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
             if "onnx" in formats:
                 _save_onnx(program, inputs, spec, tmp / f"{spec.name}.onnx")
             specs.append(spec)
-        meta = {"format": FORMAT, "precision": precision, "formats": formats, "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
+        meta = {"format": FORMAT, "precision": precision, "formats": formats,
+                "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
                 "exit_layers": list(net.genotype.exit_layers), "num_joints": net.num_joints,
                 "stem_blocks": net.stem_blocks, "size_multiple": SIZE_MULTIPLE,
-                "min_size": SIZE_MULTIPLE * MIN_SIZE_UNITS, "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS, "segments": [s.to_dict() for s in specs],
-                "infer": infer or {}, "genotype": net.genotype.to_dict()}
+                "min_size": SIZE_MULTIPLE * MIN_SIZE_UNITS, "max_size": SIZE_MULTIPLE * MAX_SIZE_UNITS,
+                "segments": [s.to_dict() for s in specs], "infer": infer or {}, "genotype": net.genotype.to_dict()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_if_empty(created)
-        named = in_final_place(e, tmp, out_dir)
-        if named is e:
-            raise
-        raise named from e
     return out_dir
 
 
@@ -256,17 +246,6 @@ def _save_onnx(program: torch.export.ExportedProgram, inputs: tuple[Tensor, ...]
                                          input_names=spec.inputs, output_names=spec.outputs,
                                          verbose=False, report=False)
     onnx_program.save(str(path))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``, moving an earlier ``target`` out of the way first."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:

@@ -114,18 +114,25 @@ def in_final_place(exc: BaseException, tmp: Path, final: Path) -> BaseException:
 
 
 @contextlib.contextmanager
-def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+def staged_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """A folder output that appears complete or not at all: yields a temporary folder beside
-    ``final`` (:func:`make_temp_dir`), renamed onto ``final`` (absent or empty) on success. On an
-    exception it is deleted with the folders made for it, and a failed write names its file
-    under ``final``, not the temporary folder."""
+    ``final`` (:func:`make_temp_dir`), renamed onto ``final`` (absent or empty; with ``replace``
+    an earlier ``final`` is moved aside and deleted) on success. On an exception it is deleted
+    with the folders made for it, and a failed write names its file under ``final``, not the
+    temporary folder."""
     final = Path(final)
     created = make_parents(final)
     tmp = None
     try:
         tmp = make_temp_dir(final)
         yield tmp
+        old = None
+        if replace and final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
         os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
