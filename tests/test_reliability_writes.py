@@ -141,8 +141,11 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
 def test_ctrl_c_is_one_line_exit_130_and_the_last_checkpoint_is_whole(tmp_path):
     config = _train_config(tmp_path, epochs=100_000)    # far more than it can finish before the signal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C handler:
+    # give the child the default disposition a terminal's foreground process has.
     proc = subprocess.Popen([sys.executable, "-m", "threempose.search", "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if list((tmp_path / "runs").glob("*/checkpoints/epoch_001.pt")):
