@@ -131,8 +131,8 @@ def small(tmp_path_factory):
     from threempose.data.synthetic import generate
     from threempose.export import main as export_main
 
-    pytest.importorskip("onnxruntime.quantization")
-    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime.quantization", reason="int8 needs the optional extra: pip install 'threempose[onnx]'")
+    pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra: pip install 'threempose[onnx]'")
     root = tmp_path_factory.mktemp("small")
     generate(root / "calib", 6, seed=98, min_size=128, max_size=192, max_people=2)
     generate(root / "test", 6, seed=99, min_size=128, max_size=192, max_people=2)

@@ -69,17 +69,24 @@ def test_a_wholly_unreadable_subset_gives_nan_metrics_not_an_error(loaders):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_config(tmp_path, epochs):
-    """A 2-epoch train config a 2-core CPU runs in seconds (64x64 crops, a 2x2 fabric, C=4)."""
+def tiny_run_config(tmp_path, epochs, val_images=3, val_ap_images=3) -> Path:
+    """A train/search config of ``epochs`` epochs a 2-core CPU runs in seconds (64x64 crops, a
+    2x2 fabric, C=4), written to ``tmp_path / "tiny.json"``; its path."""
     raw = {"extends": str(ROOT / "configs" / "search-small.json"),
-           "run": {"out_dir": str(tmp_path / "runs"), "log_every": 1, "val_ap_images": 3, "progress": False},
+           "run": {"out_dir": str(tmp_path / "runs"), "log_every": 1, "val_ap_images": val_ap_images,
+                   "progress": False},
            "data": {"input_size": 64, "batch_size": 4,
-                    "synthetic": {"train_images": 8, "val_images": 3, "min_size": 64, "max_size": 80,
+                    "synthetic": {"train_images": 8, "val_images": val_images, "min_size": 64, "max_size": 80,
                                   "max_people": 2, "cache_dir": str(tmp_path / "cache")}},
            "model": {"rows": 2, "layers": 2, "channels": 4, "eels": [], "stem_blocks": 0},
-           "train": {"epochs": epochs, "lr_milestones": [1]}, "infer": {"short_side": 64}}
+           "train": {"epochs": epochs, "lr_milestones": [1]},
+           "search": {"epochs": epochs, "arch_lr_milestones": [1]}, "infer": {"short_side": 64}}
     (tmp_path / "tiny.json").write_text(json.dumps(raw))
-    return load_config(tmp_path / "tiny.json")
+    return tmp_path / "tiny.json"
+
+
+def _train_config(tmp_path, epochs):
+    return load_config(tiny_run_config(tmp_path, epochs))
 
 
 def _train_job(cfg):

@@ -23,6 +23,8 @@ from threempose.training.train_job import TrainJob
 from threempose.util.errors import user_error_message
 from threempose.util.files import atomic_open, atomic_torch_save, atomic_write_json
 
+from test_reliability_validation import tiny_run_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -111,16 +113,7 @@ def test_a_command_on_a_full_disk_is_one_line_and_exit_2(tmp_path, full_disk, ca
 
 
 def _train_config(tmp_path, epochs):
-    raw = {"extends": str(ROOT / "configs" / "search-small.json"),
-           "run": {"out_dir": str(tmp_path / "runs"), "log_every": 1, "val_ap_images": 0, "progress": False},
-           "data": {"input_size": 64, "batch_size": 4,
-                    "synthetic": {"train_images": 8, "val_images": 2, "min_size": 64, "max_size": 80,
-                                  "max_people": 2, "cache_dir": str(tmp_path / "cache")}},
-           "model": {"rows": 2, "layers": 2, "channels": 4, "eels": [], "stem_blocks": 0},
-           "train": {"epochs": epochs, "lr_milestones": [1]},
-           "search": {"epochs": epochs, "arch_lr_milestones": [1]}, "infer": {"short_side": 64}}
-    (tmp_path / "tiny.json").write_text(json.dumps(raw))
-    return tmp_path / "tiny.json"
+    return tiny_run_config(tmp_path, epochs, val_images=2, val_ap_images=0)
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tmp_path, full_disk):
