@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -44,7 +43,7 @@ from threempose.pnfs.pckh import format_table as format_pckh_table
 from threempose.pnfs.topdown_data import TopDownCocoDataset
 from threempose.pnfs.topdown_predict import predict_mpii, predict_results
 from threempose.util.cli import check_output_file, entry_point, parse_device
-from threempose.util.files import atomic_open
+from threempose.util.files import atomic_write_json
 
 
 def predict_file(net: PnfsNet, cfg: TopDownConfig, annotations: Union[str, Path], images: Union[str, Path],
@@ -79,20 +78,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.detections:
             parser.error("--detections: an MPII model crops each annotated person from its centre and scale")
         crops = TopDownMpiiDataset(args.annotations, args.images, topdown, train=False)
-        predictions = predict_mpii(lambda x: net(x).scores, crops, topdown, args.batch_size, args.device)
-        with atomic_open(args.out, "w") as f:
-            json.dump(predictions, f)
-        print(f"wrote {len(predictions)} people to {args.out}", file=sys.stderr)
-        if args.evaluate:
-            print(format_pckh_table(evaluate_pckh(args.annotations, args.out)))
-        return 0
-    results = predict_file(net, topdown, args.annotations, args.images, args.detections, args.batch_size,
-                           args.device)
-    with atomic_open(args.out, "w") as f:
-        json.dump(results, f)
-    print(f"wrote {len(results)} people to {args.out}", file=sys.stderr)
+        people = predict_mpii(lambda x: net(x).scores, crops, topdown, args.batch_size, args.device)
+        score = lambda: format_pckh_table(evaluate_pckh(args.annotations, args.out))  # noqa: E731
+    else:
+        people = predict_file(net, topdown, args.annotations, args.images, args.detections, args.batch_size,
+                              args.device)
+        score = lambda: format_table(evaluate_keypoints(args.annotations, args.out))  # noqa: E731
+    atomic_write_json(args.out, people, indent=None)
+    print(f"wrote {len(people)} people to {args.out}", file=sys.stderr)
     if args.evaluate:
-        print(format_table(evaluate_keypoints(args.annotations, args.out)))
+        print(score())
     return 0
 
 
