@@ -121,8 +121,7 @@ class CocoKeypoints(Dataset):
         """The pycocotools index of the file's person category (built on first use, for evaluation
         in the main process; the samples come from :attr:`index`, which forked workers share)."""
         data = json.loads(self.annotation_file.read_bytes())
-        cat_id = next(c["id"] for c in data["categories"] if isinstance(c, dict) and "keypoints" in c)
-        data["annotations"] = [a for a in data["annotations"] if a.get("category_id") == cat_id]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] == self.index.category_id]
         for ann in data["annotations"]:
             ann.setdefault("num_keypoints", sum(1 for v in ann["keypoints"][2::3] if v > 0))
         coco = COCO()

@@ -105,12 +105,14 @@ class CocoIndex:
         keypoints: float64 ``[P, J, 3]`` (x, y, visibility), grouped by image.
         people_start: int64 ``[N + 1]``: image ``i``'s people are ``keypoints[people_start[i]:people_start[i+1]]``.
         region_start: int64 ``[N + 1]``: likewise into the ignored regions.
+        category_id: the id of the person (keypoint) category.
     """
 
     def __init__(self, image_ids: np.ndarray, sizes: np.ndarray, names: list[str],
                  keypoints: np.ndarray, people_image: np.ndarray, regions: list[bytes],
-                 region_image: np.ndarray):
+                 region_image: np.ndarray, category_id: int):
         """From per-image info (sorted by id) and per-person / per-region image indices (sorted)."""
+        self.category_id = category_id
         self.image_ids, self.sizes, self.keypoints = image_ids, sizes, keypoints
         self._names, self._name_start = _pack([n.encode() for n in names])
         self._regions, self._region_offsets = _pack(regions)
@@ -178,7 +180,7 @@ class CocoIndex:
         people_image, people_order = _image_positions(ids, people_id)
         region_image, region_order = _image_positions(ids, region_id)
         return cls(ids, wh, names, keypoints[people_order], people_image,
-                   [regions[k] for k in region_order], region_image)
+                   [regions[k] for k in region_order], region_image, keypoint_ids[0])
 
     def __len__(self) -> int:
         return len(self.image_ids)
