@@ -9,7 +9,6 @@ on a search-small genotype, 0.22 M parameters, held-out AP ~0.07) at its own tin
 float32 heads), and bf16 / int8 people against float32 ones on synthetic images the model never
 saw. The full-size agreement and speed: bench/test_bench_precision.py."""
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -23,14 +22,9 @@ from threempose.inference import deploy
 from threempose.inference.agreement import agreement, match_people, oks
 from threempose.inference.predictor import Predictor, network_inputs
 from threempose.inference.quantize import PrecisionError, QuantizeInputError, calibration_images, check_precision
+from threempose.util.files import current_umask
 
 from test_predictor import random_image, tiny_infer, tiny_net
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------- #
