@@ -22,8 +22,9 @@ from torch import nn
 from threempose.inference import predictor as predictor_module
 from threempose.config import ModelConfig
 from threempose.inference import deploy
-from threempose.inference.deploy import (PackedConv2d, PrecisionWarning, cpu_bf16_missing, fold_batchnorm,
-                                         optimize_for_inference, output_tensors)
+from threempose.inference.deploy import (PrecisionWarning, cpu_bf16_missing, fold_batchnorm, optimize_for_inference,
+                                         output_tensors)
+from threempose.inference.onednn_fusion import PackedConv2d
 from threempose.infer import main as infer_main
 from threempose.nas.model_file import save_model_file
 from threempose.models.higherhrnet import HigherHRNet

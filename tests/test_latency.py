@@ -246,7 +246,7 @@ def test_blocks_and_networks_are_timed_in_the_form_inference_runs():
     """The default form is deploy.optimize_for_inference's (as Predictor runs): a block is
     optimized on its own channels-last inputs (BatchNorm folded, convs packed, same outputs,
     channels-last out for the next block), a whole network as from images; eager keeps BN."""
-    from threempose.inference.deploy import PackedConv2d
+    from threempose.inference.onednn_fusion import PackedConv2d
     from threempose.measure.latency import FORM, feature_layout, inference_form
 
     assert FORM == "deploy"

@@ -26,6 +26,9 @@ optimized one. What it does, in order:
    originals (``isinstance`` holds, parameters keep their names). A fused network is for
    inference on the CPU only: it is not differentiable, cannot be moved to another device and
    does not export to ONNX; export from ``fuse=False`` (folding and channels-last only).
+   Square stride-1 max and average pools (the fabric's 3x3 pools) are swapped to faster CPU
+   forms at the same time (:mod:`~threempose.inference.fast_pooling`: max of shifted views;
+   a packed depthwise conv of ones over the window counts), 2-3x faster than PyTorch's.
 4. **Half precision** (``dtype``): ``torch.float16`` or ``torch.bfloat16`` weights on CUDA;
    ``torch.bfloat16`` on a CPU with native bf16 arithmetic (:func:`cpu_bf16_missing`: oneDNN
    and ``avx512_bf16`` / ``amx_bf16`` on x86, ``bf16`` on Arm), where the convolutions are
@@ -53,15 +56,17 @@ import functools
 import platform
 import warnings
 import weakref
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from threempose.models.hrnet_blocks import BasicBlock, Bottleneck
+from threempose.inference.fast_pooling import speed_up_pools
+from threempose.inference.onednn_fusion import fuse_onednn
 from threempose.nas.fabric import FabricNet
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 CHECK_SIZE = 64          # side of the random image the optimized network is checked on
 CHECK_TOLERANCE = 1e-3   # max |optimized - original| / max(1, max |original|), per output
 HALF_CHECK_TOLERANCE = 0.05  # the same in float16 / bfloat16 (8 mantissa bits through ~30 layers)
@@ -133,7 +138,7 @@ def fold_batchnorm(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> 
 class Trace:
     """What one forward of a network ran: conv -> BatchNorm pairs (the BN's input is that conv's
     output, in every call of both), the first convolution (the one that reads the image) and
-    every convolution's input shape ``[B, C, H, W]`` (the last call's)."""
+    every convolution's and 2-d pool's input shape ``[B, C, H, W]`` (the last call's)."""
 
     pairs: list[tuple[nn.Module, nn.BatchNorm2d]]
     first_conv: Optional[nn.Module]
@@ -156,6 +161,9 @@ def trace_network(net: nn.Module, *inputs: Any) -> Trace:
         shapes[module] = tuple(inputs[0].shape)
         order.append(module)
 
+    def before_pool(module, inputs):
+        shapes[module] = tuple(inputs[0].shape)
+
     def before_bn(module, inputs):
         ref, conv = produced.get(id(inputs[0]), (None, None))
         fed.setdefault(module, set()).add(conv if ref is not None and ref() is inputs[0] else None)
@@ -167,6 +175,8 @@ def trace_network(net: nn.Module, *inputs: Any) -> Trace:
             hooks.append(m.register_forward_hook(after_conv))
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(before_bn))
+        elif isinstance(m, POOLS):
+            hooks.append(m.register_forward_pre_hook(before_pool))
     try:
         net(*inputs)
     finally:
@@ -179,115 +189,6 @@ def trace_network(net: nn.Module, *inputs: Any) -> Trace:
     pairs = [(conv, bns[0]) for conv, bns in feeders.items()
              if len(bns) == 1 and calls[conv] == calls[bns[0]]]
     return Trace(pairs, order[0] if order else None, shapes)
-
-
-# --------------------------------------------------------------------------- #
-# oneDNN fusion (CPU)
-# --------------------------------------------------------------------------- #
-class PackedConv2d(nn.Conv2d):
-    """A Conv2d run by oneDNN with a pre-packed weight, optionally with ReLU fused
-    (``activation``) and, through :meth:`forward_add`, a residual add. Made from a Conv2d by
-    :func:`pack_conv` (the instance keeps its parameters). Inference only (no autograd)."""
-
-    activation: str
-    packed_weight: Tensor
-    pack_shape: list[int]
-
-    def repack(self) -> None:
-        """(Re)pack ``self.weight`` into oneDNN's layout for inputs of ``self.pack_shape``."""
-        self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            self.weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
-            self.groups, self.pack_shape)
-
-    def __getstate__(self) -> dict:
-        # the packed weight is an opaque oneDNN tensor: copies and pickles repack from the weight
-        return {k: v for k, v in super().__getstate__().items() if k != "packed_weight"}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.repack()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``act(conv(x))``: ``[B, Cin, H, W] -> [B, Cout, H', W']``."""
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            self.activation, [], "")
-
-    def forward_add(self, x: Tensor, other: Tensor, relu: bool) -> Tensor:
-        """``conv(x) + other``, then ReLU if ``relu`` (``other`` ``[B, Cout, H', W']``)."""
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation,
-            self.groups, "add", None, "relu" if relu else None, [], "")
-
-
-def pack_conv(conv: nn.Conv2d, input_shape: Iterable[int]) -> PackedConv2d:
-    """Turn ``conv`` (float32, CPU, zero padding) into a :class:`PackedConv2d` in place, its weight
-    packed for inputs of ``input_shape`` ``[B, Cin, H, W]`` (other shapes work, maybe slower)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(f"pack_conv: zero padding given as numbers needed, got {conv.padding!r} "
-                         f"({conv.padding_mode})")
-    conv.__class__ = PackedConv2d
-    conv.activation = "none"
-    conv.pack_shape = [int(v) for v in input_shape]
-    conv.repack()
-    return conv
-
-
-class _FusedBasicBlock:
-    """BasicBlock forward on packed convs: ``conv2(conv1(x) [relu]) + shortcut [relu]`` (folded BNs)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv2.forward_add(self.conv1(x), shortcut, relu=True)
-
-
-class _FusedBottleneck:
-    """Bottleneck forward on packed convs: ``conv3(conv2(conv1(x))) + shortcut [relu]`` (folded BNs)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv3.forward_add(self.conv2(self.conv1(x)), shortcut, relu=True)
-
-
-_FUSED_BLOCKS = {BasicBlock: (_FusedBasicBlock, ("conv1",), "conv2"),
-                 Bottleneck: (_FusedBottleneck, ("conv1", "conv2"), "conv3")}
-_fused_classes: dict[type, type] = {}
-
-
-def _fused_class(cls: type, mixin: type) -> type:
-    """``class Fused<cls>(mixin, cls)``: the block's class with the fused forward (cached)."""
-    if cls not in _fused_classes:
-        _fused_classes[cls] = type(f"Fused{cls.__name__}", (mixin, cls), {"__module__": __name__})
-    return _fused_classes[cls]
-
-
-def fuse_onednn(net: nn.Module, input_shapes: dict[nn.Module, tuple[int, ...]]) -> None:
-    """Pack every traced Conv2d (:func:`pack_conv`), fuse ReLUs that follow a conv in an
-    ``nn.Sequential`` (only identities between) and the residual units' add + ReLU, in place.
-    BatchNorms must be folded already."""
-    for conv, shape in input_shapes.items():
-        if type(conv) is nn.Conv2d:
-            pack_conv(conv, shape)
-    for m in list(net.modules()):
-        if isinstance(m, nn.Sequential):
-            children = list(m.named_children())
-            for i, (_, child) in enumerate(children):
-                if not isinstance(child, PackedConv2d) or child.activation != "none":
-                    continue
-                j = i + 1
-                while j < len(children) and type(children[j][1]) is nn.Identity:
-                    j += 1
-                if j < len(children) and type(children[j][1]) is nn.ReLU:
-                    child.activation = "relu"
-                    setattr(m, children[j][0], nn.Identity())
-        for base, (mixin, relu_convs, last) in _FUSED_BLOCKS.items():
-            # only blocks that run the base class' forward, with folded BNs and packed convs
-            if (isinstance(m, base) and type(m).forward is base.forward
-                    and all(type(getattr(m, f"bn{k}")) is nn.Identity for k in range(1, len(relu_convs) + 2))
-                    and all(isinstance(getattr(m, c), PackedConv2d) for c in (*relu_convs, last))):
-                for c in relu_convs:
-                    getattr(m, c).activation = "relu"
-                m.__class__ = _fused_class(type(m), mixin)
 
 
 # --------------------------------------------------------------------------- #
@@ -370,6 +271,7 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         net.to(dtype)                        # before packing: oneDNN packs bf16 weights as bf16
     if fuse:
         fuse_onednn(net, trace.input_shapes)
+        speed_up_pools(net, trace.input_shapes, dtype)
     else:
         net.to(device)
     if channels_last:
