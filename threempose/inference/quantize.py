@@ -8,13 +8,17 @@
 What it does, segment by segment, in exit order (the thesis net: stem -> exit 4, -> exit 7, ->
 exit 10): the float32 ONNX segment is pre-processed (:func:`quant_pre_process`: symbolic shape
 inference and onnxruntime's graph optimizations, so each BatchNorm is folded into its
-convolution before quantization), calibrated on real inputs (the images for the first segment;
-for a later one the features the float32 chain carries into it from the same images), and
-written as a QDQ model by ``onnxruntime.quantization.quantize_static``:
+convolution before quantization; then its average pools rewritten as depthwise convolutions,
+:mod:`~threempose.inference.onnx_pools`, since onnxruntime's int8 average pool is 10-50x
+slower), calibrated on real inputs (the images for the first segment; for a later one the
+features the float32 chain carries into it from the same images), and written as a QDQ model
+by ``onnxruntime.quantization.quantize_static``:
 
 * weights int8, **per output channel**, symmetric;
 * activations uint8, **per tensor**, asymmetric, ranges from MinMax calibration (the ``U8S8``
   form onnxruntime's CPU provider runs with VNNI ``vpdpbusd`` on x86);
+* max pools stay float32 (between dequantize and quantize nodes: onnxruntime's uint8 max pool
+  outside its NHWC kernels is ~60x slower than float32);
 * the heads' last convolutions (the ones producing ``heatmaps`` and ``tags``) stay float32, so
   the segments return float32 heatmaps and tags at full resolution: dynamic-exit scoring and
   decoding read float32 maps (a per-tensor uint8 heatmap would keep only ~255 levels between
@@ -42,6 +46,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from threempose.data.image_io import ImageReadError, read_image
+from threempose.inference.onnx_pools import average_pools_as_convs
 from threempose.util.errors import UserError
 from threempose.util.files import staged_dir
 
@@ -145,7 +150,13 @@ def quantize_segment(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str,
 
     prepared = int8_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)    # onnxruntime's symbolic pass gives up on the fabric's resizes
-    keep_float = output_nodes(onnx.load(str(prepared)), outputs)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(prepared)))
+    if average_pools_as_convs(model):
+        onnx.save(model, str(prepared))
+    # max pools stay float32: where onnxruntime cannot give a uint8 MaxPool its NHWC kernel it runs
+    # a generic one (~6 ms at 32 x 128 x 128, vs ~0.1 ms in float32 between DequantizeLinear and
+    # QuantizeLinear); measured 13% off the thesis net's int8 time
+    keep_float = output_nodes(model, outputs) + [n.name for n in model.graph.node if n.op_type == "MaxPool"]
     quantize_static(str(prepared), str(int8_path), _Feeds(feeds), quant_format=QuantFormat.QDQ,
                     per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
