@@ -47,6 +47,7 @@ from threempose.inference.calibration import (
     assign_exits,
     calibration_rules,
     journal_header,
+    journal_path,
     journal_records,
     mean_gflops,
     record_exits,
@@ -92,6 +93,8 @@ def calibrate(args: argparse.Namespace) -> int:
         records_path = check_output_file(args.records, "--records")
         if records_path.absolute() == out.absolute():
             raise OutputPathError(f"--records {args.records} is also --out; give two files")
+        if records_path.absolute() == journal_path(out).absolute():
+            raise OutputPathError(f"--records {args.records} is the journal of --out {args.out}; choose another file")
     cfg = load_config(args.config)
     net, _ = load_model_file(args.checkpoint)
     exit_layers = list(net.genotype.exit_layers)

@@ -90,13 +90,17 @@ def journal_path(out: str | Path) -> Path:
 def journal_header(checkpoint: str | Path, dataset: CocoKeypoints, infer: InferConfig, max_images: int) -> dict:
     """What the records of a run depend on, for :class:`~threempose.util.journal.Journal`'s
     resume check: the model file's and the val annotation file's SHA-256 (contents, not
-    paths), the decoding and EEL settings, ``--max-images``."""
+    paths), the infer settings (the EELs' thresholds left out: records do not depend on them),
+    ``--max-images``."""
     def sha256(path: str | Path) -> str:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
+    settings = json.loads(json.dumps(dataclasses.asdict(infer)))
+    for eel in settings["eels"]:
+        del eel["threshold"]
     return {"records": "calibrate", "checkpoint_sha256": sha256(checkpoint),
             "val_annotations_sha256": sha256(dataset.annotation_file), "max_images": max_images,
-            "infer": json.loads(json.dumps(dataclasses.asdict(infer)))}
+            "infer": settings}
 
 
 def records_journal(out: str | Path, header: dict) -> Journal:
