@@ -232,6 +232,9 @@ def test_calibrate_errors(setup, tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 2 and "none.json" in err and not out.exists()
+    assert main(["--checkpoint", str(model), "--config", str(config), "--out", str(out), "--records",
+                 str(tmp_path / "infer.json.partial"), "--no-progress"]) == 2
+    assert "is the journal of --out" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
