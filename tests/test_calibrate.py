@@ -1,6 +1,8 @@
 """threempose.calibrate: the threshold search against a brute-force reference on controlled
-records, and the CLI on a tiny model (config written, table printed, AP drop within budget
-recomputed from the saved records, live dynamic inference takes the replayed exits)."""
+records (in memory and read back from a journal on disk), and the CLI on a tiny model (config
+written, table printed, AP drop within budget recomputed from the saved records, live dynamic
+inference takes the replayed exits; a killed run resumed gives the uninterrupted run's output;
+another run's journal is refused)."""
 import contextlib
 import dataclasses
 import io
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from threempose.inference.calibration import (ImageRecord, SettingEvaluator, candidate_thresholds, search_thresholds, val_split)
+from threempose.inference.calibration import (ImageRecord, SettingEvaluator, candidate_thresholds, journal_records,
+                                              records_journal, search_thresholds, val_split)
 from threempose.calibrate import main
 from threempose.config import load_config
 from threempose.inference.dynamic_exit import NEVER, ExitScore
@@ -116,6 +119,27 @@ def test_search_finds_the_cheapest_setting_within_budget(budget):
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_search_over_records_read_back_from_a_journal(tmp_path):
+    """The controlled records written to a journal (as calibrate's network pass writes them) and
+    streamed back: the hand-known answer, and every static exit's AP is COCOeval's on its results."""
+    coco = ground_truth(len(SCORES))
+    records = controlled_records(coco, SCORES, GOOD_AT)
+    journal = records_journal(tmp_path / "infer.json", {"records": "test"})
+    journal.open(resume=False)
+    for r in records:
+        journal.add(r.to_dict())
+    journal.close()
+    evaluator = SettingEvaluator(coco, journal_records(journal))
+    assert [r.image_id for r in evaluator.records] == [1, 2, 3, 4, 5, 6]
+    assert all(r.results is None for r in evaluator.records)          # the people stay on disk
+    choice = search_thresholds(evaluator, [1, 2], 3, 0.0)
+    assert choice.exits == (1, 1, 2, 2, 3, 3) and choice.gflops == pytest.approx(2.0)
+    for layer in (1, 2, 3):
+        expected = evaluate_keypoints(coco, [e for r in records for e in r.results[layer]], image_ids=range(1, 7))
+        assert evaluator.stats((layer,) * 6) == expected
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_no_setting_when_the_n0_rule_alone_breaks_the_budget():
     """Image 1 detects nothing at EEL 1 (so it always stops there, with no people) although the
     last exit finds its person exactly: no threshold can keep AP."""
@@ -208,6 +232,9 @@ def test_calibrate_errors(setup, tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 2 and "none.json" in err and not out.exists()
+    assert main(["--checkpoint", str(model), "--config", str(config), "--out", str(out), "--records",
+                 str(tmp_path / "infer.json.partial"), "--no-progress"]) == 2
+    assert "is the journal of --out" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -229,3 +256,75 @@ def test_unreadable_val_images_are_left_out_with_one_warning(setup, tmp_path, ca
                  str(tmp_path / "infer2.json"), "--no-progress"]) == 2
     assert capsys.readouterr().err.endswith("none of the 5 val images of "
                                             f"{images.parent / 'annotations.json'} can be read\n")
+
+
+def calibrate_args(model, config, out, *extra):
+    return ["--checkpoint", str(model), "--config", str(config), "--out", str(out), "--records",
+            str(out.with_suffix(".records.json")), "--max-ap-drop", "0.05", "--no-progress", *extra]
+
+
+def kill_after(monkeypatch, images: int) -> list:
+    """Make the val set's image reads raise KeyboardInterrupt (a kill) after ``images`` reads;
+    returns the list of reads made."""
+    from threempose.data.coco import CocoKeypoints
+    reads, real = [], CocoKeypoints.decode
+
+    def decode(self, index):
+        reads.append(index)
+        if len(reads) > images:
+            raise KeyboardInterrupt
+        return real(self, index)
+
+    monkeypatch.setattr(CocoKeypoints, "decode", decode)
+    return reads
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_resume_after_a_kill_gives_the_uninterrupted_output(setup, tmp_path, capsys, monkeypatch):
+    model, config = setup
+    full = tmp_path / "full.json"
+    assert main(calibrate_args(model, config, full)) == 0
+    expected = capsys.readouterr().out.replace(str(full), "OUT")
+
+    out = tmp_path / "resumed.json"
+    with monkeypatch.context() as m:
+        kill_after(m, 2)
+        assert main(calibrate_args(model, config, out)) == 130
+    journal = records_journal(out, {})
+    assert not out.exists() and journal.path.is_file()
+    assert [r["image_id"] for r in journal.entries()] == [1, 2]          # header line left out
+    with open(journal.path, "a") as f:
+        f.write('{"image_id": 3, "input_si')                             # the image in flight at the kill
+    with monkeypatch.context() as m:
+        reads = kill_after(m, 99)
+        assert main(calibrate_args(model, config, out, "--resume")) == 0
+    assert len(reads) == 3                                                # images 3, 4, 5 only
+    assert capsys.readouterr().out.replace(str(out), "OUT") == expected
+    assert out.read_text() == full.read_text()
+    assert out.with_suffix(".records.json").read_text() == full.with_suffix(".records.json").read_text()
+    assert not journal.path.exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_resume_refuses_the_journal_of_another_run(setup, tmp_path, capsys, monkeypatch):
+    model, config = setup
+    out = tmp_path / "infer.json"
+    with monkeypatch.context() as m:
+        kill_after(m, 2)
+        assert main(calibrate_args(model, config, out)) == 130
+    journal = records_journal(out, {}).path
+    before = journal.read_bytes()
+    other = tmp_path / "other.pt"
+    save_model_file(other, tiny_net(seed=5), dataclasses.asdict(tiny_infer()))
+    capsys.readouterr()
+    assert main(calibrate_args(other, config, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {journal} holds another run's results (checkpoint_sha256: ")
+    assert main(calibrate_args(model, config, out, "--resume", "--max-images", "4")) == 2
+    assert "(max_images: 0 vs 4)" in capsys.readouterr().err
+    raw = json.loads(config.read_text())
+    raw["infer"]["short_side"] += 32
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    assert main(calibrate_args(model, tmp_path / "c.json", out, "--resume")) == 2
+    assert f"(infer.short_side: {raw['infer']['short_side'] - 32} vs {raw['infer']['short_side']})" in capsys.readouterr().err
+    assert journal.read_bytes() == before and not out.exists()

@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from threempose.data.coco_eval import METRIC_NAMES, EvaluationInputError, evaluate_keypoints
+from threempose.data.coco_eval import METRIC_NAMES, EvaluationInputError, PerImageKeypointEval, evaluate_keypoints
 from threempose.evaluate import main
 
 ANNOTATIONS = Path(__file__).parent / "data" / "tiny_person_keypoints.json"
@@ -218,3 +218,65 @@ def test_unknown_or_empty_image_ids_are_rejected():
         evaluate_keypoints(ANNOTATIONS, _copied_results(), image_ids=[1, 42])
     with pytest.raises(EvaluationInputError, match="image_ids is empty"):
         evaluate_keypoints(ANNOTATIONS, _copied_results(), image_ids=[])
+
+
+# --------------------------------------------------------------------------- #
+# Per-image evaluation pooled later (calibrate's threshold search)
+# --------------------------------------------------------------------------- #
+def _two_result_sets(rng):
+    """Two detection sets ("exits") on the fixture plus an image without people: noisy people,
+    duplicates, false positives, 25 detections on image 1 (over COCOeval's 20 per image) and
+    scores tied across images (the pooled sort must keep COCOeval's image order)."""
+    sets = []
+    for noise in (3.0, 12.0):
+        results = []
+        for a in _people():
+            kp = np.array(a["keypoints"], dtype=float).reshape(17, 3)
+            for copy_ in range(int(rng.integers(1, 4))):
+                moved = kp.copy()
+                moved[:, :2] += rng.normal(0.0, noise * (1 + copy_), size=(17, 2))
+                moved[:, 2] = rng.uniform(0.2, 1.0, size=17)
+                results.append({"image_id": a["image_id"], "category_id": 1, "keypoints": moved.ravel().tolist(),
+                                "score": float(rng.choice([0.5, 0.7, 0.9]))})
+        for image_id, count in ((1, 25), (2, 3), (4, 2)):
+            for _ in range(count):
+                k = np.stack([rng.uniform(0, 300, 17), rng.uniform(0, 200, 17), np.ones(17)], 1)
+                results.append({"image_id": image_id, "category_id": 1, "keypoints": k.ravel().tolist(),
+                                "score": float(rng.choice([0.1, 0.5, 0.6]))})
+        sets.append(results)
+    return sets
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_per_image_matches_pooled_equal_cocoeval_of_the_mix():
+    data = _ground_truth()
+    data["images"].append(dict(data["images"][0], id=4, file_name="empty.jpg"))   # no people
+    data["images"].append(dict(data["images"][0], id=5, file_name="nothing.jpg"))  # no people, no detections
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = data
+        gt.createIndex()
+    rng = np.random.default_rng(7)
+    sets = _two_result_sets(rng)
+    ids = [1, 2, 3, 4, 5]
+    per_image = PerImageKeypointEval(gt)
+    matches = [{i: per_image.match(i, [d for d in results if d["image_id"] == i]) for i in ids} for results in sets]
+    assert matches[0][5] == (None,)
+    for choice in [(0,) * 5, (1,) * 5, (0, 1, 0, 1, 0), (1, 0, 1, 1, 0), (1, 1, 0, 0, 1)]:
+        mix = [d for i, c in zip(ids, choice) for d in sets[c] if d["image_id"] == i]
+        expected = evaluate_keypoints(gt, mix, image_ids=ids)
+        assert per_image.stats({i: matches[c][i] for i, c in zip(ids, choice)}) == expected, choice
+    subset = evaluate_keypoints(gt, [d for d in sets[1] if d["image_id"] in (1, 3)], image_ids=[1, 3])
+    assert per_image.stats({3: matches[1][3], 1: matches[1][1]}) == subset
+    assert 0.05 < subset["AP"] < 0.95           # a non-trivial case
+
+
+def test_per_image_match_rejects_bad_input():
+    per_image = PerImageKeypointEval(ANNOTATIONS)
+    with pytest.raises(EvaluationInputError, match="image id 99 is not an image of"):
+        per_image.match(99, [])
+    det = _copied_results()[0]
+    with pytest.raises(EvaluationInputError, match=r"^detection 0 of image 2 has image_id 1$"):
+        per_image.match(2, [det])
+    with pytest.raises(EvaluationInputError, match="'keypoints' must be a flat list of 51"):
+        per_image.match(1, [dict(det, keypoints=[1.0, 2.0])])

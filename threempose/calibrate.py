@@ -1,14 +1,21 @@
 """Choose the EELs' exit thresholds on a val split (beyond the thesis).
 
     python -m threempose.calibrate --checkpoint model.pt --config C.json --out infer.json \\
-        [--max-ap-drop 0.01] [--max-images N] [--grid 16] [--records records.json] [--device cpu]
+        [--max-ap-drop 0.01] [--max-images N] [--grid 16] [--records records.json] [--device cpu] [--resume]
 
 1. Every val image of ``C.json``'s data section (synthetic or COCO; the first ``--max-images``
    by id) runs through the whole network once. Per image we record each exit's decoded people
    (COCO results), the GFLOPs each exit would have cost, and each EEL's dynamic-inference score
    (``N`` and Eq. 3.4's confidence, :mod:`threempose.inference.dynamic_exit`). Decoding uses ``C.json``'s
    ``infer`` section; Eq. 3.4's ``c0, c1, c2`` come from its ``infer.eels`` (``1, 1, 1`` for an
-   EEL it does not configure). ``--records`` saves all of this as JSON.
+   EEL it does not configure). ``--records`` saves all of this as JSON. Each image's record goes
+   to the journal ``OUT.partial`` as the image finishes (memory stays flat over thousands of
+   images; the progress bar shows the ETA); a killed run leaves it, and ``--resume`` continues
+   after the images it holds. The journal names the model file's and the val annotations'
+   SHA-256, the infer settings and ``--max-images``: resuming one written with others is an
+   error naming the first that differs. It is removed once ``--out`` is written; a run whose
+   budget no setting meets keeps it, so ``--resume`` with another ``--max-ap-drop`` or
+   ``--grid`` only searches again.
 2. A threshold setting (one per EEL) sends each image to the exit that the live rule would
    (:func:`threempose.inference.dynamic_exit.choose_exit`: first EEL with ``N = 0`` or ``conf >=
    threshold``, else the last layer); its AP is COCOeval on the mixed results, its cost the
@@ -39,12 +46,17 @@ from threempose.inference.calibration import (
     SettingEvaluator,
     assign_exits,
     calibration_rules,
-    collect_records,
+    journal_header,
+    journal_path,
+    journal_records,
     mean_gflops,
+    record_exits,
+    records_journal,
     saturation_notes,
     search_thresholds,
     trade_off_table,
     val_split,
+    write_records,
 )
 from threempose.inference.dynamic_exit import DYNAMIC, NEVER
 from threempose.inference.predictor import Predictor
@@ -65,6 +77,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--records", help="also write the per-image records (confidences, per-exit results)")
     p.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run: skip the images whose records its journal (OUT.partial) holds")
     args = p.parse_args(argv)
     if args.max_ap_drop < 0 or args.grid < 1 or args.max_images < 0:
         p.error("--max-ap-drop must be >= 0, --grid >= 1 and --max-images >= 0")
@@ -79,6 +93,8 @@ def calibrate(args: argparse.Namespace) -> int:
         records_path = check_output_file(args.records, "--records")
         if records_path.absolute() == out.absolute():
             raise OutputPathError(f"--records {args.records} is also --out; give two files")
+        if records_path.absolute() == journal_path(out).absolute():
+            raise OutputPathError(f"--records {args.records} is the journal of --out {args.out}; choose another file")
     cfg = load_config(args.config)
     net, _ = load_model_file(args.checkpoint)
     exit_layers = list(net.genotype.exit_layers)
@@ -92,18 +108,30 @@ def calibrate(args: argparse.Namespace) -> int:
     ids = dataset.image_ids[:args.max_images] if args.max_images else dataset.image_ids
     if not ids:
         raise CalibrationError(f"{args.config}: the val split has no images")
-    records = collect_records(predictor, dataset, ids, progress=not args.no_progress)
-    evaluator = SettingEvaluator(dataset.coco, records)
+    journal = records_journal(out, journal_header(args.checkpoint, dataset, infer, args.max_images))
+    if args.resume and not journal.path.is_file():
+        print(f"--resume: no journal {journal.path} of an earlier run; starting from the first image",
+              file=sys.stderr)
+    journal.open(resume=args.resume)
+    try:
+        record_exits(predictor, dataset, ids, journal, progress=not args.no_progress)
+    except CalibrationError:            # no image readable: nothing to resume
+        journal.discard()
+        raise
+    finally:
+        journal.close()                 # a killed or failed run keeps its journal for --resume
+    evaluator = SettingEvaluator(dataset.coco, journal_records(journal))
+    records = evaluator.records
     reference = evaluator.stats((final,) * len(records))["AP"]
     if reference < 0:
+        journal.discard()
         raise CalibrationError(f"{args.config}: the val images hold no annotated person; AP is undefined")
     configured = {e.layer: e.threshold for e in eels}
     choice = search_thresholds(evaluator, eel_layers, final, args.max_ap_drop, args.grid)
     if args.records:
-        atomic_write_json(args.records, {
+        write_records(args.records, {
             "exit_layers": exit_layers, "eel_layers": eel_layers, "max_ap_drop": args.max_ap_drop,
-            "thresholds": {str(k): v for k, v in (choice.thresholds if choice else {}).items()},
-            "records": [r.to_dict() for r in records]}, indent=None)
+            "thresholds": {str(k): v for k, v in (choice.thresholds if choice else {}).items()}}, journal)
     dynamic_rows = [("dynamic (config)", assign_exits(records, configured, final))]
     if choice is not None:
         dynamic_rows.append(("dynamic (calibrated)", choice.exits))
@@ -115,9 +143,11 @@ def calibrate(args: argparse.Namespace) -> int:
     if choice is None:
         raise CalibrationError(f"no threshold setting keeps the AP drop within {args.max_ap_drop}: the N = 0 "
                                "rule alone (an EEL that detects nothing stops the image) costs more; "
-                               "nothing written")
+                               f"nothing written (the records stay in {journal.path}: --resume with another "
+                               "--max-ap-drop searches again without the network)")
     chosen = [dataclasses.replace(e, threshold=choice.thresholds[e.layer]) for e in eels]
     atomic_write_json(args.out, {"infer": dataclasses.asdict(dataclasses.replace(infer, eels=chosen))})
+    journal.discard()
     final_gflops = mean_gflops(records, (final,) * len(records))
     print("chosen thresholds: " + ", ".join(
         f"EEL {layer}: {t:.6g}" + (" (never)" if t == NEVER else "") for layer, t in choice.thresholds.items()))

@@ -4,10 +4,11 @@ traceback). The library behind ``python -m threempose.evaluate``."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -68,6 +69,99 @@ def evaluate_keypoints(
     return {name: float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats)}
 
 
+class ImageMatches(NamedTuple):
+    """What COCOeval's ``accumulate`` reads of one image's evaluation in one category (D detections
+    kept, best score first, at most ``maxDets``; A area ranges; T OKS thresholds).
+
+    scores: ``[D]`` float64; matched: ``[A, T, D]`` bool (matched to a ground-truth person);
+    ignored: ``[A, T, D]`` bool; gt_ignored: ``[A, G]`` bool (crowd, no keypoints, outside the area range).
+    """
+
+    scores: np.ndarray
+    matched: np.ndarray
+    ignored: np.ndarray
+    gt_ignored: np.ndarray
+
+
+class PerImageKeypointEval:
+    """COCOeval's keypoint evaluation split at its per-image seam, for scoring many mixes of
+    per-image results without holding them: :meth:`match` evaluates one image's detections
+    (pycocotools' own ``loadRes`` and ``evaluate`` on that image alone) and keeps only the
+    small arrays ``accumulate`` reads (:class:`ImageMatches`: tens of bytes per detection);
+    :meth:`stats` accumulates one such match per image into the ten numbers.
+
+    COCOeval evaluates every image on its own (OKS, greedy matching, ignore flags) and only
+    ``accumulate`` pools them (images in sorted id order, stable sorts), so ``stats`` over
+    ``match(i, detections_i)`` equals :func:`evaluate_keypoints` of all the detections, to the
+    bit (``tests/test_coco_eval.py``). Detection ids restart at 1 per image; COCOeval only
+    tests them for > 0.
+    """
+
+    def __init__(self, annotations: str | Path | COCO) -> None:
+        self.gt, self.gt_name = _ground_truth(annotations, verbose=False)
+        self._image_ids = set(self.gt.getImgIds())
+        self._category_ids = set(self.gt.getCatIds())
+        with _quiet(False):
+            self._eval = COCOeval(self.gt, iouType="keypoints")
+        self._eval.params.catIds = list(np.unique(self._eval.params.catIds))    # as evaluate() sorts them
+
+    def match(self, image_id: int, detections: list[dict]) -> tuple[Optional[ImageMatches], ...]:
+        """Evaluate ``detections`` (COCO results entries, all of image ``image_id``); one
+        :class:`ImageMatches` per category (sorted ids), None where the image has neither
+        ground truth nor detections of it."""
+        if image_id not in self._image_ids:
+            raise EvaluationInputError(f"image id {image_id!r} is not an image of {self.gt_name}")
+        for i, det in enumerate(detections):
+            if isinstance(det, dict) and det.get("image_id") != image_id:
+                raise EvaluationInputError(f"detection {i} of image {image_id} has image_id {det.get('image_id')!r}")
+        checked = [_checked_detection(det, f"detection {i} of image {image_id}", self._image_ids, self._category_ids,
+                                      self.gt_name) for i, det in enumerate(detections)]
+        with _quiet(False):
+            one = COCO()          # a results set over this one image (loadRes is linear in the images)
+            one.dataset = {"images": [self.gt.imgs[image_id]], "categories": self.gt.dataset["categories"],
+                           "annotations": []}
+            one.createIndex()
+            self._eval.cocoDt = one.loadRes(checked) if checked else one
+            self._eval.params.imgIds = [image_id]
+            self._eval.evaluate()
+        areas = len(self._eval.params.areaRng)
+        evaluated = self._eval.evalImgs
+        return tuple(self._pack(evaluated[k * areas:(k + 1) * areas]) for k in range(len(evaluated) // areas))
+
+    @staticmethod
+    def _pack(per_area: list[Optional[dict]]) -> Optional[ImageMatches]:
+        if per_area[0] is None:          # no ground truth and no detection: None in every area range
+            return None
+        return ImageMatches(np.asarray(per_area[0]["dtScores"], dtype=np.float64),
+                            np.stack([e["dtMatches"] != 0 for e in per_area]),
+                            np.stack([np.asarray(e["dtIgnore"], dtype=bool) for e in per_area]),
+                            np.stack([np.asarray(e["gtIgnore"], dtype=bool) for e in per_area]))
+
+    def stats(self, matches: dict[int, tuple[Optional[ImageMatches], ...]]) -> dict[str, float]:
+        """The ten numbers of :data:`METRIC_NAMES` over the images of ``matches`` (``{image id:
+        match(...) of that image}``), as :func:`evaluate_keypoints` with ``image_ids`` = those images."""
+        ids = sorted(matches)
+        if not ids:
+            raise EvaluationInputError("no image to evaluate")
+        p = self._eval.params
+        p.imgIds = ids
+        evaluated = []
+        for k in range(len(p.catIds)):
+            for a, area in enumerate(p.areaRng):
+                for i in ids:
+                    m = matches[i][k]
+                    evaluated.append(None if m is None else {
+                        "dtScores": m.scores, "dtMatches": m.matched[a], "dtIgnore": m.ignored[a],
+                        "gtIgnore": m.gt_ignored[a], "aRng": area, "maxDet": p.maxDets[-1]})
+        self._eval.evalImgs = evaluated
+        self._eval._paramsEval = copy.deepcopy(p)
+        with _quiet(False):
+            self._eval.accumulate()
+            self._eval.summarize()
+        self._eval.evalImgs = []
+        return {name: float(value) for name, value in zip(METRIC_NAMES, self._eval.stats)}
+
+
 def format_table(stats: dict[str, float]) -> str:
     """The ten metrics as a plain-text table, one metric a line."""
     lines = ["metric  OKS        area    value   (maxDets=20)"]
@@ -121,29 +215,28 @@ def _results(results: str | Path | list[dict], gt: COCO, gt_name: str) -> tuple[
         raise TypeError(f"results must be a path or a list of dicts, not {type(results).__name__}")
     image_ids = set(gt.getImgIds())
     category_ids = set(gt.getCatIds())
-    detections = []
-    for i, det in enumerate(entries):
-        where = f"{name}: results entry {i}"
-        if not isinstance(det, dict):
-            raise EvaluationInputError(f"{where} is not an object, got {type(det).__name__}")
-        missing = [k for k in ("image_id", "category_id", "keypoints", "score") if k not in det]
-        if missing:
-            raise EvaluationInputError(f"{where} lacks {', '.join(missing)}")
-        if not (is_int(det["image_id"]) and int(det["image_id"]) in image_ids):
-            raise EvaluationInputError(f"{where}: image_id {det['image_id']!r} is not an image of {gt_name}")
-        if not (is_int(det["category_id"]) and int(det["category_id"]) in category_ids):
-            raise EvaluationInputError(f"{where}: category_id {det['category_id']!r} is not a "
-                                       f"category of {gt_name} ({sorted(category_ids)})")
-        keypoints = _checked_keypoints(det["keypoints"], where)
-        if not is_number(det["score"]):
-            raise EvaluationInputError(f"{where}: 'score' must be a finite number, got {det['score']!r}")
-        detections.append({
-            "image_id": int(det["image_id"]),
-            "category_id": int(det["category_id"]),
-            "keypoints": keypoints,
-            "score": float(det["score"]),
-        })
+    detections = [_checked_detection(det, f"{name}: results entry {i}", image_ids, category_ids, gt_name)
+                  for i, det in enumerate(entries)]
     return detections, name
+
+
+def _checked_detection(det: Any, where: str, image_ids: set[int], category_ids: set[int], gt_name: str) -> dict:
+    """A checked copy of one detection (only the keys COCOeval needs), or EvaluationInputError."""
+    if not isinstance(det, dict):
+        raise EvaluationInputError(f"{where} is not an object, got {type(det).__name__}")
+    missing = [k for k in ("image_id", "category_id", "keypoints", "score") if k not in det]
+    if missing:
+        raise EvaluationInputError(f"{where} lacks {', '.join(missing)}")
+    if not (is_int(det["image_id"]) and int(det["image_id"]) in image_ids):
+        raise EvaluationInputError(f"{where}: image_id {det['image_id']!r} is not an image of {gt_name}")
+    if not (is_int(det["category_id"]) and int(det["category_id"]) in category_ids):
+        raise EvaluationInputError(f"{where}: category_id {det['category_id']!r} is not a "
+                                   f"category of {gt_name} ({sorted(category_ids)})")
+    keypoints = _checked_keypoints(det["keypoints"], where)
+    if not is_number(det["score"]):
+        raise EvaluationInputError(f"{where}: 'score' must be a finite number, got {det['score']!r}")
+    return {"image_id": int(det["image_id"]), "category_id": int(det["category_id"]), "keypoints": keypoints,
+            "score": float(det["score"])}
 
 
 def _selected_images(image_ids: Sequence[int] | None, gt: COCO, gt_name: str) -> list[int] | None:

@@ -1,11 +1,21 @@
 """Choosing the EELs' exit thresholds on a val split: per-image records of every exit, the
 threshold search and the trade-off table. The library behind ``python -m threempose.calibrate``
-(its docstring describes the method)."""
+(its docstring describes the method).
+
+Memory does not grow with the people found: each image's record (every exit's people, its
+EEL scores and GFLOPs) goes to a :class:`~threempose.util.journal.Journal` on disk as it is
+produced (:func:`record_exits`); :class:`SettingEvaluator` reads the journal back once, keeps
+per image only its scores and GFLOPs and, per exit, the few arrays COCOeval pools
+(:class:`threempose.data.coco_eval.ImageMatches`), and scores every threshold setting from those."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
-import warnings
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -14,12 +24,14 @@ from tqdm import tqdm
 
 from threempose.config import DataConfig, EELConfig, InferConfig
 from threempose.data.coco import CocoKeypoints, coco_split_paths
-from threempose.data.coco_eval import evaluate_keypoints
+from threempose.data.coco_eval import PerImageKeypointEval
 from threempose.data.sampler import warn_skipped
 from threempose.data.synthetic import ensure_synthetic
 from threempose.inference.dynamic_exit import NEVER, ExitScore, choose_exit
 from threempose.inference.predictor import Predictor, decode_image, image_passes, prepare_image, with_flips
 from threempose.util.errors import UserError
+from threempose.util.files import atomic_open
+from threempose.util.journal import Journal
 
 TABLE_METRICS = {"AP": "AP", "AP(M)": "APM", "AP(L)": "APL"}   # column -> COCOeval stat
 
@@ -34,20 +46,29 @@ class ImageRecord:
 
     image_id: its COCO id; input_size: padded network input (width, height);
     gflops: ``{exit layer: GFLOPs spent if the image stops there}`` (passes counted);
-    scores: ``{EEL layer: ExitScore}``; results: ``{exit layer: COCO results entries}``.
+    scores: ``{EEL layer: ExitScore}``; results: ``{exit layer: COCO results entries}`` (None
+    in :attr:`SettingEvaluator.records`: the people stay on disk, their matches in the evaluator).
     """
 
     image_id: int
     input_size: tuple[int, int]
     gflops: dict[int, float]
     scores: dict[int, ExitScore]
-    results: dict[int, list[dict]]
+    results: Optional[dict[int, list[dict]]]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form (a journal line; an entry of ``--records``)."""
+        assert self.results is not None, "a record without its results is not written"
         return {"image_id": self.image_id, "input_size": list(self.input_size),
                 "gflops": {str(k): v for k, v in self.gflops.items()},
                 "scores": {str(k): s.to_dict() for k, s in self.scores.items()},
                 "results": {str(k): v for k, v in self.results.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageRecord":
+        return cls(d["image_id"], tuple(d["input_size"]), {int(k): v for k, v in d["gflops"].items()},
+                   {int(k): ExitScore(v["detected"], v["confidence"]) for k, v in d["scores"].items()},
+                   {int(k): v for k, v in d["results"].items()})
 
 
 def val_split(cfg: DataConfig) -> CocoKeypoints:
@@ -60,17 +81,48 @@ def val_split(cfg: DataConfig) -> CocoKeypoints:
     return CocoKeypoints(images, annotations, cfg, train=False)
 
 
+def journal_path(out: str | Path) -> Path:
+    """Where calibrate keeps its per-image records while it runs: ``OUT.partial``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def journal_header(checkpoint: str | Path, dataset: CocoKeypoints, infer: InferConfig, max_images: int) -> dict:
+    """What the records of a run depend on, for :class:`~threempose.util.journal.Journal`'s
+    resume check: the model file's and the val annotation file's SHA-256 (contents, not
+    paths), the infer settings (the EELs' thresholds left out: records do not depend on them),
+    ``--max-images``."""
+    def sha256(path: str | Path) -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    settings = json.loads(json.dumps(dataclasses.asdict(infer)))
+    for eel in settings["eels"]:
+        del eel["threshold"]
+    return {"records": "calibrate", "checkpoint_sha256": sha256(checkpoint),
+            "val_annotations_sha256": sha256(dataset.annotation_file), "max_images": max_images,
+            "infer": settings}
+
+
+def records_journal(out: str | Path, header: dict) -> Journal:
+    """The journal of calibrate's per-image records (:meth:`ImageRecord.to_dict` lines, keyed by image id)."""
+    return Journal(journal_path(out), key=lambda entry: entry["image_id"], header=header)
+
+
 @torch.no_grad()
-def collect_records(predictor: Predictor, dataset: CocoKeypoints, image_ids: Sequence[int],
-                    progress: bool = True) -> list[ImageRecord]:
-    """Run every exit on each image of ``image_ids`` (``predictor`` in dynamic mode: its rules
-    give the EEL scores) and record the outcomes. Images that cannot be read are left out (as
-    per-epoch validation leaves them out), with one warning naming them; none readable is a
-    :class:`CalibrationError`."""
+def record_exits(predictor: Predictor, dataset: CocoKeypoints, image_ids: Sequence[int], journal: Journal,
+                 progress: bool = True) -> None:
+    """Run every exit on each image of ``image_ids`` that ``journal`` does not hold yet
+    (``predictor`` in dynamic mode: its rules give the EEL scores) and append its
+    :class:`ImageRecord` to ``journal`` as it finishes. The progress bar counts the images the
+    journal held as done (its ETA is for the rest). Images that cannot be read are left out
+    (as per-epoch validation leaves them out), with one warning naming them; none readable
+    (in the journal either) is a :class:`CalibrationError`."""
     cfg = predictor.cfg
-    records, skipped = [], []
+    skipped = []
     index_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
-    for image_id in tqdm(image_ids, desc="calibrate", unit="img", disable=not progress):
+    todo = [i for i in image_ids if i not in journal.done]
+    for image_id in tqdm(todo, desc="calibrate", unit="img", disable=not progress, total=len(image_ids),
+                         initial=len(image_ids) - len(todo)):
         decoded = dataset.decode(index_of[image_id])
         if decoded is None:
             skipped.append(str(dataset.image_path(index_of[image_id])))
@@ -87,14 +139,28 @@ def collect_records(predictor: Predictor, dataset: CocoKeypoints, image_ids: Seq
             people = decode_image(heatmaps, tags, predictor.decode_params, info, predictor.flip_index)
             results[out.layer] = [p.to_coco(image_id) for p in people]
         width, height = info.input_size
-        records.append(ImageRecord(image_id, info.input_size, predictor.exit_gflops((height, width)),
-                                   scores, results))
-    if not records:
+        journal.add(ImageRecord(image_id, info.input_size, predictor.exit_gflops((height, width)),
+                                scores, results).to_dict())
+    if not journal.done:
         raise CalibrationError(f"none of the {len(image_ids)} val images of {dataset.annotation_file} "
                                "can be read")
     if skipped:
         warn_skipped(skipped, "calibration image reads failed to decode and were left out")
-    return records
+
+
+def journal_records(journal: Journal) -> Iterable[ImageRecord]:
+    """The records of ``journal``, read one line at a time."""
+    return (ImageRecord.from_dict(entry) for entry in journal.entries())
+
+
+def write_records(path: str | Path, head: dict[str, Any], journal: Journal) -> None:
+    """``--records``: ``head``'s fields, then ``records``, the journal's lines, streamed into
+    ``path`` (written atomically)."""
+    with atomic_open(path) as f:
+        f.write(json.dumps(head)[:-1] + (", " if head else "") + '"records": [')
+        for i, entry in enumerate(journal.entries()):
+            f.write((", " if i else "") + json.dumps(entry))
+        f.write("]}\n")
 
 
 def assign_exits(records: Sequence[ImageRecord], thresholds: dict[int, float], final_layer: int) -> tuple[int, ...]:
@@ -108,21 +174,30 @@ def mean_gflops(records: Sequence[ImageRecord], exits: Sequence[int]) -> float:
 
 
 class SettingEvaluator:
-    """COCO AP/AR of per-image exit assignments on the recorded results (cached per assignment)."""
+    """COCO AP/AR of per-image exit assignments (cached per assignment).
 
-    def __init__(self, coco, records: Sequence[ImageRecord]) -> None:
-        self.coco = coco
-        self.records = list(records)
+    ``records`` is read once (a journal's records, a list): each image's people at every exit
+    are matched against the ground truth (:meth:`PerImageKeypointEval.match`) and dropped;
+    ``self.records`` keeps the rest of each record (``results`` None). A setting's stats pool
+    the matches of the exits it assigns (:meth:`PerImageKeypointEval.stats`), equal to
+    COCOeval on the mixed results."""
+
+    def __init__(self, coco, records: Iterable[ImageRecord]) -> None:
+        self.per_image = PerImageKeypointEval(coco)
+        self.records: list[ImageRecord] = []
+        self._matches: list[dict[int, tuple]] = []       # per record: {exit layer: matches}
+        for r in records:
+            self._matches.append({layer: self.per_image.match(r.image_id, people)
+                                  for layer, people in r.results.items()})
+            self.records.append(dataclasses.replace(r, results=None))
         self.image_ids = [r.image_id for r in self.records]
-        self._cache: dict[tuple[int, ...], dict[str, float]] = {}
+        self._cache: dict[bytes, dict[str, float]] = {}
 
     def stats(self, exits: Sequence[int]) -> dict[str, float]:
-        key = tuple(exits)
+        key = hashlib.blake2b(np.asarray(exits, dtype=np.int64).tobytes(), digest_size=16).digest()
         if key not in self._cache:
-            results = [entry for r, e in zip(self.records, key) for entry in r.results[e]]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")          # "no detections" is a legitimate outcome
-                self._cache[key] = evaluate_keypoints(self.coco, results, image_ids=self.image_ids)
+            self._cache[key] = self.per_image.stats({r.image_id: m[e] for r, m, e in
+                                                     zip(self.records, self._matches, exits, strict=True)})
         return self._cache[key]
 
     @property
@@ -160,13 +235,14 @@ def search_thresholds(evaluator: SettingEvaluator, eel_layers: Sequence[int], fi
     records = evaluator.records
     reference = evaluator.stats((final_layer,) * len(records))["AP"]
     candidates = [candidate_thresholds(records, layer, grid) for layer in eel_layers]
-    settings = []
+    settings = []                      # the exits per image are assigned again when scored (not held)
     for values in itertools.product(*candidates):
         thresholds = dict(zip(eel_layers, values))
-        exits = assign_exits(records, thresholds, final_layer)
-        settings.append((mean_gflops(records, exits), tuple(-v for v in values), thresholds, exits))
+        settings.append((mean_gflops(records, assign_exits(records, thresholds, final_layer)),
+                         tuple(-v for v in values), thresholds))
     settings.sort(key=lambda s: s[:2])
-    for gflops, _, thresholds, exits in settings:
+    for gflops, _, thresholds in settings:
+        exits = assign_exits(records, thresholds, final_layer)
         stats = evaluator.stats(exits)
         drop = reference - stats["AP"]
         if drop <= max_ap_drop + 1e-12:

@@ -1,8 +1,8 @@
 """A folder run's results, written as they are produced, resumable after a kill.
 
 Each finished image appends one JSON line to the journal ``<out>.partial`` (beside the
-results file): ``{"record": per-image record, "results": [COCO results of its people]}``,
-flushed at once, so memory stays flat however many images a run has and a killed run
+results file, a :class:`threempose.util.journal.Journal`): ``{"record": per-image record,
+"results": [COCO results of its people]}``, flushed at once, so memory stays flat however many images a run has and a killed run
 loses at most the image in flight. :meth:`ResultJournal.finish` streams the journal into
 the final files (the COCO results list and the per-image summary, each written to a
 temporary file and renamed) and removes the journal. ``infer --resume`` reads the journal
@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from threempose.util.files import atomic_open
+from threempose.util.journal import Journal
 
 
-class ResultJournal:
+class ResultJournal(Journal):
     """The journal of one results file ``out``; open it with :meth:`open` (resume or not).
 
     ``done``: the files (as recorded) whose results it holds; :meth:`totals` counts them, both kept
@@ -30,59 +29,22 @@ class ResultJournal:
 
     def __init__(self, out: Path):
         self.out = Path(out)
-        self.path = self.out.with_name(self.out.name + ".partial")
-        self._file: IO[str] | None = None
-        self.done: set[str] = set()
+        super().__init__(self.out.with_name(self.out.name + ".partial"), key=lambda entry: entry["record"]["file"])
         self._images = self._people = 0
         self._gflops = 0.0
         self._exits: collections.Counter = collections.Counter()
 
-    def entries(self) -> Iterator[dict[str, Any]]:
-        """The journal's complete lines, in order (a torn last line of a killed run is skipped)."""
-        if not self.path.is_file():
-            return
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    return
-                yield json.loads(line)
-
-    def open(self, resume: bool) -> None:
-        """Start appending: after the complete lines of a previous run's journal with ``resume``,
-        else to a new, empty journal."""
-        if resume and self.path.is_file():
-            keep = self.path.with_name(self.path.name + ".tmp")
-            with open(keep, "w", encoding="utf-8") as f:      # drop a torn last line
-                for entry in self.entries():
-                    self._count(entry["record"])
-                    f.write(json.dumps(entry) + "\n")
-            os.replace(keep, self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 (held open)
-
     def append(self, record: dict[str, Any], results: list[dict[str, Any]]) -> None:
         """One finished image: its record and its people's COCO results."""
-        assert self._file is not None, "open() the journal first"
-        self._file.write(json.dumps({"record": record, "results": results}) + "\n")
-        self._file.flush()
-        self._count(record)
+        self.add({"record": record, "results": results})
 
-    def _count(self, record: dict[str, Any]) -> None:
-        self.done.add(record["file"])
+    def _count(self, entry: dict[str, Any]) -> None:
+        super()._count(entry)
+        record = entry["record"]
         self._images += 1
         self._people += record["people"]
         self._gflops += record["gflops"]
         self._exits[record["exit"]] += 1
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def discard(self) -> None:
-        """Close and remove the journal (a run that produced nothing)."""
-        self.close()
-        self.path.unlink(missing_ok=True)
 
     def totals(self) -> dict[str, Any]:
         """Totals over every image in the journal: images, people, exits taken, mean GFLOPs."""
