@@ -170,17 +170,23 @@ def test_precision_inference_interleaved(benchmark, batch):
 # --------------------------------------------------------------------------- #
 # Agreement with float32 on the small synthetic-trained model
 # --------------------------------------------------------------------------- #
-SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "data" / "small-synthetic-model.pt"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+# the small synthetic-trained model: 20 epochs (the tests' fixture; configs/train-small.json, AP ~0.1)
+# and 80 epochs (configs/train-small-80ep.json, AP ~0.4), the same genotype
+# (configs/genotypes/small-synthetic-model.json)
+SMALL_MODELS = {"20 epochs": DATA / "small-synthetic-model.pt", "80 epochs": DATA / "small-synthetic-model-80ep.pt"}
 AGREEMENT_TARGETS = {"mean_oks": 0.95, "same_people": 0.95, "same_exit": 0.95}
 AP_TOLERANCE = {"bf16": 0.01, "int8": 0.02}
 
 
-def test_precision_agreement_on_the_small_model(benchmark):
+@pytest.mark.parametrize("trained", list(SMALL_MODELS))
+def test_precision_agreement_on_the_small_model(benchmark, trained):
     """bf16 and int8 vs fp32 on the held-out synthetic val split of configs/train-small.json
-    (the model of ``tests/data/small-synthetic-model.pt``, trained by ``threempose.train
-    --config configs/train-small.json``): matched people's mean OKS, images with the same
-    people, images taking the same dynamic exit, and COCO AP; int8 calibrated on 16 images of
-    the train split (never the val images)."""
+    (the small model trained for ``trained``, :data:`SMALL_MODELS`, by ``threempose.train --config
+    configs/train-small.json`` or ``configs/train-small-80ep.json`` with ``--genotype
+    configs/genotypes/small-synthetic-model.json``): matched people's mean OKS, images with the
+    same people, images taking the same dynamic exit, and COCO AP; int8 calibrated on the first
+    32 images (``--calibration-images``' most) of the train split, never the val images."""
     import json
 
     from threempose.config import load_config
@@ -196,8 +202,8 @@ def test_precision_agreement_on_the_small_model(benchmark):
     annotations = json.loads(splits.val_annotations.read_text())
     files = [splits.val_images / im["file_name"] for im in annotations["images"]]
     precisions = ["fp32"] + (["bf16"] if cpu_bf16_missing() is None else []) + (["int8"] if HAS_ORT else [])
-    calib = calibration_images(splits.train_images, limit=16)
-    predictors = {p: Predictor.from_checkpoint(SMALL_MODEL, precision=p, exit="dynamic",
+    calib = calibration_images(splits.train_images)
+    predictors = {p: Predictor.from_checkpoint(SMALL_MODELS[trained], precision=p, exit="dynamic",
                                                calibration_images=calib if p == "int8" else None)
                   for p in precisions}
     preds = {}
@@ -214,7 +220,7 @@ def test_precision_agreement_on_the_small_model(benchmark):
     report = {p: agreement(preds["fp32"], preds[p]).to_dict() for p in precisions[1:]}
     benchmark.extra_info.update(images=len(files), ap=ap, agreement=report, targets=AGREEMENT_TARGETS,
                                 ap_tolerance=AP_TOLERANCE)
-    print(f"\nsmall synthetic-trained model, {len(files)} held-out val images, dynamic exits:")
+    print(f"\nsmall synthetic-trained model ({trained}), {len(files)} held-out val images, dynamic exits:")
     for p in precisions:
         line = f"  {p}: AP {ap[p]:.4f}"
         if p in report:

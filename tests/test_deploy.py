@@ -231,7 +231,9 @@ native_bf16 = pytest.mark.skipif(cpu_bf16_missing() is not None, reason=f"no nat
 def test_bf16_on_the_cpu_runs_bf16_convs_and_returns_float32_close_to_eager(thesis_net, fuse):
     fast = optimize_for_inference(thesis_net, input_size=(64, 96), dtype=torch.bfloat16, fuse=fuse)
     convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
+    heads = {id(m) for m in fast.heads.modules()}
+    assert convs and all(c.weight.dtype == (torch.float32 if id(c) in heads else torch.bfloat16) for c in convs)
+    assert len(heads & {id(c) for c in convs}) == len(fast.heads)  # heads: float32 heatmaps and tags
     assert all(isinstance(c, PackedConv2d) for c in convs) == fuse
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():

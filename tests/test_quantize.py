@@ -3,8 +3,9 @@ bf16 and int8 Predictors, the export / infer ``--precision`` flags, and the agre
 (threempose.inference.agreement).
 
 Tested on hand-computed OKS cases, and on the small synthetic-trained model
-(``tests/data/small-synthetic-model.pt``: ``threempose.train --config configs/train-small.json``
-on a search-small genotype, 0.22 M parameters, held-out AP ~0.07) at its own tiny input size
+(``tests/data/small-synthetic-model.pt``: ``threempose.train --config configs/train-small.json
+--genotype configs/genotypes/small-synthetic-model.json``, a search-small genotype, 0.22 M
+parameters, held-out AP ~0.07) at its own tiny input size
 (short side 128): the QDQ model's form (int8 per-channel weights, uint8 per-tensor activations,
 float32 heads), and bf16 / int8 people against float32 ones on synthetic images the model never
 saw. The full-size agreement and speed: bench/test_bench_precision.py."""

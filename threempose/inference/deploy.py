@@ -35,9 +35,11 @@ optimized one. What it does, in order:
    packed and fused as in float32 but run oneDNN's bf16 kernels (measured ~2x the float32 form's
    speed on an ``avx512_bf16`` EPYC). On a CPU without it, bf16 would be emulated (several
    times slower than float32), so a :class:`PrecisionWarning` says so and the float32 form is
-   returned. Inputs are cast on the way in and the exits' outputs back to float32 (so
-   dynamic-exit scoring and decoding read float32 heatmaps); features carried between exits
-   stay in ``dtype``.
+   returned. Inputs are cast on the way in; a FabricNet's heads (the 1x1 convs that make the
+   heatmaps and tags) stay float32, their inputs cast up, so the maps are computed and returned
+   in float32 (another network's outputs are cast back to float32): dynamic-exit scoring and
+   decoding read float32 heatmaps, and a peak's height is not rounded to bf16's 8 bits. The
+   features carried between exits stay in ``dtype``.
 5. **torch.compile** (``compile``; off by default): each part the network runs (for a
    DerivedNet the stem, every cell, Fuse-Split block and head, so early exits still stop the
    computation) is compiled in place for ``input_size``. The first call then takes minutes on a
@@ -269,6 +271,8 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
                 setattr(parent, name, nn.Identity())
     if dtype is not None:
         net.to(dtype)                        # before packing: oneDNN packs bf16 weights as bf16
+        if example_inputs is None and isinstance(net, FabricNet):
+            net.heads.float()                # the 1x1 convs that make the heatmaps and tags
     if fuse:
         fuse_onednn(net, trace.input_shapes)
         speed_up_pools(net, trace.input_shapes, dtype)
@@ -279,8 +283,11 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
     if example_inputs is None:
         _convert_inputs(net, trace.first_conv, dtype, channels_last)
     if dtype is not None and example_inputs is None:
-        for m in _exit_modules(net):
-            m.register_forward_hook(_outputs_to_float32)
+        if isinstance(net, FabricNet):
+            for head in net.heads.values():
+                head.register_forward_pre_hook(_inputs_to_float32)
+        else:
+            net.register_forward_hook(_outputs_to_float32)
     if check:
         check_same_outputs(original, net, device, inputs=example_inputs, dtype=dtype,
                            tolerance=CHECK_TOLERANCE if dtype is None else HALF_CHECK_TOLERANCE)
@@ -310,9 +317,8 @@ def _convert_input(module: nn.Module, inputs: tuple, dtype: Optional[torch.dtype
     return (x, *inputs[1:])
 
 
-def _exit_modules(net: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs are the network's outputs: a FabricNet's heads, else the net."""
-    return list(net.heads.values()) if isinstance(net, FabricNet) else [net]
+def _inputs_to_float32(module, inputs):
+    return _map_tensors(inputs, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def _outputs_to_float32(module, inputs, output):
