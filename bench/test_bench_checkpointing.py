@@ -20,7 +20,7 @@ allocator settings (glibc's environment variables):
   unmapped when freed, so RSS follows the live tensor bytes; the step's peak RSS is its peak of
   live memory, what a GPU's allocator must hold at least. Its times are not used (every large
   allocation faults);
-* ``kept``: ``MALLOC_MMAP_THRESHOLD_`` at glibc's maximum (32 MiB) and a 64 GiB
+* ``kept``: ``MALLOC_MMAP_MAX_=0`` (no block is its own mapping) and a 64 GiB
   ``MALLOC_TRIM_THRESHOLD_``: freed memory stays with the process. The plain and the
   checkpointed step then alternate in one process on one network (a warm-up of each first),
   so the heap already holds the plain step's peak and neither step faults memory in: the time
@@ -51,10 +51,11 @@ SIZE = 512
 MEMORY_RATIO, TIME_RATIO = 0.5, 1.35
 ALLOCATORS = {
     "live": {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)},
-    "kept": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)},
+    "kept": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)},
     "default": {},
 }
-GLIBC_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+GLIBC_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                     "MALLOC_ARENA_MAX")
 
 
 def _rss_mib() -> float:

@@ -1,11 +1,16 @@
-"""Activation checkpointing per fabric cell (``run.activation_checkpointing``).
+"""Activation checkpointing (``run.activation_checkpointing``).
 
-A checkpointed cell keeps only its inputs for the backward pass; its inner activations
-(every sampled op's output on every edge, the hidden nodes, the concatenation) are
-recomputed during the backward pass from those inputs. Peak training memory then holds
-one cell's activations at a time plus the cells' inputs and outputs. The stem's bottleneck
-units (64 -> 256 channels at 1/4 of the input: at 512 px a third of a supernet step's
-activations) are checkpointed one by one the same way.
+A checkpointed part keeps only its inputs for the backward pass; its inner activations are
+recomputed during the backward pass from those inputs. :class:`~threempose.nas.fabric.FabricNet`
+checkpoints the cells of every row but the last (:func:`checkpointed_rows`; a cell's inner
+activations are every sampled op's output on every edge, the hidden nodes, the
+concatenation), the exits' Fuse blocks (:func:`checkpoint_fuse`: row 0's resolution, cheap
+ops) and the stem's first bottleneck unit (64 -> 256 channels at 1/4 of the input, with the
+projection shortcut). That choice is a trade: recomputing costs about its share of the
+forward pass, and on the CPU a supernet step's forward is ~45 % of it. The last row's cells
+hold the fewest bytes per multiply-add; checkpointing them and the other three stem units
+too frees more memory (thesis supernet at 512 px: 0.34 of the plain step's live peak
+instead of 0.45) for recomputing ~30 % more of the forward (README, "Scale").
 
 What the recomputation must see to give the plain step's gradients exactly:
 
@@ -16,7 +21,7 @@ What the recomputation must see to give the plain step's gradients exactly:
   no drop-path), and both backends restore the RNG state anyway;
 * the same BatchNorm statistics: in train mode BN normalises with the batch's statistics,
   which the recomputation recomputes identically; but it would also update the running
-  statistics a second time. :func:`checkpoint_cell` recomputes with the cell's BN momentum
+  statistics a second time. :func:`checkpointed` recomputes with the part's BN momentum
   at 0, so they move once per step as without checkpointing.
 
 Backends: ``torch.utils.checkpoint`` (non-reentrant) in one process;
@@ -31,13 +36,13 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from threempose.config import Config
 from threempose.engine.weights import deepspeed_config
 from threempose.nas.cell import Cell, CellChoice
+from threempose.nas.fuse_split import FuseSplit
 
 CheckpointFn = Callable[..., Tensor]
 """``fn(function, *tensors) -> function(*tensors)``, keeping only ``tensors`` for backward."""
@@ -60,21 +65,21 @@ def deepspeed_checkpoint_fn(ds_config: Mapping[str, Any]) -> CheckpointFn:
 @contextlib.contextmanager
 def _bn_stats_frozen(module: nn.Module) -> Iterator[None]:
     """Inside: ``module``'s BatchNorms normalise with the batch statistics as in train mode but
-    leave their running statistics as they are (momentum 0: ``1 * running + 0 * batch``, exact);
-    ``num_batches_tracked`` is put back on exit. The running tensors are not written after the
-    fact: the recomputed BatchNorm saved them for its backward."""
+    leave their running statistics as they are (momentum 0: ``1 * running + 0 * batch``, exact)
+    and do not count the batch (``num_batches_tracked`` set aside: with momentum 0 the count
+    is not read). Entering and leaving run no tensor op (the running tensors are not written
+    after the fact: the recomputed BatchNorm saved them for its backward)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    saved = [(m.momentum, m.num_batches_tracked) for m in norms]
     for m in norms:
         m.momentum = 0.0
+        m.num_batches_tracked = None
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, (momentum, tracked) in zip(norms, saved):
-                m.momentum = momentum
-                if tracked is not None:
-                    m.num_batches_tracked.copy_(tracked)
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked = tracked
 
 
 def checkpointed(module: nn.Module, function: Callable[..., Tensor], tensors: Sequence[Tensor],
@@ -116,6 +121,37 @@ def checkpoint_cell(cell: Cell, inputs: Mapping[str, Tensor], size: tuple[int, i
         return cell(dict(zip(names, tensors[:n_in])), size, rebuilt)
 
     return checkpointed(cell, run, [inputs[n] for n in names] + weights, checkpoint_fn)
+
+
+def checkpoint_fuse(block: FuseSplit, feats: Mapping[int, Tensor], skip: Tensor | None, size: tuple[int, int],
+                    checkpoint_fn: CheckpointFn = torch_checkpoint_fn) -> Tensor:
+    """``block(feats, skip, size)`` (an exit's Fuse) with its inner activations recomputed in backward.
+
+    Args:
+        block: the exit layer's :class:`~threempose.nas.fuse_split.FuseSplit`.
+        feats: ``{row: [B, C*2**row, h_row, w_row]}``, the layer's rows.
+        skip: the previous EEL's fused features ``[B, C, *size]`` or None.
+        size: ``(h_0, w_0)``, row 0's size.
+        checkpoint_fn: the backend.
+    Returns:
+        ``[B, C, *size]``, equal to the plain call's output; so are all gradients.
+    """
+    rows = list(feats)
+    tensors = [feats[r] for r in rows] + ([] if skip is None else [skip])
+
+    def run(*args: Tensor) -> Tensor:
+        return block(dict(zip(rows, args[:len(rows)])), None if skip is None else args[len(rows)], size)
+
+    return checkpointed(block, run, tensors, checkpoint_fn)
+
+
+def checkpointed_rows(rows: int) -> range:
+    """The rows whose cells a fabric of ``rows`` rows checkpoints: all but the lowest-resolution one
+    (a fabric of one row: that row). Row ``r``'s activations are ``C*2**r x (H/2**(r+2))**2``,
+    half of row ``r-1``'s per cell, for about the same multiply-adds, so the last row frees the
+    fewest bytes per second of recomputation (at 512 px: 4 % of the plain step's saved bytes
+    for 11 % of its forward)."""
+    return range(max(rows - 1, 1))
 
 
 def run_checkpoint_fn(cfg: Config, launched: bool) -> CheckpointFn | None:

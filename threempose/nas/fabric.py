@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from threempose.nas.cell import Cell, CellChoice
-from threempose.nas.checkpointing import CheckpointFn, checkpoint_cell, checkpointed, torch_checkpoint_fn
+from threempose.nas.checkpointing import (CheckpointFn, checkpoint_cell, checkpoint_fuse, checkpointed,
+                                         checkpointed_rows, torch_checkpoint_fn)
 from threempose.nas.cost import BlockCosts, MacCosts
 from threempose.nas.fuse_split import ExitOutput, FuseSplit, Head
 from threempose.nas.genotype import ROW_STEP, CellGene, FabricLayout, Genotype
@@ -117,16 +118,15 @@ class FabricNet(nn.Module):
         self.checkpoint_fn: Optional[CheckpointFn] = None
 
     def use_activation_checkpointing(self, checkpoint_fn: Optional[CheckpointFn] = torch_checkpoint_fn) -> None:
-        """Checkpoint every cell and stem unit in forwards that record gradients (:mod:`threempose.nas.checkpointing`:
-        its inner activations are recomputed in backward, gradients unchanged); None turns it off."""
+        """In forwards that record gradients, checkpoint the cells of every row but the last
+        (:func:`~threempose.nas.checkpointing.checkpointed_rows`), the exits' Fuse blocks and the
+        stem's first bottleneck unit (:mod:`threempose.nas.checkpointing`: their inner activations
+        are recomputed in backward, gradients unchanged); None turns it off."""
         self.checkpoint_fn = checkpoint_fn
 
-    def _checkpointed_block(self) -> Optional[Callable[[nn.Module, Tensor], Tensor]]:
-        """How the stem runs a bottleneck unit under activation checkpointing (None: plainly)."""
-        if self.checkpoint_fn is None or not torch.is_grad_enabled():
-            return None
-        fn = self.checkpoint_fn
-        return lambda block, x: checkpointed(block, block, [x], fn)
+    def _active_checkpoint_fn(self) -> Optional[CheckpointFn]:
+        """The checkpoint backend if this forward checkpoints (one that records gradients), else None."""
+        return self.checkpoint_fn if torch.is_grad_enabled() else None
 
     def run(self, images: Tensor, genotype: Genotype, weights: Optional[WeightsFn] = None,
             cell_outputs: Optional[list[Tensor]] = None) -> Iterator[ExitOutput]:
@@ -168,29 +168,36 @@ class FabricNet(nn.Module):
         layer = next((e for e in genotype.exit_layers if e >= first), None)
         if layer is None:
             raise ValueError(f"no exit after layer {first - 1}: the last exit is layer {genotype.exit_layers[-1]}")
+        fn = self._active_checkpoint_fn()
         if isinstance(start, Tensor):
-            feats, skip = {0: self.stem(start, self._checkpointed_block())}, None
+            run_first_unit = None if fn is None else (lambda unit, x: checkpointed(unit, unit, [x], fn))
+            feats, skip = {0: self.stem(start, run_first_unit)}, None
         else:
             feats, skip = start.feats, start.skip
             if skip is not None:
                 feats = self.exits[str(start.layer)].split(skip, feats)
         h0, w0 = feats[0].shape[-2:]
         sizes = [(-(-h0 // 2 ** r), -(-w0 // 2 ** r)) for r in range(genotype.rows)]   # FabricLayout.row_size
+        ckpt_rows = checkpointed_rows(genotype.rows)
         for current in range(first, layer + 1):
             new = {}
             for cell in genotype.cells_in_layer(current):
                 inputs = {p: feats[cell.row + ROW_STEP[p]] for p in cell.inputs}
                 choice = weights(cell) if weights is not None else None
                 module = self.cells[str(cell.index)]
-                if self.checkpoint_fn is not None and torch.is_grad_enabled():
-                    new[cell.row] = checkpoint_cell(module, inputs, sizes[cell.row], choice, self.checkpoint_fn)
+                if fn is not None and cell.row in ckpt_rows:
+                    new[cell.row] = checkpoint_cell(module, inputs, sizes[cell.row], choice, fn)
                 else:
                     new[cell.row] = module(inputs, sizes[cell.row], choice)
                 if cell_outputs is not None:
                     cell_outputs.append(new[cell.row])
             feats = new
         head = self.heads[str(layer)]
-        fused = self.exits[str(layer)](feats, skip, sizes[0]) if genotype.fuse_split else None
+        fused = None
+        if genotype.fuse_split:
+            block = self.exits[str(layer)]
+            fused = (block(feats, skip, sizes[0]) if fn is None
+                     else checkpoint_fuse(block, feats, skip, sizes[0], fn))
         out = ExitOutput(layer, *head(feats[0] if fused is None else fused))
         return out, (Carry(layer, feats, fused) if layer < genotype.layers else None)
 

@@ -27,14 +27,13 @@ class Stem(nn.Module):
         width = STEM_WIDTH * Bottleneck.expansion if blocks else STEM_WIDTH
         self.proj = conv_bn(width, channels, 1)
 
-    def forward(self, x: Tensor, run_block: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> Tensor:
-        """``run_block(block, x)`` runs each bottleneck unit if given (activation checkpointing)."""
+    def forward(self, x: Tensor, run_first_unit: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> Tensor:
+        """``run_first_unit(unit, x)`` runs the first bottleneck unit if given (activation checkpointing)."""
         x = self.conv2(self.conv1(x))
-        if run_block is None:
-            return self.proj(self.blocks(x))
-        for block in self.blocks:
-            x = run_block(block, x)
-        return self.proj(x)
+        if run_first_unit is not None and len(self.blocks):
+            x = self.blocks[1:](run_first_unit(self.blocks[0], x))
+            return self.proj(x)
+        return self.proj(self.blocks(x))
 
     def macs(self, h: int, w: int) -> int:
         """Multiply-adds for one ``h x w`` image."""
