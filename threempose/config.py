@@ -236,7 +236,7 @@ class RunConfig:
     progress: bool = True
     threads: int = 0                  # torch intra-op threads; 0: chosen from the usable cores
                                       # (threempose.util.threads); a run records what it used
-    activation_checkpointing: bool = False   # recompute each cell's activations in backward
+    activation_checkpointing: bool = False   # recompute cells', Fuse blocks' activations in backward
                                       # (threempose.nas.checkpointing; under DeepSpeed its
                                       # deepspeed.activation_checkpointing section applies)
 
