@@ -1,6 +1,6 @@
 """Activation checkpointing: peak memory and step time of the thesis supernet at 512 on the CPU.
 
-    pytest bench/test_bench_checkpointing.py -s         # ~10 minutes on 2 loaded cores
+    pytest bench/test_bench_checkpointing.py -s         # 3-5 minutes on 2 loaded cores
     python bench/test_bench_checkpointing.py            # the same figures as JSON
 
 One step is a Dyn-EGS sample of ``configs/search.json``'s supernet (4 rows x 10 layers,
