@@ -7,7 +7,8 @@ One step is a Dyn-EGS sample of ``configs/search.json``'s supernet (4 rows x 10 
 C = 32, 9 ops per edge, EELs at layers 4 and 7), its forward on ``[B, 3, 512, 512]``, a
 loss on every exit plus the FLOPs term, and the backward into weights and alpha/beta/m
 (one torch thread; every step draws the same architecture). Each case runs in a fresh
-process (``python this_file step CKPT BATCH ALLOCATOR STEPS``).
+process (``python this_file step CKPT BATCH STEPS`` or ``alternate BATCH PAIRS``) whose
+environment sets the allocator.
 
 What a CPU process's memory and time say depends on glibc's allocator more than on anything
 else here: by default it keeps freed blocks in its heap (peak RSS above the live bytes) and
