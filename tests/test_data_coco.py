@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 import time
 import warnings
@@ -18,6 +19,7 @@ from threempose.data.augment import augment_sample, center_affine, params_affine
 from threempose.data.coco import AnnotationError, CocoKeypoints, UnreadableSplitError
 from threempose.data.coco_index import CocoIndex
 from threempose.data.image_io import read_image
+from threempose.data import loader as loader_module
 from threempose.data.loader import PoseDataLoader, build_loaders, collate_samples
 from threempose.data.sampler import EpochSampler
 from threempose.data.synthetic import generate
@@ -304,6 +306,31 @@ def test_build_loaders_on_synthetic_data_resumes_and_both_paths_match(tmp_path):
         assert all(torch.equal(x[key], y[key]) for x, y in zip(first, via_gpu))
     val = [data.prepare(x) for x in data.val]
     assert [x["image"].shape[0] for x in val] == [3, 1] and not any(x["flipped"].any() for x in val)
+
+
+def test_loader_workers_release_their_free_heap_once_per_batch_and_yield_the_same_batches(tmp_path, monkeypatch):
+    """Workers hand their free heap pages back before collating each batch (HeapReleasingCollate),
+    in the workers only, and the batches are those of the main process for the same (seed, epoch)."""
+    calls = tmp_path / "release_calls"
+    real = loader_module.release_free_heap
+
+    def recording() -> bool:                      # runs in the forked workers: its pid, to a file
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real()
+
+    monkeypatch.setattr(loader_module, "release_free_heap", recording)
+    cfg = dataclasses.replace(CFG, synthetic=SyntheticConfig(
+        train_images=12, val_images=2, min_size=64, max_size=96, max_people=2, cache_dir=str(tmp_path)))
+    batches = {}
+    for workers in (0, 2):
+        data = build_loaders(dataclasses.replace(cfg, num_workers=workers), seed=3, progress=False)
+        data.train.set_epoch(2)
+        batches[workers] = list(data.train)
+    pids = calls.read_text().split()
+    assert len(pids) == len(batches[2]) == 4 and len(set(pids)) == 2 and str(os.getpid()) not in pids
+    assert [b.keys() for b in batches[0]] == [b.keys() for b in batches[2]]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches[0], batches[2]) for k in a)
 
 
 def test_a_split_smaller_than_a_batch_is_an_error(tmp_path):
