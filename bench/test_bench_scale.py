@@ -13,13 +13,14 @@ the peak RSS is that of the phase alone:
   pycocotools index the data set used before (``COCO(file)``), as a time ratio since the
   machine is shared.
 * ``workers``: 2 DataLoader workers (batch 16, 128 px input, set up as the train loader's:
-  ``worker_options``) read 400 batches; each worker's private memory (``Private_Clean +
-  Private_Dirty`` of ``/proc/PID/smaps_rollup``, i.e. USS) after every batch. A worker's USS
-  swings by ~10 MiB within a batch (its samples, the collated batch), so a single reading
-  depends on where in its batch the worker happens to be: growth is that of each worker's
-  peak over a window of batches, 91-100 -> 391-400 (the single readings at 100 and 400 are
-  reported beside it, as ``worker_point_growth_mib``). That growth is the creep the workers
-  must not have (copy-on-read of the index, inherited heap pages copied by the allocator).
+  ``worker_options``) read 400 batches (of 410, so they are still at work at the last
+  reading); each worker's private memory (``Private_Clean + Private_Dirty`` of
+  ``/proc/PID/smaps_rollup``, i.e. USS) after every batch. A worker's USS swings by ~10 MiB
+  within a batch (its samples, the collated batch), so a single reading depends on where in
+  its batch the worker happens to be: growth is that of each worker's peak over a window of
+  batches, 91-100 -> 391-400 (the single readings at 100 and 400 are reported beside it, as
+  ``worker_point_growth_mib``). That growth is the creep the workers must not have
+  (copy-on-read of the index, inherited heap pages copied by the allocator).
   ``workers_plain``: the same without the workers' per-batch heap release.
 * ``speed``: samples/s with 0, 1 and 2 workers, and 2 workers without the heap release, over
   40 batches each (interleaved, ratios).
@@ -103,7 +104,7 @@ def phase_workers(root: Path, release_heap: bool = True) -> dict:
     import torch
     torch.set_num_threads(1)
     ds = _dataset(root)
-    iterator = iter(_loader(ds, 2, 400, release_heap))
+    iterator = iter(_loader(ds, 2, 400 + WINDOW, release_heap))    # workers still busy at batch 400
     uss: dict[int, list[float]] = {}
     for batch in range(1, 401):
         next(iterator)
