@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 _ARCH_SPLIT_STREAM = 2**31   # numpy seed-sequence entry of the train/arch split (epochs use [seed, epoch])
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+RELEASE_EVERY = 4            # batches between a loader worker's heap releases (HeapReleasingCollate)
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -98,21 +99,23 @@ def loader_worker_init(worker_id: int = 0) -> None:
 
 
 class HeapReleasingCollate:
-    """The ``collate_fn`` of a loader with workers: hands the worker's free heap pages back to
-    the system (:func:`~threempose.util.heap.release_free_heap`, glibc ``malloc_trim``; nothing
-    elsewhere), then collates the batch with ``collate``.
+    """The ``collate_fn`` of a loader with workers: every ``every``-th batch first hands the
+    worker's free heap pages back to the system (:func:`~threempose.util.heap.release_free_heap`,
+    glibc ``malloc_trim``; nothing elsewhere), then each batch is collated with ``collate``.
 
     A forked worker carves its short-lived buffers out of the free chunks of the heap it
     inherited (building a COCO-sized data set leaves ~70 MiB of them in the parent), a little
     further on each batch, copying each page it touches: without this, a worker's private memory
     creeps from ~20 to ~70 MiB over the first hundreds of batches while its live memory stays
-    flat (measured: README, "Scale"). Once per batch costs ~1 % of a batch's time."""
+    flat (measured: README, "Scale")."""
 
-    def __init__(self, collate: Collate):
-        self.collate = collate
+    def __init__(self, collate: Collate, every: int = RELEASE_EVERY):
+        self.collate, self.every, self.batches = collate, every, 0
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        release_free_heap()
+        if self.batches % self.every == 0:
+            release_free_heap()
+        self.batches += 1
         return self.collate(samples)
 
 
