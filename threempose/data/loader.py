@@ -103,11 +103,12 @@ class HeapReleasingCollate:
     worker's free heap pages back to the system (:func:`~threempose.util.heap.release_free_heap`,
     glibc ``malloc_trim``; nothing elsewhere), then each batch is collated with ``collate``.
 
-    A forked worker carves its short-lived buffers out of the free chunks of the heap it
-    inherited (building a COCO-sized data set leaves ~70 MiB of them in the parent), a little
-    further on each batch, copying each page it touches: without this, a worker's private memory
-    creeps from ~20 to ~70 MiB over the first hundreds of batches while its live memory stays
-    flat (measured: README, "Scale")."""
+    glibc keeps a worker's freed heap memory resident, and its short-lived buffers land in free
+    chunks all over the heap (:mod:`threempose.util.heap`): without the release, a worker's
+    private memory creeps from ~20 to ~70 MiB over its first hundreds of batches (COCO-sized
+    set, 128 px) while its live memory stays flat. Each release costs the re-faulting of the
+    pages the next batches use again: per batch 12 % (128 px) to 28 % (512 px) more worker CPU,
+    every 4th batch (``RELEASE_EVERY``) 6-8 % (README, "Scale")."""
 
     def __init__(self, collate: Collate, every: int = RELEASE_EVERY):
         self.collate, self.every, self.batches = collate, every, 0

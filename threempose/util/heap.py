@@ -1,17 +1,19 @@
 """Handing a process's free heap pages back to the system (glibc ``malloc_trim``).
 
-Why a forked DataLoader worker needs it: the worker inherits its parent's malloc heap,
-holes included. Building a COCO-sized :class:`~threempose.data.coco.CocoKeypoints` leaves
-~70 MiB of free chunks in the parent's heap (the parse's garbage, below the few MiB that
-survive it). The worker's own short-lived buffers (decoded images, augmented tensors,
-targets) are carved out of those holes, and glibc's best-fit choice moves them to other
-holes from sample to sample; every page a buffer touches for the first time becomes a
-private copy, and stays resident after the buffer is freed. The worker's private memory so
-creeps from ~20 MiB to ~70 MiB, page by page, until it has touched every hole, while the
-memory it actually holds (``mallinfo2().uordblks``) stays flat. ``malloc_trim(0)`` returns
-the pages of free chunks (``madvise(MADV_DONTNEED)``), so trimming once per batch keeps a
-worker at its live working set. Fixed malloc thresholds (``mallopt`` ``M_MMAP_THRESHOLD`` /
-``M_TRIM_THRESHOLD`` 128 KiB) do not help: the small buffers still wander through the holes.
+Why a forked DataLoader worker needs it: glibc keeps freed heap memory resident (it gives
+back only the top of the heap, and only past ``M_TRIM_THRESHOLD``). A worker's buffers
+(decoded images, augmented tensors, targets, the collated batch) are short-lived and differ
+in size from sample to sample, so glibc carves them out of free chunks all over the heap:
+the worker's resident-but-free heap grows by ~50 MiB over its first hundreds of batches
+(128 px inputs; at 512 px one release hands back ~130 MiB), first through the ~70 MiB of
+free chunks it inherited from the parent (each page it touches there becomes a private
+copy), and above them when those are filled, while its live memory
+(``mallinfo2().uordblks``) stays flat. Nothing caches: :func:`release_free_heap`
+(``malloc_trim(0)``: ``madvise(MADV_DONTNEED)`` on the pages of every free chunk) brings the
+worker back to its live memory. Fixed malloc thresholds (``mallopt`` ``M_MMAP_THRESHOLD`` /
+``M_TRIM_THRESHOLD`` 128 KiB) make the creep worse (the small buffers still wander); a trim
+in the parent before forking changes nothing (the pages come back zero-filled instead of
+copied).
 
 Only glibc has ``malloc_trim``; elsewhere (macOS, musl) :func:`release_free_heap` does nothing.
 """
