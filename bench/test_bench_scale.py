@@ -16,12 +16,13 @@ the peak RSS is that of the phase alone:
   ``worker_options``) read 400 batches (of 410, so they are still at work at the last
   reading); each worker's private memory (``Private_Clean + Private_Dirty`` of
   ``/proc/PID/smaps_rollup``, i.e. USS) after every batch. A worker's USS swings by ~10 MiB
-  within a batch (its samples, the collated batch), so a single reading depends on where in
-  its batch the worker happens to be: growth is that of each worker's peak over a window of
-  batches, 91-100 -> 391-400 (the single readings at 100 and 400 are reported beside it, as
+  and more between its heap releases (every 4th batch: the batches between refill the pages
+  a release handed back), so a single reading depends on where in that cycle the worker
+  happens to be: growth is that of each worker's peak over a window of 50 batches, 51-100 ->
+  351-400 (the single readings at 100 and 400 are reported beside it, as
   ``worker_point_growth_mib``). That growth is the creep the workers must not have
-  (copy-on-read of the index, inherited heap pages copied by the allocator).
-  ``workers_plain``: the same without the workers' per-batch heap release.
+  (copy-on-read of the index, freed heap memory kept resident).
+  ``workers_plain``: the same without the workers' heap release.
 * ``speed``: samples/s with 0, 1 and 2 workers, and 2 workers without the heap release, over
   40 batches each (interleaved, ratios).
 * ``masks``: share of the per-sample time spent rasterising ignored regions (the data
@@ -46,7 +47,7 @@ PEOPLE = int(os.environ.get("SCALE_PEOPLE", 150_130))
 BATCH = 16
 INPUT = 128
 BUILD_S, MAIN_RSS_MIB, GROWTH_MIB = 30.0, 1536.0, 8.0
-WINDOW = 10                 # batches: a worker's peak over batches 91-100 and 391-400
+WINDOW = 50                 # batches: a worker's peak over batches 51-100 and 351-400
 
 
 def _private_mib(pid: int) -> float:
@@ -67,7 +68,7 @@ def _dataset(root: Path, train: bool = True):
 
 def _loader(ds, workers: int, batches: int, release_heap: bool = True):
     """The train loader's setup (``worker_options``); ``release_heap=False``: without the workers'
-    per-batch ``malloc_trim`` (:class:`~threempose.data.loader.HeapReleasingCollate`), for comparison."""
+    periodic ``malloc_trim`` (:class:`~threempose.data.loader.HeapReleasingCollate`), for comparison."""
     import torch
 
     from threempose.data.loader import collate_samples, worker_options
@@ -104,7 +105,7 @@ def phase_workers(root: Path, release_heap: bool = True) -> dict:
     import torch
     torch.set_num_threads(1)
     ds = _dataset(root)
-    iterator = iter(_loader(ds, 2, 400 + WINDOW, release_heap))    # workers still busy at batch 400
+    iterator = iter(_loader(ds, 2, 410, release_heap))    # workers still busy at batch 400
     uss: dict[int, list[float]] = {}
     for batch in range(1, 401):
         next(iterator)
@@ -117,7 +118,7 @@ def phase_workers(root: Path, release_heap: bool = True) -> dict:
 
 
 def phase_workers_plain(root: Path) -> dict:
-    """``workers`` without the per-batch heap release (what it fixes)."""
+    """``workers`` without the heap release (what it fixes)."""
     return phase_workers(root, release_heap=False)
 
 
@@ -214,7 +215,7 @@ def table(root: Path) -> str:
          f"{ref['pycocotools_peak_rss_mib']:.0f} MiB); the index itself {build['index_mib']:.0f} MiB"),
         ("worker private memory (USS) at batch 1 / 100 / 400", "", f"{uss(workers)} MiB (without the heap "
          f"release: {uss(plain)})"),
-        ("worker private growth, peak of batches 91-100 -> 391-400", "<= 8 MiB",
+        ("worker private growth, peak of batches 51-100 -> 351-400", "<= 8 MiB",
          f"{growth(workers)} (without the heap release: {growth(plain)})"),
         ("samples/s with 0 / 1 / 2 workers", "", " / ".join(f"{rate[str(w)]:.0f}" for w in range(3))
          + f" (2 without the heap release: {rate['2 plain']:.0f})"),
