@@ -15,13 +15,12 @@ import torch
 from pycocotools.coco import COCO
 
 from threempose.config import DataConfig, SyntheticConfig
+from threempose.data import loader as loader_module
 from threempose.data.augment import augment_sample, center_affine, params_affine
 from threempose.data.coco import AnnotationError, CocoKeypoints, UnreadableSplitError
 from threempose.data.coco_index import CocoIndex
 from threempose.data.image_io import read_image
-from threempose.data import loader as loader_module
-from threempose.data.loader import (RELEASE_EVERY, HeapReleasingCollate, PoseDataLoader, build_loaders,
-                                    collate_samples)
+from threempose.data.loader import RELEASE_EVERY, HeapReleasingCollate, PoseDataLoader, build_loaders, collate_samples
 from threempose.data.sampler import EpochSampler
 from threempose.data.synthetic import generate
 from threempose.data.targets import ignore_mask, supervision_mask

@@ -23,11 +23,11 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
-@functools.lru_cache(maxsize=None)
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``int malloc_trim(size_t pad)``, or None where the C library is not glibc."""
     try:
         libc = os.confstr("CS_GNU_LIBC_VERSION") or ""       # "glibc 2.36"; unknown name off glibc
