@@ -321,9 +321,9 @@ def test_heap_releasing_collate_releases_every_nth_batch_and_collates_unchanged(
 
 
 def test_loader_workers_release_their_free_heap_and_yield_the_main_process_batches(tmp_path, monkeypatch):
-    """Workers hand their free heap pages back (HeapReleasingCollate: each worker's first batch,
-    then every RELEASE_EVERY-th), in the workers only, and the batches are those of the main
-    process for the same (seed, epoch)."""
+    """Workers mmap their large buffers (set once, in loader_worker_init) and hand their free heap
+    pages back (HeapReleasingCollate: each worker's first batch, then every RELEASE_EVERY-th), in
+    the workers only, and the batches are those of the main process for the same (seed, epoch)."""
     calls = tmp_path / "release_calls"
     real = loader_module.release_free_heap
 
@@ -332,7 +332,13 @@ def test_loader_workers_release_their_free_heap_and_yield_the_main_process_batch
             f.write(f"{os.getpid()}\n")
         return real()
 
+    def recording_init() -> bool:
+        with open(tmp_path / "mmap_calls", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+
     monkeypatch.setattr(loader_module, "release_free_heap", recording)
+    monkeypatch.setattr(loader_module, "mmap_large_buffers", recording_init)
     cfg = dataclasses.replace(CFG, synthetic=SyntheticConfig(
         train_images=12, val_images=2, min_size=64, max_size=96, max_people=2, cache_dir=str(tmp_path)))
     batches = {}
@@ -344,6 +350,7 @@ def test_loader_workers_release_their_free_heap_and_yield_the_main_process_batch
     per_worker = -(-len(batches[2]) // 2 // RELEASE_EVERY)          # 2 batches each, round robin
     assert len(batches[2]) == 4 and len(pids) == 2 * per_worker and len(set(pids)) == 2
     assert str(os.getpid()) not in pids
+    assert sorted((tmp_path / "mmap_calls").read_text().split()) == sorted(set(pids))   # each worker's init
     assert [b.keys() for b in batches[0]] == [b.keys() for b in batches[2]]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(batches[0], batches[2]) for k in a)
 

@@ -1,11 +1,14 @@
-"""release_free_heap: glibc's malloc_trim returns freed pages to the system; a no-op off glibc."""
+"""release_free_heap (malloc_trim) returns freed pages to the system; mmap_large_buffers keeps large
+buffers out of the heap; both do nothing off glibc."""
 import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 
 from threempose.util import heap
-from threempose.util.heap import release_free_heap
+from threempose.util.heap import mmap_large_buffers, release_free_heap
 
 
 def _glibc() -> bool:
@@ -42,15 +45,43 @@ def test_release_free_heap_returns_the_pages_of_freed_chunks_to_the_system():
 
 @pytest.mark.parametrize("confstr", [None, ValueError("unrecognized configuration name")],
                          ids=["musl: no glibc version", "macOS: unknown name"])
-def test_release_free_heap_does_nothing_without_glibc(monkeypatch, confstr):
+def test_heap_settings_do_nothing_without_glibc(monkeypatch, confstr):
     def fake(name):
         if isinstance(confstr, Exception):
             raise confstr
         return confstr
 
-    heap._malloc_trim.cache_clear()
+    heap._glibc.cache_clear()
     monkeypatch.setattr(os, "confstr", fake)
     try:
-        assert heap._malloc_trim() is None and release_free_heap() is False
+        assert heap._glibc() is None and release_free_heap() is False and mmap_large_buffers() is False
     finally:
-        heap._malloc_trim.cache_clear()
+        heap._glibc.cache_clear()
+
+
+MMAP_PROBE = """
+import ctypes, sys
+from threempose.util.heap import mmap_large_buffers
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(8 << 20))          # glibc raises its dynamic mmap threshold to 8 MiB
+if sys.argv[1] == "set":
+    assert mmap_large_buffers()
+before = libc.mallinfo2().hblks
+p = libc.malloc(1 << 20)                 # 1 MiB: heap under the raised threshold, mmap when set
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's")
+def test_mmap_large_buffers_keeps_a_1_mib_buffer_out_of_the_heap_after_glibc_raised_its_threshold():
+    def mmapped(mode: str) -> int:      # a fresh process: the settings are process-wide
+        out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], check=True, capture_output=True, text=True)
+        return int(out.stdout)
+
+    assert mmapped("default") == 0 and mmapped("set") == 1

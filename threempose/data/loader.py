@@ -21,9 +21,10 @@ torch path on ``device``, normally a GPU; dali: nvJPEG decode and the GPU warp),
 
 Torch loader workers (:func:`worker_options`) are forked from the process that built the
 data sets and share its pages: each runs single-threaded, freezes the Python objects it
-inherited (:func:`loader_worker_init`) and, before collating every 4th batch, hands its free
-heap pages back to the system (:class:`HeapReleasingCollate`; glibc only, nothing to set), so
-its private memory stays near its working set over an epoch instead of creeping.
+inherited and mmaps its large buffers (:func:`loader_worker_init`), and before collating
+every 4th batch hands its free heap pages back to the system (:class:`HeapReleasingCollate`);
+glibc only, nothing to set. Its private memory so stays near its working set over an epoch
+instead of creeping.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from threempose.data.augment_gpu import augment_batch, collate_raw
 from threempose.data.coco import CocoKeypoints, UnreadableSplitError, coco_split_paths
 from threempose.data.sampler import EpochSampler, held_out_split, warn_skipped
 from threempose.data.synthetic import ensure_synthetic
-from threempose.util.heap import release_free_heap
+from threempose.util.heap import mmap_large_buffers, release_free_heap
 from threempose.util.threads import single_threaded_worker
 
 if TYPE_CHECKING:
@@ -90,12 +91,16 @@ class PoseDataLoader(DataLoader):
 
 def loader_worker_init(worker_id: int = 0) -> None:
     """A torch loader worker's ``worker_init_fn``: single-threaded
-    (:func:`~threempose.util.threads.single_threaded_worker`), and the Python objects it
+    (:func:`~threempose.util.threads.single_threaded_worker`); the Python objects it
     inherited from the parent frozen (``gc.freeze``): the cyclic collector then never walks
     them, which would write every inherited object's GC header and so copy nearly every page
-    of the parent's Python heap into the worker (private memory growing over an epoch)."""
+    of the parent's Python heap into the worker (private memory growing over an epoch); and
+    its buffers of 128 KiB or more mmapped, so they go back to the system when freed
+    (:func:`~threempose.util.heap.mmap_large_buffers`; glibc only): at 512 px a sample's
+    buffers otherwise stay in the worker's heap, which creeps by hundreds of MiB."""
     single_threaded_worker(worker_id)
     gc.freeze()
+    mmap_large_buffers()
 
 
 class HeapReleasingCollate:
