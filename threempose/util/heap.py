@@ -10,10 +10,9 @@ free chunks it inherited from the parent (each page it touches there becomes a p
 copy), and above them when those are filled, while its live memory
 (``mallinfo2().uordblks``) stays flat. Nothing caches: :func:`release_free_heap`
 (``malloc_trim(0)``: ``madvise(MADV_DONTNEED)`` on the pages of every free chunk) brings the
-worker back to its live memory. Fixed malloc thresholds (``mallopt`` ``M_MMAP_THRESHOLD`` /
-``M_TRIM_THRESHOLD`` 128 KiB) make the creep worse (the small buffers still wander); a trim
-in the parent before forking changes nothing (the pages come back zero-filled instead of
-copied).
+worker back to its live memory. Fixed malloc thresholds alone (below) do not hold the creep at
+128 px (the small buffers still wander: 43 MiB in one run); a trim in the parent before
+forking changes nothing (the pages come back zero-filled instead of copied).
 
 At 512 px inputs the creep is larger (a worker: 120 -> ~500 MiB over 400 batches) and periodic
 releases do not hold it: a sample's multi-MiB buffers come from the heap once glibc's dynamic
