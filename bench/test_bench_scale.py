@@ -12,11 +12,19 @@ the peak RSS is that of the phase alone:
   RSS of the process (``ru_maxrss``) after it; beside it, for scale, the same for the
   pycocotools index the data set used before (``COCO(file)``), as a time ratio since the
   machine is shared.
-* ``workers``: 2 DataLoader workers (batch 16, 128 px input, as the train loader runs
-  them) read 400 batches; each worker's private memory (``Private_Clean + Private_Dirty``
-  of ``/proc/PID/smaps_rollup``, i.e. USS) at batches 1, 100 and 400. Growth over
-  batches 100 -> 400 is the copy-on-read creep the index must not have.
-* ``speed``: samples/s with 0, 1 and 2 workers over 40 batches each (interleaved, ratios).
+* ``workers``: 2 DataLoader workers (batch 16, 128 px input, set up as the train loader's:
+  ``worker_options``) read 400 batches (of 410, so they are still at work at the last
+  reading); each worker's private memory (``Private_Clean + Private_Dirty`` of
+  ``/proc/PID/smaps_rollup``, i.e. USS) after every batch. A worker's USS swings by ~10 MiB
+  and more between its heap releases (every 4th batch: the batches between refill the pages
+  a release handed back), so a single reading depends on where in that cycle the worker
+  happens to be: growth is that of each worker's peak over a window of 50 batches, 51-100 ->
+  351-400 (the single readings at 100 and 400 are reported beside it, as
+  ``worker_point_growth_mib``). That growth is the creep the workers must not have
+  (copy-on-read of the index, freed heap memory kept resident).
+  ``workers_plain``: the same without the workers' heap release.
+* ``speed``: samples/s with 0, 1 and 2 workers, and 2 workers without the heap release, over
+  40 batches each (interleaved, ratios).
 * ``masks``: share of the per-sample time spent rasterising ignored regions (the data
   for the cache-or-not decision).
 
@@ -39,6 +47,7 @@ PEOPLE = int(os.environ.get("SCALE_PEOPLE", 150_130))
 BATCH = 16
 INPUT = 128
 BUILD_S, MAIN_RSS_MIB, GROWTH_MIB = 30.0, 1536.0, 8.0
+WINDOW = 50                 # batches: a worker's peak over batches 51-100 and 351-400
 
 
 def _private_mib(pid: int) -> float:
@@ -57,15 +66,18 @@ def _dataset(root: Path, train: bool = True):
     return CocoKeypoints(root / "images", root / "annotations.json", cfg, train=train, seed=0)
 
 
-def _loader(ds, workers: int, batches: int):
+def _loader(ds, workers: int, batches: int, release_heap: bool = True):
+    """The train loader's setup (``worker_options``); ``release_heap=False``: without the workers'
+    periodic ``malloc_trim`` (:class:`~threempose.data.loader.HeapReleasingCollate`), for comparison."""
     import torch
 
-    from threempose.data.loader import collate_samples, loader_worker_init
+    from threempose.data.loader import collate_samples, worker_options
     from threempose.data.sampler import EpochSampler
     sampler = EpochSampler([i % len(ds) for i in range(batches * BATCH)], seed=0, shuffle=True)   # small sets repeat
-    return torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=BATCH, num_workers=workers,
-                                       collate_fn=collate_samples, drop_last=True,
-                                       worker_init_fn=loader_worker_init if workers else None)
+    options = worker_options(workers, collate_samples)
+    if not release_heap:
+        options["collate_fn"] = collate_samples
+    return torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=BATCH, drop_last=True, **options)
 
 
 def phase_build(root: Path) -> dict:
@@ -89,33 +101,41 @@ def phase_pycocotools(root: Path) -> dict:
             "pycocotools_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def phase_workers(root: Path) -> dict:
+def phase_workers(root: Path, release_heap: bool = True) -> dict:
     import torch
     torch.set_num_threads(1)
     ds = _dataset(root)
-    iterator = iter(_loader(ds, 2, 400))
-    uss = {}
+    iterator = iter(_loader(ds, 2, 410, release_heap))    # workers still busy at batch 400
+    uss: dict[int, list[float]] = {}
     for batch in range(1, 401):
         next(iterator)
-        if batch in (1, 100, 400):
-            uss[batch] = [_private_mib(w.pid) for w in iterator._workers]
-    growth = max(b - a for a, b in zip(uss[100], uss[400]))
-    return {"worker_uss_mib": uss, "worker_growth_mib": growth}
+        uss[batch] = [_private_mib(w.pid) for w in iterator._workers]
+    window = {end: [max(uss[b][w] for b in range(end - WINDOW + 1, end + 1)) for w in range(2)] for end in (100, 400)}
+    return {"worker_uss_mib": {b: uss[b] for b in (1, 100, 400)}, "worker_window_peak_mib": window,
+            "worker_growth_mib": max(b - a for a, b in zip(window[100], window[400])),
+            "worker_point_growth_mib": max(b - a for a, b in zip(uss[100], uss[400])),
+            "release_heap": release_heap}
+
+
+def phase_workers_plain(root: Path) -> dict:
+    """``workers`` without the heap release (what it fixes)."""
+    return phase_workers(root, release_heap=False)
 
 
 def phase_speed(root: Path) -> dict:
     import torch
     torch.set_num_threads(1)
     ds = _dataset(root)
-    rates: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    setups = {"0": (0, True), "1": (1, True), "2": (2, True), "2 plain": (2, False)}   # plain: no heap release
+    rates: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(2):                                # interleaved rounds: load drifts, ratios hold
-        for workers in rates:
-            iterator = iter(_loader(ds, workers, 41))
+        for name, (workers, release_heap) in setups.items():
+            iterator = iter(_loader(ds, workers, 41, release_heap))
             next(iterator)                            # worker start-up is not throughput
             start = time.perf_counter()
             n = sum(len(b["image_id"]) for b in iterator)
-            rates[workers].append(n / (time.perf_counter() - start))
-    return {"samples_per_s": {w: max(r) for w, r in rates.items()}}
+            rates[name].append(n / (time.perf_counter() - start))
+    return {"samples_per_s": {name: max(r) for name, r in rates.items()}}
 
 
 def phase_masks(root: Path) -> dict:
@@ -137,7 +157,7 @@ def phase_masks(root: Path) -> dict:
 
 
 PHASES = {"build": phase_build, "pycocotools": phase_pycocotools, "workers": phase_workers,
-          "speed": phase_speed, "masks": phase_masks}
+          "workers_plain": phase_workers_plain, "speed": phase_speed, "masks": phase_masks}
 
 
 def run_phase(name: str, root: Path) -> dict:
@@ -178,18 +198,27 @@ def test_samples_per_second_with_0_1_2_workers(root):
 
 def table(root: Path) -> str:
     build, ref = run_phase("build", root), run_phase("pycocotools", root)
-    workers, speed, masks = run_phase("workers", root), run_phase("speed", root), run_phase("masks", root)
-    uss = workers["worker_uss_mib"]
+    workers, plain = run_phase("workers", root), run_phase("workers_plain", root)
+    speed, masks = run_phase("speed", root), run_phase("masks", root)
     rate = speed["samples_per_s"]
+
+    def uss(r: dict) -> str:
+        return " ; ".join("/".join(f"{r['worker_uss_mib'][str(b)][w]:.1f}" for b in (1, 100, 400)) for w in range(2))
+
+    def growth(r: dict) -> str:
+        return f"{r['worker_growth_mib']:.1f} MiB (single readings: {r['worker_point_growth_mib']:.1f})"
+
     rows = [
         ("build `CocoKeypoints`", "<= 30 s", f"{build['build_cpu_s']:.1f} s CPU, {build['build_s']:.1f} s wall "
          f"(pycocotools `COCO(file)` alone: {ref['pycocotools_cpu_s']:.1f} s CPU)"),
         ("main peak RSS after build", "<= 1.5 GiB", f"{build['main_peak_rss_mib']:.0f} MiB (pycocotools: "
          f"{ref['pycocotools_peak_rss_mib']:.0f} MiB); the index itself {build['index_mib']:.0f} MiB"),
-        ("worker private memory (USS) at batch 1 / 100 / 400", "",
-         " ; ".join("/".join(f"{uss[str(b)][w]:.1f}" for b in (1, 100, 400)) for w in range(2)) + " MiB"),
-        ("worker private growth, batches 100 -> 400", "<= 8 MiB", f"{workers['worker_growth_mib']:.1f} MiB"),
-        ("samples/s with 0 / 1 / 2 workers", "", " / ".join(f"{rate[str(w)]:.0f}" for w in range(3))),
+        ("worker private memory (USS) at batch 1 / 100 / 400", "", f"{uss(workers)} MiB (without the heap "
+         f"release: {uss(plain)})"),
+        ("worker private growth, peak of batches 51-100 -> 351-400", "<= 8 MiB",
+         f"{growth(workers)} (without the heap release: {growth(plain)})"),
+        ("samples/s with 0 / 1 / 2 workers", "", " / ".join(f"{rate[str(w)]:.0f}" for w in range(3))
+         + f" (2 without the heap release: {rate['2 plain']:.0f})"),
         ("ignored-region masks per sample", "", f"{masks['mask_ms']:.2f} ms of {masks['sample_ms']:.1f} ms "
          f"({100 * masks['mask_share']:.1f} %, {masks['regions_per_image']:.1f} regions per image)"),
     ]

@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 import time
 import warnings
@@ -14,11 +15,12 @@ import torch
 from pycocotools.coco import COCO
 
 from threempose.config import DataConfig, SyntheticConfig
+from threempose.data import loader as loader_module
 from threempose.data.augment import augment_sample, center_affine, params_affine
 from threempose.data.coco import AnnotationError, CocoKeypoints, UnreadableSplitError
 from threempose.data.coco_index import CocoIndex
 from threempose.data.image_io import read_image
-from threempose.data.loader import PoseDataLoader, build_loaders, collate_samples
+from threempose.data.loader import RELEASE_EVERY, HeapReleasingCollate, PoseDataLoader, build_loaders, collate_samples
 from threempose.data.sampler import EpochSampler
 from threempose.data.synthetic import generate
 from threempose.data.targets import ignore_mask, supervision_mask
@@ -304,6 +306,53 @@ def test_build_loaders_on_synthetic_data_resumes_and_both_paths_match(tmp_path):
         assert all(torch.equal(x[key], y[key]) for x, y in zip(first, via_gpu))
     val = [data.prepare(x) for x in data.val]
     assert [x["image"].shape[0] for x in val] == [3, 1] and not any(x["flipped"].any() for x in val)
+
+
+def test_heap_releasing_collate_releases_every_nth_batch_and_collates_unchanged(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loader_module, "release_free_heap", lambda: calls.append(len(calls)) or True)
+    collate = HeapReleasingCollate(collate_samples, every=2)
+    samples = [{"x": torch.tensor([i, i + 1]), "skipped": [f"f{i}"] if i % 3 == 0 else []} for i in range(10)]
+    for b, start in enumerate(range(0, 10, 2)):           # batches 0..4: released before 0, 2, 4
+        batch = collate(samples[start:start + 2])
+        assert len(calls) == b // 2 + 1
+        assert torch.equal(batch["x"], torch.stack([s["x"] for s in samples[start:start + 2]]))
+        assert batch["skipped"] == [n for s in samples[start:start + 2] for n in s["skipped"]]
+
+
+def test_loader_workers_release_their_free_heap_and_yield_the_main_process_batches(tmp_path, monkeypatch):
+    """Workers mmap their large buffers (set once, in loader_worker_init) and hand their free heap
+    pages back (HeapReleasingCollate: each worker's first batch, then every RELEASE_EVERY-th), in
+    the workers only, and the batches are those of the main process for the same (seed, epoch)."""
+    calls = tmp_path / "release_calls"
+    real = loader_module.release_free_heap
+
+    def recording() -> bool:                      # runs in the forked workers: its pid, to a file
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real()
+
+    def recording_init() -> bool:
+        with open(tmp_path / "mmap_calls", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+
+    monkeypatch.setattr(loader_module, "release_free_heap", recording)
+    monkeypatch.setattr(loader_module, "mmap_large_buffers", recording_init)
+    cfg = dataclasses.replace(CFG, synthetic=SyntheticConfig(
+        train_images=12, val_images=2, min_size=64, max_size=96, max_people=2, cache_dir=str(tmp_path)))
+    batches = {}
+    for workers in (0, 2):
+        data = build_loaders(dataclasses.replace(cfg, num_workers=workers), seed=3, progress=False)
+        data.train.set_epoch(2)
+        batches[workers] = list(data.train)
+    pids = calls.read_text().split()
+    per_worker = -(-len(batches[2]) // 2 // RELEASE_EVERY)          # 2 batches each, round robin
+    assert len(batches[2]) == 4 and len(pids) == 2 * per_worker and len(set(pids)) == 2
+    assert str(os.getpid()) not in pids
+    assert sorted((tmp_path / "mmap_calls").read_text().split()) == sorted(set(pids))   # each worker's init
+    assert [b.keys() for b in batches[0]] == [b.keys() for b in batches[2]]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches[0], batches[2]) for k in a)
 
 
 def test_a_split_smaller_than_a_batch_is_an_error(tmp_path):
