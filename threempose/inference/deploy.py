@@ -317,12 +317,17 @@ def _convert_input(module: nn.Module, inputs: tuple, dtype: Optional[torch.dtype
     return (x, *inputs[1:])
 
 
+def _to_float32(obj: Any) -> Any:
+    """``obj`` with every floating-point tensor in it cast to float32."""
+    return _map_tensors(obj, lambda t: t.float() if t.is_floating_point() else t)
+
+
 def _inputs_to_float32(module, inputs):
-    return _map_tensors(inputs, lambda t: t.float() if t.is_floating_point() else t)
+    return _to_float32(inputs)
 
 
 def _outputs_to_float32(module, inputs, output):
-    return _map_tensors(output, lambda t: t.float() if t.is_floating_point() else t)
+    return _to_float32(output)
 
 
 def _compiled_parts(net: nn.Module) -> list[nn.Module]:
