@@ -27,13 +27,15 @@ def _attributes(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _channels(model, name: str) -> int | None:
-    """The static channel count (dim 1) of tensor ``name``, from the graph's shape information."""
+def _channel_counts(model) -> dict[str, int]:
+    """``{tensor name: static channel count (dim 1)}`` of the graph's 4-d tensors with a known
+    channel dimension, from its shape information."""
+    counts = {}
     for info in (*model.graph.value_info, *model.graph.input, *model.graph.output):
-        if info.name == name:
-            dims = info.type.tensor_type.shape.dim
-            return dims[1].dim_value if len(dims) == 4 and dims[1].HasField("dim_value") else None
-    return None
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[1].HasField("dim_value"):
+            counts[info.name] = dims[1].dim_value
+    return counts
 
 
 def _square_stride1(attrs: dict) -> tuple[int, int] | None:
@@ -59,10 +61,11 @@ def average_pools_as_convs(model) -> int:
     if opset < 15:                       # Shape's start / end attributes
         return 0
     rewritten, nodes = 0, []
+    channel_counts = _channel_counts(model)
     for node in graph.node:
         attrs = _attributes(node) if node.op_type == "AveragePool" else {}
         geometry = _square_stride1(attrs) if attrs else None
-        channels = _channels(model, node.input[0]) if geometry else None
+        channels = channel_counts.get(node.input[0]) if geometry else None
         if not channels:
             nodes.append(node)
             continue
