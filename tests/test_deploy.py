@@ -232,16 +232,28 @@ def test_bf16_on_the_cpu_runs_bf16_convs_and_returns_float32_close_to_eager(thes
     fast = optimize_for_inference(thesis_net, input_size=(64, 96), dtype=torch.bfloat16, fuse=fuse)
     convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
     heads = {id(m) for m in fast.heads.modules()}
-    assert convs and all(c.weight.dtype == (torch.float32 if id(c) in heads else torch.bfloat16) for c in convs)
-    assert len(heads & {id(c) for c in convs}) == len(fast.heads)  # heads: float32 heatmaps and tags
+    fuse_blocks = {id(m) for b in fast.exits.values() for part in (b.fuse, b.fuse_skip) if part is not None
+                   for m in part.modules()}
+    float32 = heads | fuse_blocks                   # heatmaps and tags, and the features they are made of
+    assert convs and all(c.weight.dtype == (torch.float32 if id(c) in float32 else torch.bfloat16) for c in convs)
+    assert len(heads & {id(c) for c in convs}) == len(fast.heads)
+    assert fuse_blocks & {id(c) for c in convs} and any(c.weight.dtype == torch.bfloat16 for c in convs
+                                                         if id(c) not in float32)
     assert all(isinstance(c, PackedConv2d) for c in convs) == fuse
     x = torch.randn(2, 3, 64, 96)
+    eel = str(fast.genotype.eels[0])
+    after_eel = next(str(c.index) for c in fast.genotype.cells if c.layer == int(eel) + 1)
     with torch.no_grad():
         expected, got = output_tensors(thesis_net(x)), output_tensors(fast(x))
-        carried = []
-        fast.cells[next(iter(fast.cells))].register_forward_hook(lambda m, i, o: carried.append(o))
+        seen = {}
+        for name, m in [("first cell", fast.cells[next(iter(fast.cells))]), ("fuse", fast.exits[eel].fuse),
+                        ("split", fast.exits[eel].split), ("cell after the EEL", fast.cells[after_eel])]:
+            m.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o))
         fast(x[:1])
-    assert carried and carried[0].dtype == torch.bfloat16        # features between exits stay bf16
+    seen["split"] = next(iter(seen["split"].values()))
+    assert {k: v.dtype for k, v in seen.items()} == {      # features between exits stay bf16
+        "first cell": torch.bfloat16, "fuse": torch.float32, "split": torch.bfloat16,
+        "cell after the EEL": torch.bfloat16}
     assert len(expected) == len(got) == 6
     for i, (e, g) in enumerate(zip(expected, got)):
         assert g.dtype == torch.float32, i                       # exits read float32 maps

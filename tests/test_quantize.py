@@ -164,17 +164,18 @@ def test_int8_export_has_int8_per_channel_weights_and_float_heads(small):
             o.name for o in model.graph.output}
 
 
-MIN_MEAN_OKS = {"bf16": 0.85, "int8": 0.8}    # measured 0.90 and 0.86; the issue's 0.95 is missed here
+MIN_MEAN_OKS = {"bf16": 0.95, "int8": 0.8}     # bf16: the issue's bound (measured 0.97); int8: measured 0.86
+MIN_SAME_PEOPLE = {"bf16": 1.0, "int8": 5 / 6}  # the issue's 95% of 6 images is all of them
 
 
 @pytest.mark.slow
 def test_bf16_and_int8_find_the_float32_people_on_unseen_images(small):
-    """On 6 unseen synthetic images at the model's own size, dynamic exits: bf16 and int8 find
-    the same people as float32 on every image but at most one and take the same exit (measured:
-    all 6, both); matched people's mean OKS >= 0.85 for bf16, >= 0.8 for int8 (measured 0.90 and
-    0.86: the issue's 0.95 is missed by this weakly trained 8-channel model at 128 px, whose flat
-    heatmap peaks move by a map pixel, 4 image pixels, under small perturbations; README
-    "Low-precision inference"); the maps the decoder reads are float32."""
+    """On 6 unseen synthetic images at the model's own size, dynamic exits, people scored >= 0.1:
+    bf16 finds the same people as float32 on every image, with matched people's mean OKS >= 0.95
+    (the issue's bounds; measured 6/6 and 0.97, with the exits' Fuse blocks in float32: 0.90
+    before); int8 on every image but at most one, mean OKS >= 0.8 (measured 6/6 and 0.86: the
+    issue's 0.95 is missed, README "Low-precision inference"); both take the same exit as float32
+    on every image but at most one; the maps the decoder reads are float32."""
     model, files, int8_dir = small
     fp32 = Predictor.from_checkpoint(model, exit="dynamic")
     forms = {"int8": Predictor.from_export(int8_dir, exit="dynamic")}
@@ -187,7 +188,7 @@ def test_bf16_and_int8_find_the_float32_people_on_unseen_images(small):
         assert all(o.heatmaps.dtype == torch.float32 for o in predictor.net.iter_exits(x)), name
         report = agreement(reference, [predictor.predict(f) for f in files], min_score=0.1)
         assert report.pairs > 0 and report.mean_oks >= MIN_MEAN_OKS[name], (name, report)
-        assert report.same_people >= 5 / 6 and report.same_exit >= 5 / 6, (name, report)
+        assert report.same_people >= MIN_SAME_PEOPLE[name] and report.same_exit >= 5 / 6, (name, report)
 
 
 @pytest.mark.slow

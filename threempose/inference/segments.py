@@ -10,7 +10,7 @@ exit 4 -> exit 7, exit 7 -> exit 10). ``DIR`` holds::
     exit4.onnx           the same program as an ONNX model (dynamo exporter, opset ONNX_OPSET)
     exit7.pt2, exit7.onnx, exit10.pt2, exit10.onnx
 
-Segment signatures (all float32, ``h_r = H / 2**(r+2)``; names as in the ONNX models)::
+Segment signatures (float32; a bf16 export's rows bfloat16; ``h_r = H / 2**(r+2)``; names as in the ONNX models)::
 
     first:  images [B, 3, H, W]                     -> heatmaps, tags [B, J, H/4, W/4], out_row0..K, out_skip
     middle: row0..rowK [B, C*2**r, h_r, w_r], skip  -> heatmaps, tags, out_row0..K', out_skip
@@ -190,7 +190,8 @@ def export_segments(net: DerivedNet, out_dir: str | os.PathLike, infer: Optional
     ``precision`` ``"bf16"``: ``.pt2`` programs only (onnxruntime's CPU provider has no bf16
     convolutions) of the BatchNorm-folded network in bfloat16
     (:func:`~threempose.inference.deploy.optimize_for_inference` without oneDNN packing): images
-    in float32 (cast inside), heatmaps and tags out in float32, the carried features in bfloat16.
+    in float32 (cast inside), heatmaps and tags out in float32, the carried rows in bfloat16 and the
+    carried ``skip`` (an exit's Fuse output, computed in float32) in float32.
     int8 is made from a float32 export: :func:`threempose.inference.quantize.export_int8`.
 
     The directory appears complete or not at all: everything is written to a temporary
@@ -297,8 +298,6 @@ class ExportedSegments:
         self.size_multiple = int(meta["size_multiple"])
         self.size_range = (int(meta["min_size"]), int(meta["max_size"]))
         self.infer: dict[str, Any] = meta.get("infer", {})
-        # the features carried between segments: bfloat16 in a bf16 export, else float32
-        self.carry_dtype = torch.bfloat16 if meta.get("precision") == "bf16" else torch.float32
         self._index = {spec.start: i for i, spec in enumerate(self.specs)}
         with torch.device("meta"):               # shapes only: for exit_gflops
             self._shape_net = DerivedNet(self.genotype, self.num_joints, int(meta["stem_blocks"]))
@@ -320,8 +319,7 @@ class ExportedSegments:
         spec = self.specs[self._index[key]]
         if len(inputs) != len(spec.inputs):
             raise ValueError(f"segment {spec.name} takes {spec.inputs}, got {len(inputs)} tensors")
-        dtype = torch.float32 if key == 0 else self.carry_dtype
-        outputs = self.runs[self._index[key]]([x.to(dtype).contiguous() for x in inputs])
+        outputs = self.runs[self._index[key]](inputs)   # each run casts to its program's input dtypes
         out = ExitOutput(spec.layer, outputs[0], outputs[1])
         rows = spec.carry_rows
         return out, (Carry.from_tensors(spec.layer, rows, outputs[2:]) if len(outputs) > 2 else None)
@@ -363,16 +361,21 @@ def load_segments(out_dir: str | os.PathLike, runtime: str = "onnxruntime", thre
     return ExportedSegments(meta, [_ort_run(s, spec) for s, spec in zip(sessions, segment_specs(meta))])
 
 
-def _torch_run(module: torch.nn.Module) -> RunFn:
+def _torch_run(module: torch.fx.GraphModule) -> RunFn:
+    """Run a loaded ``.pt2`` program, each input cast to the dtype it was exported with (a bf16
+    export takes float32 images and skip, bfloat16 rows)."""
+    dtypes = [node.meta["val"].dtype for node in module.graph.nodes if node.op == "placeholder"]
+
     def run(inputs: Sequence[Tensor]) -> list[Tensor]:
         with torch.no_grad():
-            return list(module(*[x.cpu() for x in inputs]))
+            return list(module(*[x.cpu().to(d).contiguous() for x, d in zip(inputs, dtypes)]))
     return run
 
 
 def _ort_run(session: Any, spec: SegmentSpec) -> RunFn:
+    """Run an onnxruntime session (float32 inputs: fp32 and int8 QDQ exports alike)."""
     def run(inputs: Sequence[Tensor]) -> list[Tensor]:
-        feeds = {name: x.detach().cpu().numpy() for name, x in zip(spec.inputs, inputs)}
+        feeds = {name: x.detach().cpu().float().contiguous().numpy() for name, x in zip(spec.inputs, inputs)}
         return [torch.from_numpy(y) for y in session.run(spec.outputs, feeds)]
     return run
 
