@@ -179,14 +179,31 @@ AGREEMENT_TARGETS = {"mean_oks": 0.95, "same_people": 0.95, "same_exit": 0.95}
 AP_TOLERANCE = {"bf16": 0.01, "int8": 0.02}
 
 
+# held-out image sets: the config's val split (32 images), and 256 more drawn by the same generator
+# settings with a seed neither split used (32 images give each image 3% of "same people")
+HELD_OUT = {"val split": None, "256 unseen": (256, 12345)}
+
+
+def held_out_images(name: str, splits, synthetic, tmp: Path) -> Path:
+    """The COCO annotation file of held-out set ``name`` (:data:`HELD_OUT`)."""
+    from threempose.data.synthetic import generate
+
+    if HELD_OUT[name] is None:
+        return splits.val_annotations
+    count, seed = HELD_OUT[name]
+    return generate(tmp, count, seed, synthetic.min_size, synthetic.max_size, synthetic.max_people)
+
+
+@pytest.mark.parametrize("held_out", list(HELD_OUT))
 @pytest.mark.parametrize("trained", list(SMALL_MODELS))
-def test_precision_agreement_on_the_small_model(benchmark, trained):
-    """bf16 and int8 vs fp32 on the held-out synthetic val split of configs/train-small.json
-    (the small model trained for ``trained``, :data:`SMALL_MODELS`, by ``threempose.train --config
+def test_precision_agreement_on_the_small_model(benchmark, trained, held_out, tmp_path):
+    """bf16 and int8 vs fp32 on held-out synthetic images (:data:`HELD_OUT`: the val split of
+    configs/train-small.json, or 256 unseen images of the same settings) with the small model
+    trained for ``trained`` (:data:`SMALL_MODELS`, by ``threempose.train --config
     configs/train-small.json`` or ``configs/train-small-80ep.json`` with ``--genotype
     configs/genotypes/small-synthetic-model.json``): matched people's mean OKS, images with the
     same people, images taking the same dynamic exit, and COCO AP; int8 calibrated on the first
-    32 images (``--calibration-images``' most) of the train split, never the val images."""
+    32 images (``--calibration-images``' most) of the train split, never held-out images."""
     import json
 
     from threempose.config import load_config
@@ -199,8 +216,9 @@ def test_precision_agreement_on_the_small_model(benchmark, trained):
     torch.set_num_threads(1)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train-small.json")
     splits = ensure_synthetic(cfg.data.synthetic, progress=False)
-    annotations = json.loads(splits.val_annotations.read_text())
-    files = [splits.val_images / im["file_name"] for im in annotations["images"]]
+    annotation_file = held_out_images(held_out, splits, cfg.data.synthetic, tmp_path)
+    annotations = json.loads(Path(annotation_file).read_text())
+    files = [Path(annotation_file).parent / "images" / im["file_name"] for im in annotations["images"]]
     precisions = ["fp32"] + (["bf16"] if cpu_bf16_missing() is None else []) + (["int8"] if HAS_ORT else [])
     calib = calibration_images(splits.train_images)
     predictors = {p: Predictor.from_checkpoint(SMALL_MODELS[trained], precision=p, exit="dynamic",
@@ -216,11 +234,11 @@ def test_precision_agreement_on_the_small_model(benchmark, trained):
     ap = {}
     for p, pr in preds.items():
         results = [r for im, pred in zip(annotations["images"], pr) for r in pred.to_coco(im["id"])]
-        ap[p] = evaluate_keypoints(splits.val_annotations, results)["AP"] if results else 0.0
+        ap[p] = evaluate_keypoints(annotation_file, results)["AP"] if results else 0.0
     report = {p: agreement(preds["fp32"], preds[p]).to_dict() for p in precisions[1:]}
     benchmark.extra_info.update(images=len(files), ap=ap, agreement=report, targets=AGREEMENT_TARGETS,
                                 ap_tolerance=AP_TOLERANCE)
-    print(f"\nsmall synthetic-trained model ({trained}), {len(files)} held-out val images, dynamic exits:")
+    print(f"\nsmall synthetic-trained model ({trained}), {held_out}: {len(files)} held-out images, dynamic exits:")
     for p in precisions:
         line = f"  {p}: AP {ap[p]:.4f}"
         if p in report:
