@@ -14,7 +14,11 @@ Forms (random weights and BatchNorm statistics; speed does not depend on them):
   intra-op thread; HigherHRNet-W32 exported whole with ``torch.onnx.export`` and quantized the
   same way. Skipped without onnxruntime.
 
-Every form computes all exits (the thesis net) or the whole network (HigherHRNet-W32). One
+The process keeps the memory it frees (:func:`~threempose.util.heap.keep_freed_memory`, as
+``threempose.infer`` on the CPU): under glibc's defaults every block above 32 MiB is a fresh
+mapping faulted in on each call, which at batch 8 cost the fp32 forms (whose activations cross
+that size first) ~25% and the bf16 ones ~20%, and flattered the bf16 / fp32 ratio (1.85-2.01x
+then, 1.76x without it). Every form computes all exits (the thesis net) or the whole network (HigherHRNet-W32). One
 benchmark per batch size (1 and 8) runs every form once per round, in turn, so load changes
 hit all alike; ``ms_per_image`` is the median over rounds of the **process CPU time** per
 image (one thread, so on an idle machine equal to the wall time; on a loaded one it leaves out
@@ -38,10 +42,11 @@ from threempose.models.higherhrnet import higherhrnet_w32
 from threempose.nas.derived import DerivedNet
 from threempose.nas.genotype import Genotype
 from threempose.util.flops import model_gflops
+from threempose.util.heap import keep_freed_memory
 
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
 SIZE = 512
-ROUNDS = {1: 3, 8: 1}          # per batch size; plus one warm-up round
+ROUNDS = {1: 3, 8: 3}          # per batch size; plus one warm-up round
 TARGETS = {"bf16 vs fp32": 1.8, "int8 vs fp32": 2.5, "thesis vs higherhrnet-w32": 2.8}
 HAS_ORT = all(__import__("importlib").util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
 
@@ -126,6 +131,7 @@ def cpu_description() -> str:
 @pytest.mark.parametrize("batch", [1, 8])
 def test_precision_inference_interleaved(benchmark, batch):
     torch.set_num_threads(1)
+    keep_freed_memory()     # as `infer` does on the CPU: no form pays for page faults (module docstring)
     runs, gmacs = forms()
     images = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     cpu: dict[str, list[float]] = {name: [] for name in runs}

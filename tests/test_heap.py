@@ -1,5 +1,5 @@
 """release_free_heap (malloc_trim) returns freed pages to the system; mmap_large_buffers keeps large
-buffers out of the heap; both do nothing off glibc."""
+buffers out of the heap; keep_freed_memory keeps them in it; all do nothing off glibc."""
 import ctypes
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from threempose.util import heap
-from threempose.util.heap import mmap_large_buffers, release_free_heap
+from threempose.util.heap import keep_freed_memory, mmap_large_buffers, release_free_heap
 
 
 def _glibc() -> bool:
@@ -55,6 +55,7 @@ def test_heap_settings_do_nothing_without_glibc(monkeypatch, confstr):
     monkeypatch.setattr(os, "confstr", fake)
     try:
         assert heap._glibc() is None and release_free_heap() is False and mmap_large_buffers() is False
+        assert keep_freed_memory() is False
     finally:
         heap._glibc.cache_clear()
 
@@ -85,3 +86,36 @@ def test_mmap_large_buffers_keeps_a_1_mib_buffer_out_of_the_heap_after_glibc_rai
         return int(out.stdout)
 
     assert mmapped("default") == 0 and mmapped("set") == 1
+
+
+FAULT_PROBE = """
+import ctypes, resource, sys
+from threempose.util.heap import keep_freed_memory, mmap_large_buffers
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20                          # above glibc's largest mmap threshold (32 MiB)
+for setting in sys.argv[1:]:
+    assert {"keep": keep_freed_memory, "mmap": mmap_large_buffers}[setting]()
+def touch():                             # allocate, write every page, free
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's")
+def test_keep_freed_memory_lets_a_second_64_mib_buffer_reuse_the_first_ones_pages():
+    def faults(*settings: str) -> int:  # a fresh process: the settings are process-wide
+        out = subprocess.run([sys.executable, "-c", FAULT_PROBE, *settings], check=True, capture_output=True,
+                             text=True)
+        return int(out.stdout)
+
+    default = faults()                  # glibc's default: a new mapping, faulted in again: 16,384 4 KiB
+    assert default >= 32                # pages (32 if the kernel backs it with 2 MiB huge pages)
+    assert faults("keep") <= default // 10                # kept in the heap: the same pages
+    assert faults("keep", "mmap") >= default // 2         # a worker's mmap_large_buffers maps again

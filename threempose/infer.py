@@ -18,7 +18,11 @@ Settings: the model file's ``infer`` section, or the ``infer`` section of ``--co
 ``--dynamic`` override ``infer.exit``.
 
 The network runs inference-optimized (:mod:`threempose.inference.deploy`: BatchNorm folded into the
-convolutions, channels-last, oneDNN fusion on the CPU); ``--no-optimize`` runs it as trained.
+convolutions, channels-last, oneDNN fusion on the CPU); ``--no-optimize`` runs it as trained. On
+the CPU the process keeps the memory it frees for the next batch
+(:func:`threempose.util.heap.keep_freed_memory`: large activations are not faulted in anew each
+batch; the thesis net at 512, batch 8: fp32 ~25% and bf16 ~20% faster), so its RSS stays near
+its peak.
 
 Inputs: one image file, or every regular, non-hidden file directly in a directory (sorted by
 name; subdirectories are not searched). Files that cannot be read as images are skipped and
@@ -59,6 +63,7 @@ from threempose.inference.quantize import PRECISIONS, calibration_images, check_
 from threempose.inference.result_journal import ResultJournal
 from threempose.pnfs.dispatch import pnfs_main
 from threempose.util.cli import check_output_dir, check_output_file, entry_point, parse_device
+from threempose.util.heap import keep_freed_memory
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -109,6 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (pnfs := pnfs_main("infer", argv)) is not None:     # a top-down PNFS config / model
         return pnfs()
     args = parse_args(argv)
+    if args.runtime == "onnxruntime" or str(args.device).startswith("cpu"):
+        keep_freed_memory()             # module docstring: each batch reuses the last one's pages
     out = check_output_file(args.out, "--out")
     per_image = check_output_file(out.with_suffix(".images.json"), "--out (per-image summary)")
     draw_dir = check_output_dir(args.draw, "--draw") if args.draw else None
