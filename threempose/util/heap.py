@@ -81,9 +81,10 @@ def mmap_large_buffers() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return all(libc.mallopt(param, value) for param, value in ((M_MMAP_MAX, DEFAULT_MMAP_MAX),
-                                                              (M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES),
-                                                              (M_TRIM_THRESHOLD, LARGE_BUFFER_BYTES)))
+    done = [libc.mallopt(param, value) for param, value in ((M_MMAP_MAX, DEFAULT_MMAP_MAX),
+                                                           (M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES),
+                                                           (M_TRIM_THRESHOLD, LARGE_BUFFER_BYTES))]
+    return all(done)
 
 
 def keep_freed_memory() -> bool:
@@ -95,4 +96,5 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_BYTES))
+    done = [libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_BYTES)]
+    return all(done)
