@@ -331,21 +331,21 @@ def _convert_input(module: nn.Module, inputs: tuple, dtype: Optional[torch.dtype
     return (x, *inputs[1:])
 
 
-def _to_float32(obj: Any) -> Any:
-    """``obj`` with every floating-point tensor in it cast to float32."""
-    return _map_tensors(obj, lambda t: t.float() if t.is_floating_point() else t)
-
-
-def _inputs_to_float32(module, inputs):
-    return _to_float32(inputs)
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating-point tensor in it cast to ``dtype``."""
+    return _map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def _inputs_to(module, inputs, dtype: torch.dtype):
-    return _map_tensors(inputs, lambda t: t.to(dtype) if t.is_floating_point() else t)
+    """Forward pre-hook (with ``dtype`` bound): the module's inputs cast to ``dtype``."""
+    return _cast(inputs, dtype)
+
+
+_inputs_to_float32 = functools.partial(_inputs_to, dtype=torch.float32)
 
 
 def _outputs_to_float32(module, inputs, output):
-    return _to_float32(output)
+    return _cast(output, torch.float32)
 
 
 def _compiled_parts(net: nn.Module) -> list[nn.Module]:
