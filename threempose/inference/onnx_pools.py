@@ -1,11 +1,26 @@
-"""Average pools of an ONNX graph rewritten as depthwise convolutions, for onnxruntime int8.
+"""Pools of an ONNX graph put in the forms onnxruntime's int8 CPU kernels run fast.
 
-onnxruntime runs a quantized 3 x 3 ``AveragePool`` (its ``QLinearAveragePool``) 10-50x slower
-than the float one, while a quantized depthwise ``Conv`` runs on its fast int8 kernels.
-Measured in one thread on the 2-core EPYC, ``[1, 32, 128, 128]``, cost of the pool between two
-1x1 convs (microseconds): float32 ``AveragePool`` 51, int8 2,701; int8 as rewritten here 519
-(float32 as rewritten: 340, so float32 exports keep their pools and only the graph about to be
-quantized is rewritten, by :func:`~threempose.inference.quantize.quantize_segment`).
+Three rewrites, each exact (up to float rounding) and each measured on the thesis net's int8
+segments in one thread on the 2-core ``avx512_vnni`` EPYC:
+
+* :func:`average_pools_as_convs` (before quantization): onnxruntime runs a quantized 3 x 3
+  ``AveragePool`` (its ``QLinearAveragePool``) 10-50x slower than the float one, while a
+  quantized depthwise ``Conv`` runs on its fast int8 kernels. ``[1, 32, 128, 128]``, cost of
+  the pool between two 1x1 convs (microseconds): float32 ``AveragePool`` 51, int8 2,701; int8
+  as rewritten here 519 (float32 as rewritten: 340, so float32 exports keep their pools and
+  only the graph about to be quantized is rewritten, by
+  :func:`~threempose.inference.quantize.quantize_segment`).
+* :func:`global_means_as_pools` (before quantization): a mean over ``H, W`` (``ReduceMean``,
+  the squeeze-excite blocks' squeeze) becomes ``GlobalAveragePool``, which onnxruntime runs on
+  uint8 (``QLinearGlobalAveragePool``) instead of dequantizing a whole feature map to float
+  for ``ReduceMean``: the thesis net's int8 segments 91.9 -> 89.0 ms at 512.
+* :func:`avoid_generic_uint8_max_pools` (after quantization): a float ``MaxPool`` between a
+  ``DequantizeLinear`` and a ``QuantizeLinear`` of the same scale and zero point is fused by
+  onnxruntime into a uint8 ``MaxPool``; where its NHWC transformer then takes it (next to
+  other NHWC int8 ops) that is the fastest form, but where it does not, the generic uint8
+  kernel runs, ~6 ms a call at ``[1, 32, 128, 128]`` against ~0.2 ms in float32. Those pools
+  get a ``QuantizeLinear`` scale one float32 step apart (the same integers come out; read back,
+  they move by that step, ~1e-7 relative), so they stay float32: the thesis net's int8 segments 102.1 -> 91.9 ms at 512.
 
 The rewrite of ``y = AveragePool(x)`` (square kernel ``k``, stride 1, padding ``p <= k // 2``
 on every side, no ceil mode; ``C`` channels known from shape inference)::
@@ -18,6 +33,10 @@ on every side, no ceil mode; ``C`` channels known from shape inference)::
 and every pool of a graph below opset 15, are left as they are.
 """
 from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -98,3 +117,94 @@ def average_pools_as_convs(model) -> int:
     if rewritten:
         onnx.checker.check_model(model)
     return rewritten
+
+
+def _reduced_axes(node, initializers: dict) -> list[int] | None:
+    """The axes a ``ReduceMean`` node reduces (attribute before opset 18, input from 18 on);
+    None when they are not known statically."""
+    attrs = _attributes(node)
+    if "axes" in attrs:
+        return [int(a) for a in attrs["axes"]]
+    if len(node.input) > 1 and node.input[1] in initializers:
+        from onnx import numpy_helper
+
+        return [int(a) for a in numpy_helper.to_array(initializers[node.input[1]]).ravel()]
+    return None
+
+
+def global_means_as_pools(model) -> int:
+    """Rewrite ``model``'s ``ReduceMean`` nodes over the last two axes of a 4-d tensor, keeping
+    dims (``x.mean(dim=(2, 3), keepdim=True)``), as ``GlobalAveragePool``, in place; returns
+    how many were rewritten. Means over other axes, or of tensors of unknown rank, are left."""
+    from onnx import helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    ranks = {info.name: len(info.type.tensor_type.shape.dim)
+             for info in (*model.graph.value_info, *model.graph.input)
+             if info.type.tensor_type.HasField("shape")}
+    rewritten = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
+            continue
+        axes = _reduced_axes(node, initializers)
+        if axes is None or sorted(a % 4 for a in axes) != [2, 3] or not _attributes(node).get("keepdims", 1):
+            continue
+        model.graph.node[i].CopyFrom(
+            helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), f"{node.name}/as_pool"))
+        rewritten += 1
+    return rewritten
+
+
+def generic_uint8_max_pools(path: str | Path) -> set[str]:
+    """Names of the ``MaxPool`` nodes of the QDQ model at ``path`` that onnxruntime's CPU
+    provider runs with its generic uint8 kernel: those it keeps as a plain ``MaxPool`` fed
+    by something other than a ``DequantizeLinear`` in the graph it optimizes for a session."""
+    import onnx
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory(prefix="threempose-ort-") as tmp:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3                  # its note that the saved graph suits this CPU only
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    producer = {out: node for node in optimized.graph.node for out in node.output}
+    return {node.name for node in optimized.graph.node
+            if node.op_type == "MaxPool" and node.domain in ("", "ai.onnx")
+            and getattr(producer.get(node.input[0]), "op_type", None) != "DequantizeLinear"}
+
+
+def avoid_generic_uint8_max_pools(path: str | Path) -> int:
+    """Keep float32 the max pools of the QDQ model at ``path`` that onnxruntime would run with
+    its generic uint8 kernel (:func:`generic_uint8_max_pools`): each one's output
+    ``QuantizeLinear`` (and the ``DequantizeLinear`` nodes reading it) gets its own scale, one
+    float32 step above the shared one, so onnxruntime no longer fuses the pool into uint8; the
+    integers are the same (their values ~1e-7 relative apart). Rewrites the file in place; returns how many pools it changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    slow = generic_uint8_max_pools(path)
+    if not slow:
+        return 0
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    changed = 0
+    for pool in (n for n in graph.node if n.name in slow):
+        quantizers = [n for n in consumers[pool.output[0]] if n.op_type == "QuantizeLinear"]
+        for quantize in quantizers:
+            scale = numpy_helper.to_array(initializers[quantize.input[1]]).astype(np.float32)
+            own = numpy_helper.from_array(np.nextafter(scale, np.float32(np.inf)), f"{quantize.name}/own_scale")
+            graph.initializer.append(own)
+            quantize.input[1] = own.name
+            for dequantize in consumers[quantize.output[0]]:
+                if dequantize.op_type == "DequantizeLinear":
+                    dequantize.input[1] = own.name
+        changed += bool(quantizers)
+    onnx.save(model, str(path))
+    return changed

@@ -9,8 +9,8 @@ What it does, segment by segment, in exit order (the thesis net: stem -> exit 4,
 exit 10): the float32 ONNX segment is pre-processed (:func:`quant_pre_process`: symbolic shape
 inference and onnxruntime's graph optimizations, so each BatchNorm is folded into its
 convolution before quantization; then its average pools rewritten as depthwise convolutions,
-:mod:`~threempose.inference.onnx_pools`, since onnxruntime's int8 average pool is 10-50x
-slower), calibrated on real inputs (the images for the first segment; for a later one the
+since onnxruntime's int8 average pool is 10-50x slower, and its means over ``H, W`` as global
+average pools, :mod:`~threempose.inference.onnx_pools`), calibrated on real inputs (the images for the first segment; for a later one the
 features the float32 chain carries into it from the same images), and written as a QDQ model
 by ``onnxruntime.quantization.quantize_static``:
 
@@ -18,7 +18,11 @@ by ``onnxruntime.quantization.quantize_static``:
 * activations uint8, **per tensor**, asymmetric, ranges from MinMax calibration (the ``U8S8``
   form onnxruntime's CPU provider runs with VNNI ``vpdpbusd`` on x86);
 * max pools stay float32 (between dequantize and quantize nodes: onnxruntime's uint8 max pool
-  outside its NHWC kernels is ~60x slower than float32);
+  outside its NHWC kernels is ~30x slower than float32), except where onnxruntime takes them
+  into its NHWC int8 kernels: a pool's input and output get the same MinMax range, so
+  onnxruntime fuses the three into a uint8 pool, and where that lands on the generic kernel
+  the output's scale is moved one float32 step
+  (:func:`~threempose.inference.onnx_pools.avoid_generic_uint8_max_pools`);
 * the heads' last convolutions (the ones producing ``heatmaps`` and ``tags``) stay float32, so
   the segments return float32 heatmaps and tags at full resolution: dynamic-exit scoring and
   decoding read float32 maps (a per-tensor uint8 heatmap would keep only ~255 levels between
@@ -46,7 +50,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from threempose.data.image_io import ImageReadError, read_image
-from threempose.inference.onnx_pools import average_pools_as_convs
+from threempose.inference.onnx_pools import (average_pools_as_convs, avoid_generic_uint8_max_pools,
+                                             global_means_as_pools)
 from threempose.util.errors import UserError
 from threempose.util.files import staged_dir
 
@@ -151,7 +156,7 @@ def quantize_segment(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str,
     prepared = int8_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)    # onnxruntime's symbolic pass gives up on the fabric's resizes
     model = onnx.shape_inference.infer_shapes(onnx.load(str(prepared)))
-    if average_pools_as_convs(model):
+    if average_pools_as_convs(model) + global_means_as_pools(model):
         onnx.save(model, str(prepared))
     # max pools stay float32: where onnxruntime cannot give a uint8 MaxPool its NHWC kernel it runs
     # a generic one (~6 ms at 32 x 128 x 128, vs ~0.1 ms in float32 between DequantizeLinear and
@@ -163,6 +168,7 @@ def quantize_segment(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str,
                     nodes_to_exclude=keep_float,
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     prepared.unlink()
+    avoid_generic_uint8_max_pools(int8_path)
 
 
 def quantize_export(src: str | os.PathLike, out: str | os.PathLike, inputs: Sequence[np.ndarray]) -> Path:
