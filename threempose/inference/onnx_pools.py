@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def _attributes(node) -> dict:
     import onnx
 
