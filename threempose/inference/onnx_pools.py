@@ -13,14 +13,15 @@ segments in one thread on the 2-core ``avx512_vnni`` EPYC:
 * :func:`global_means_as_pools` (before quantization): a mean over ``H, W`` (``ReduceMean``,
   the squeeze-excite blocks' squeeze) becomes ``GlobalAveragePool``, which onnxruntime runs on
   uint8 (``QLinearGlobalAveragePool``) instead of dequantizing a whole feature map to float
-  for ``ReduceMean``: the thesis net's int8 segments 91.9 -> 89.0 ms at 512.
+  for ``ReduceMean``: the thesis net's int8 segments 100.8 -> 94.6 ms at 512 (after the next).
 * :func:`avoid_generic_uint8_max_pools` (after quantization): a float ``MaxPool`` between a
   ``DequantizeLinear`` and a ``QuantizeLinear`` of the same scale and zero point is fused by
   onnxruntime into a uint8 ``MaxPool``; where its NHWC transformer then takes it (next to
   other NHWC int8 ops) that is the fastest form, but where it does not, the generic uint8
   kernel runs, ~6 ms a call at ``[1, 32, 128, 128]`` against ~0.2 ms in float32. Those pools
   get a ``QuantizeLinear`` scale one float32 step apart (the same integers come out; read back,
-  they move by that step, ~1e-7 relative), so they stay float32: the thesis net's int8 segments 102.1 -> 91.9 ms at 512.
+  they move by that step, ~1e-7 relative), so they stay float32: the thesis net's int8
+  segments 107.0 -> 100.8 ms at 512.
 
 The rewrite of ``y = AveragePool(x)`` (square kernel ``k``, stride 1, padding ``p <= k // 2``
 on every side, no ceil mode; ``C`` channels known from shape inference)::
@@ -181,7 +182,8 @@ def avoid_generic_uint8_max_pools(path: str | Path) -> int:
     its generic uint8 kernel (:func:`generic_uint8_max_pools`): each one's output
     ``QuantizeLinear`` (and the ``DequantizeLinear`` nodes reading it) gets its own scale, one
     float32 step above the shared one, so onnxruntime no longer fuses the pool into uint8; the
-    integers are the same (their values ~1e-7 relative apart). Rewrites the file in place; returns how many pools it changed."""
+    integers are the same (their values ~1e-7 relative apart). Rewrites the file in place;
+    returns how many pools it changed."""
     import onnx
     from onnx import numpy_helper
 
