@@ -98,13 +98,14 @@ def qdq_max_pool_model(path, channels: int = 32, scale: float = 0.02) -> None:
     onnxruntime's quantizer writes around a max pool whose output range is its input's."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 16, 16])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 16, 16])
-    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+    inits = [helper.make_tensor("x_scale", TensorProto.FLOAT, [], [scale]),
+             helper.make_tensor("p_scale", TensorProto.FLOAT, [], [scale]),     # as the quantizer names them
              helper.make_tensor("z", TensorProto.UINT8, [], [0])]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], "q_in"),
-             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xf"], "dq_in"),
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "z"], ["xq"], "q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "z"], ["xf"], "dq_in"),
              helper.make_node("MaxPool", ["xf"], ["p"], "pool", kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"], "q_out"),
-             helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["y"], "dq_out")]
+             helper.make_node("QuantizeLinear", ["p", "p_scale", "z"], ["pq"], "q_out"),
+             helper.make_node("DequantizeLinear", ["pq", "p_scale", "z"], ["y"], "dq_out")]
     model = helper.make_model(helper.make_graph(nodes, "qdq_pool", [x], [y], initializer=inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
@@ -126,3 +127,5 @@ def test_generic_uint8_max_pool_is_kept_float_with_the_same_integers(tmp_path):
     expected = F.max_pool2d(torch.from_numpy(expected), 3, 1, 1).numpy()
     np.testing.assert_allclose(run(model, x), expected, rtol=0, atol=1e-6)
     assert avoid_generic_uint8_max_pools(path) == 0           # nothing left to do the second time
+    # the pool's old output scale is read by no node now: dropped (onnxruntime would warn of it)
+    assert sorted(t.name for t in model.graph.initializer) == ["q_out/own_scale", "x_scale", "z"]

@@ -209,5 +209,9 @@ def avoid_generic_uint8_max_pools(path: str | Path) -> int:
                 if dequantize.op_type == "DequantizeLinear":
                     dequantize.input[1] = own.name
         changed += bool(quantizers)
+    used = {name for node in graph.node for name in node.input}
+    unused = [t for t in graph.initializer if t.name not in used]    # shared scales no node reads now
+    for t in unused:
+        graph.initializer.remove(t)
     onnx.save(model, str(path))
     return changed
