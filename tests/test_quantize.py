@@ -142,6 +142,8 @@ def test_int8_export_has_int8_per_channel_weights_and_float_heads(small):
     import onnx
     from onnx import numpy_helper
 
+    from threempose.inference.onnx_pools import generic_uint8_max_pools
+
     _, _, int8 = small
     meta = json.loads((int8 / "threempose.json").read_text())
     assert meta["precision"] == "int8" and meta["formats"] == ["onnx"]
@@ -162,6 +164,11 @@ def test_int8_export_has_int8_per_channel_weights_and_float_heads(small):
         head = [c for c in convs if c not in quantized][0]
         assert inits[head.input[1]].dtype == np.float32 and {"heatmaps", "tags"} <= {
             o.name for o in model.graph.output}
+        # the pools in onnxruntime's fast int8 forms (onnx_pools): SE squeezes as global pools,
+        # no average pool left, no max pool on the generic uint8 kernel
+        ops = [n.op_type for n in model.graph.node]
+        assert "ReduceMean" not in ops and "AveragePool" not in ops and "GlobalAveragePool" in ops
+        assert generic_uint8_max_pools(int8 / f"exit{segment['layer']}.onnx") == set()
 
 
 MIN_MEAN_OKS = {"bf16": 0.95, "int8": 0.8}     # bf16: the bound (measured 0.97); int8: measured 0.86
