@@ -236,6 +236,41 @@ def test_precision_flags_of_export_and_infer(small, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.slow
+def test_int8_from_an_existing_float32_export_equals_int8_from_the_checkpoint(small, tmp_path, capsys):
+    """``export --from-export FP32 --precision int8`` quantizes an export the user already has: the
+    same segments as ``--checkpoint`` (same calibration images) give the same maps; misuse is one line."""
+    from threempose.export import main as export_main
+    from threempose.inference.segments import load_segments
+
+    model, files, int8_dir = small
+    calib = files[0].parent.parent.parent / "calib" / "images"
+    fp32 = tmp_path / "fp32"
+    assert export_main(["--checkpoint", str(model), "--out", str(fp32), "--format", "onnx"]) == 0
+    assert export_main(["--from-export", str(fp32), "--out", str(tmp_path / "int8"), "--precision", "int8",
+                        "--calibration-images", str(calib)]) == 0
+    meta = json.loads((tmp_path / "int8" / "threempose.json").read_text())
+    assert meta["precision"] == "int8" and meta["quantization"]["calibration_inputs"] == 6
+    assert json.loads((fp32 / "threempose.json").read_text())["precision"] == "fp32"     # left as it was
+    x = torch.from_numpy(network_inputs(calibration_images(files[0].parent, 1), 128)[0])
+    ours, theirs = (list(load_segments(d, "onnxruntime", 1).iter_exits(x)) for d in (tmp_path / "int8", int8_dir))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.heatmaps, b.heatmaps, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.tags, b.tags, rtol=0, atol=1e-6)
+    capsys.readouterr()
+    for argv, message in [
+            (["--from-export", str(fp32), "--out", str(tmp_path / "e"), "--precision", "fp32"],
+             "--from-export quantizes a float32 export: use it with --precision int8"),
+            (["--from-export", str(tmp_path / "none"), "--out", str(tmp_path / "e"), "--precision", "int8",
+              "--calibration-images", str(calib)], "not a threempose export directory"),
+            (["--from-export", str(int8_dir), "--out", str(tmp_path / "e"), "--precision", "int8",
+              "--calibration-images", str(calib)], "starts from a float32 export with ONNX segments")]:
+        assert export_main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(deploy.cpu_bf16_missing() is not None, reason="no native bf16 on this CPU")
 def test_bf16_export_runs_in_the_torch_export_runtime(small, tmp_path):
     from threempose.export import main as export_main
