@@ -37,7 +37,9 @@ Why onnxruntime and not PyTorch's PT2E X86 quantizer: measured on the 2-core ``a
 EPYC (README, "Low-precision inference"), onnxruntime's int8 segments run in one thread
 without compiling anything, quantize in seconds and keep the export's dynamic batch and size;
 PT2E's int8 speed needs ``torch.compile`` (Inductor) per input size, minutes of compilation on
-this machine before the first image.
+this machine before the first image, and with torch 2.13 / torchao 0.18 it does not run the
+thesis net as int8 at all (its quantizer trips on the fabric's conv-add-ReLU patterns and
+Inductor's freezing pass on the converted graph; unfrozen, it ran 0.70x the fp32 deploy form).
 """
 from __future__ import annotations
 
