@@ -10,9 +10,9 @@ exit 10): the float32 ONNX segment is pre-processed (:func:`quant_pre_process`: 
 inference and onnxruntime's graph optimizations, so each BatchNorm is folded into its
 convolution before quantization; then its average pools rewritten as depthwise convolutions,
 since onnxruntime's int8 average pool is 10-50x slower, and its means over ``H, W`` as global
-average pools, :mod:`~threempose.inference.onnx_pools`), calibrated on real inputs (the images for the first segment; for a later one the
-features the float32 chain carries into it from the same images), and written as a QDQ model
-by ``onnxruntime.quantization.quantize_static``:
+average pools, :mod:`~threempose.inference.onnx_pools`), calibrated on real inputs (the images
+for the first segment; for a later one the features the float32 chain carries into it from
+the same images), and written as a QDQ model by ``onnxruntime.quantization.quantize_static``:
 
 * weights int8, **per output channel**, symmetric;
 * activations uint8, **per tensor**, asymmetric, ranges from MinMax calibration (the ``U8S8``
