@@ -277,12 +277,8 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
                 setattr(parent, name, nn.Identity())
     if dtype is not None:
         net.to(dtype)                        # before packing: oneDNN packs bf16 weights as bf16
-        if example_inputs is None and isinstance(net, FabricNet):
-            net.heads.float()                # the 1x1 convs that make the heatmaps and tags
-            for block in net.exits.values():  # the exits' Fuse blocks: see the module docstring
-                block.fuse.float()
-                if block.fuse_skip is not None:
-                    block.fuse_skip.float()
+        if example_inputs is None:
+            _keep_maps_float32(net, dtype)
     if fuse:
         fuse_onednn(net, trace.input_shapes)
         speed_up_pools(net, trace.input_shapes, dtype)
@@ -292,16 +288,6 @@ def optimize_for_inference(net: nn.Module, input_size: tuple[int, int] = (512, 5
         net.to(memory_format=torch.channels_last)
     if example_inputs is None:
         _convert_inputs(net, trace.first_conv, dtype, channels_last)
-    if dtype is not None and example_inputs is None:
-        if isinstance(net, FabricNet):
-            for head in net.heads.values():
-                head.register_forward_pre_hook(_inputs_to_float32)
-            for block in net.exits.values():
-                block.register_forward_pre_hook(_inputs_to_float32)
-                if block.split is not None:  # back to the rows, in dtype
-                    block.split.register_forward_pre_hook(functools.partial(_inputs_to, dtype=dtype))
-        else:
-            net.register_forward_hook(_outputs_to_float32)
     if check:
         check_same_outputs(original, net, device, inputs=example_inputs, dtype=dtype,
                            tolerance=CHECK_TOLERANCE if dtype is None else HALF_CHECK_TOLERANCE)
@@ -329,6 +315,24 @@ def _convert_input(module: nn.Module, inputs: tuple, dtype: Optional[torch.dtype
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return (x, *inputs[1:])
+
+
+def _keep_maps_float32(net: nn.Module, dtype: torch.dtype) -> None:
+    """The float32 parts of a ``dtype`` network (module docstring, step 4), in place: a
+    FabricNet's heads and exits' Fuse blocks float32 with their inputs cast up by pre-hooks,
+    each EEL's Split's inputs cast back to ``dtype``; another network's outputs cast to float32."""
+    if not isinstance(net, FabricNet):
+        net.register_forward_hook(_outputs_to_float32)
+        return
+    for head in net.heads.values():          # the 1x1 convs that make the heatmaps and tags
+        head.float().register_forward_pre_hook(_inputs_to_float32)
+    for block in net.exits.values():
+        for fuse in (block.fuse, block.fuse_skip):
+            if fuse is not None:
+                fuse.float()
+        block.register_forward_pre_hook(_inputs_to_float32)
+        if block.split is not None:          # back to the rows, in dtype
+            block.split.register_forward_pre_hook(functools.partial(_inputs_to, dtype=dtype))
 
 
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
