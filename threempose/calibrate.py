@@ -47,7 +47,6 @@ from threempose.inference.calibration import (
     assign_exits,
     calibration_rules,
     journal_header,
-    journal_path,
     journal_records,
     mean_gflops,
     record_exits,
@@ -63,6 +62,7 @@ from threempose.inference.predictor import Predictor
 from threempose.util.cli import check_output_file, entry_point, parse_device
 from threempose.util.errors import OutputPathError
 from threempose.util.files import atomic_write_json
+from threempose.util.journal import journal_path
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

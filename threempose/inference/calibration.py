@@ -31,7 +31,7 @@ from threempose.inference.dynamic_exit import NEVER, ExitScore, choose_exit
 from threempose.inference.predictor import Predictor, decode_image, image_passes, prepare_image, with_flips
 from threempose.util.errors import UserError
 from threempose.util.files import atomic_open
-from threempose.util.journal import Journal
+from threempose.util.journal import Journal, journal_path
 
 TABLE_METRICS = {"AP": "AP", "AP(M)": "APM", "AP(L)": "APL"}   # column -> COCOeval stat
 
@@ -79,12 +79,6 @@ def val_split(cfg: DataConfig) -> CocoKeypoints:
     else:
         images, annotations = coco_split_paths(cfg.root, cfg.val_split)
     return CocoKeypoints(images, annotations, cfg, train=False)
-
-
-def journal_path(out: str | Path) -> Path:
-    """Where calibrate keeps its per-image records while it runs: ``OUT.partial``."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
 
 
 def journal_header(checkpoint: str | Path, dataset: CocoKeypoints, infer: InferConfig, max_images: int) -> dict:

@@ -2,10 +2,11 @@
 
 Each finished image appends one JSON line to the journal ``<out>.partial`` (beside the
 results file, a :class:`threempose.util.journal.Journal`): ``{"record": per-image record,
-"results": [COCO results of its people]}``, flushed at once, so memory stays flat however many images a run has and a killed run
-loses at most the image in flight. :meth:`ResultJournal.finish` streams the journal into
-the final files (the COCO results list and the per-image summary, each written to a
-temporary file and renamed) and removes the journal. ``infer --resume`` reads the journal
+"results": [COCO results of its people]}``, flushed at once, so memory stays flat however many
+images a run has and a killed run loses at most the image in flight.
+:meth:`ResultJournal.finish` streams the journal into the final files (the COCO results list
+and the per-image summary, each written to a temporary file and renamed) and removes the
+journal. ``infer --resume`` reads the journal
 of a killed run (:meth:`ResultJournal.open`, which fills ``done``; a torn last line is dropped) and
 continues after the images it holds.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from threempose.util.files import atomic_open
-from threempose.util.journal import Journal
+from threempose.util.journal import Journal, journal_path
 
 
 class ResultJournal(Journal):
@@ -29,7 +30,7 @@ class ResultJournal(Journal):
 
     def __init__(self, out: Path):
         self.out = Path(out)
-        super().__init__(self.out.with_name(self.out.name + ".partial"), key=lambda entry: entry["record"]["file"])
+        super().__init__(journal_path(self.out), key=lambda entry: entry["record"]["file"])
         self._images = self._people = 0
         self._gflops = 0.0
         self._exits: collections.Counter = collections.Counter()

@@ -78,13 +78,8 @@ def mmap_large_buffers() -> bool:
     ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``; this also stops glibc from raising them),
     with mappings allowed again (``M_MMAP_MAX``: a worker forked from a process that called
     :func:`keep_freed_memory` inherits 0). True when set, False off glibc (nothing done)."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    done = [libc.mallopt(param, value) for param, value in ((M_MMAP_MAX, DEFAULT_MMAP_MAX),
-                                                           (M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES),
-                                                           (M_TRIM_THRESHOLD, LARGE_BUFFER_BYTES))]
-    return all(done)
+    return _mallopt((M_MMAP_MAX, DEFAULT_MMAP_MAX), (M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES),
+                    (M_TRIM_THRESHOLD, LARGE_BUFFER_BYTES))
 
 
 def keep_freed_memory() -> bool:
@@ -93,8 +88,14 @@ def keep_freed_memory() -> bool:
     one network over and over (module docstring): a batch's large buffers reuse the previous
     batch's pages instead of being faulted in anew. The process's RSS stays near its peak. True
     when set, False off glibc (nothing done)."""
+    return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_TRIM_BYTES))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply every glibc ``mallopt(param, value)`` of ``settings`` (all of them, even after one
+    is refused); True when glibc took them all, False off glibc or when one was refused."""
     libc = _glibc()
     if libc is None:
         return False
-    done = [libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_BYTES)]
+    done = [libc.mallopt(param, value) for param, value in settings]
     return all(done)

@@ -40,6 +40,12 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> Optional[str]:
     return f"{prefix[:-1] or 'header'}: {json.dumps(old)} vs {json.dumps(new)}"
 
 
+def journal_path(out: str | os.PathLike) -> Path:
+    """Where a command keeps the journal of its output file ``out`` while it runs: ``OUT.partial``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
 class Journal:
     """The JSON-lines journal at ``path``; ``key(entry)`` names an entry's item (its keys make
     ``done``); ``header``: see the module docstring. Open it with :meth:`open`."""
