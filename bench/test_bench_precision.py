@@ -18,8 +18,8 @@ The process keeps the memory it frees (:func:`~threempose.util.heap.keep_freed_m
 ``threempose.infer`` on the CPU): under glibc's defaults every block above 32 MiB is a fresh
 mapping faulted in on each call, which at batch 8 cost the fp32 forms (whose activations cross
 that size first) ~25% and the bf16 ones ~20%, and flattered the bf16 / fp32 ratio (1.85-2.01x
-then, 1.76x without it). Every form computes all exits (the thesis net) or the whole network (HigherHRNet-W32). One
-benchmark per batch size (1 and 8) runs every form once per round, in turn, so load changes
+then, 1.76x without it). Every form computes all exits (the thesis net) or the whole network
+(HigherHRNet-W32). One benchmark per batch size (1 and 8) runs every form once per round, in turn, so load changes
 hit all alike; ``ms_per_image`` is the median over rounds of the **process CPU time** per
 image (one thread, so on an idle machine equal to the wall time; on a loaded one it leaves out
 the time other processes hold the core) and ``wall_ms_per_image`` the wall time. Ratios beside
