@@ -46,7 +46,8 @@ from threempose.util.heap import keep_freed_memory
 
 THESIS = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "3m-pose-thesis.json"
 SIZE = 512
-ROUNDS = {1: 11, 8: 5}         # per batch size, plus one warm-up round: batch-1 ratios moved +-0.05 between 3-round runs
+# per batch size, plus one warm-up round (batch-1 ratios moved +-0.05 between runs of 3 rounds)
+ROUNDS = {1: 11, 8: 5}
 TARGETS = {"bf16 vs fp32": 1.8, "int8 vs fp32": 2.5, "thesis vs higherhrnet-w32": 2.8}
 HAS_ORT = all(__import__("importlib").util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
 
